@@ -1,0 +1,153 @@
+"""Loading the models of an EFT decoder: specs, de-duplication and tokenizer checks.
+
+A decoder is a base model plus behaviors, each a (fine-tuned, reference) pair. A model named in
+several roles (one reference shared by two behaviors) is loaded once and run once per step.
+Every model must speak the same tokenizer; embedding matrices padded past the tokenizer's size
+are fine, since composition runs over the tokenizer's vocabulary only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+__all__ = [
+    "Behavior",
+    "ModelRef",
+    "ModelSpec",
+    "check_same_vocabulary",
+    "load_model",
+    "load_tokenizer",
+    "model_context_window",
+    "model_device",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where and how to load one model with `AutoModelForCausalLM.from_pretrained`.
+
+    Use it instead of a plain path to override the decoder-wide loading options for one model,
+    e.g. `ModelSpec("unsloth/gemma", gguf_file="gemma.gguf", device_map="cuda:1")`.
+    """
+
+    name_or_path: str
+    dtype: Any = None
+    """torch dtype or "auto"; None takes the decoder-wide `dtype`."""
+    device_map: Any = None
+    """accelerate device map ("auto", "cuda:0", a dict); None takes the decoder-wide one."""
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for `from_pretrained` (e.g. `gguf_file`, `revision`)."""
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike[str],
+        dtype: Any = None,
+        device_map: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        object.__setattr__(self, "name_or_path", os.fspath(name_or_path))
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "device_map", device_map)
+        object.__setattr__(self, "kwargs", dict(kwargs))
+
+    def key(self) -> tuple[Any, ...]:
+        """Identity used to load a model named in several roles only once."""
+        return (self.name_or_path, repr(self.dtype), repr(self.device_map),
+                tuple(sorted((k, repr(v)) for k, v in self.kwargs.items())))
+
+
+ModelRef = Union[str, "os.PathLike[str]", ModelSpec, PreTrainedModel]
+"""A model given by hub id or path, by a `ModelSpec`, or as an already loaded model."""
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """One behavior delta: a fine-tuned model and the reference base it was fine-tuned from.
+
+    EFT adds `w * (log p_finetuned - log p_reference)` to the base model's log-probs.
+    """
+
+    finetuned: ModelRef
+    reference: ModelRef
+
+    @classmethod
+    def coerce(cls, name: str, value: Behavior | tuple[ModelRef, ModelRef]) -> Behavior:
+        """Accept a Behavior or a (finetuned, reference) pair."""
+        if isinstance(value, Behavior):
+            return value
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return cls(finetuned=value[0], reference=value[1])
+        raise ValueError(
+            f"behavior {name!r} must be Behavior(finetuned=..., reference=...) or a "
+            f"(finetuned, reference) pair, got {type(value).__name__}"
+        )
+
+
+def load_model(spec: ModelSpec, dtype: Any, device_map: Any,
+               trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load one causal LM in eval mode, with the spec's overrides over decoder-wide defaults."""
+    kwargs = dict(spec.kwargs)
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    model_dtype = spec.dtype if spec.dtype is not None else dtype
+    if model_dtype is not None:
+        kwargs["dtype"] = model_dtype
+    placement = spec.device_map if spec.device_map is not None else device_map
+    if placement is not None:
+        kwargs["device_map"] = placement
+    model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+    return model.eval()
+
+
+def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer stored beside a model (GGUF files carry theirs)."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    for key in ("gguf_file", "revision", "subfolder", "token", "cache_dir"):
+        if key in spec.kwargs:
+            kwargs[key] = spec.kwargs[key]
+    return AutoTokenizer.from_pretrained(spec.name_or_path, **kwargs)
+
+
+def check_same_vocabulary(
+    reference_name: str,
+    reference: PreTrainedTokenizerBase,
+    other_name: str,
+    other: PreTrainedTokenizerBase,
+) -> None:
+    """Raise ValueError unless both tokenizers map the same token strings to the same ids."""
+    vocab_a, vocab_b = reference.get_vocab(), other.get_vocab()
+    if vocab_a == vocab_b:
+        return
+    by_id_a = {i: t for t, i in vocab_a.items()}
+    by_id_b = {i: t for t, i in vocab_b.items()}
+    for token_id in sorted(set(by_id_a) | set(by_id_b)):
+        a, b = by_id_a.get(token_id), by_id_b.get(token_id)
+        if a != b:
+            raise ValueError(
+                f"tokenizers differ: {reference_name!r} and {other_name!r} disagree at token id "
+                f"{token_id} ({a!r} vs {b!r}); vocabulary sizes {len(vocab_a)} and "
+                f"{len(vocab_b)}. EFT composes per-token log-probs, so every model must share "
+                "one tokenizer: use models of one family."
+            )
+
+
+def model_device(model: PreTrainedModel) -> torch.device:
+    """The device that receives the model's input ids (its input embeddings' device)."""
+    return model.get_input_embeddings().weight.device
+
+
+def model_context_window(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's config admits, if the config says."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,166 @@
+"""Decoding options and results: small immutable dataclasses, validated once."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+
+__all__ = [
+    "GenerationOptions",
+    "GenerationResult",
+    "StreamChunk",
+    "Usage",
+    "resolve_weights",
+]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to decode. Sampling transforms apply to the EFT-composed distribution."""
+
+    max_new_tokens: int = 128
+    """Most tokens to generate per prompt; decoding also stops at the context window."""
+    temperature: float = 1.0
+    """0 decodes greedily (argmax of the composed log-probs); > 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling over the composed distribution, in (0, 1]; 1 keeps every token."""
+    top_k: int = 0
+    """Keep only the k most likely composed tokens; 0 keeps all."""
+    conservative_top_p: float | None = None
+    """EFT paper 4.4: up-scale only tokens in the top-p set of the fine-tuning-scale model."""
+    stop: tuple[str, ...] = ()
+    """Strings that end generation; matched on text across token boundaries, trimmed."""
+    seed: int | None = None
+    """Seed of this call's own random generator; same seed, same samples."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check_real("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(
+                f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
+            )
+        _check_real("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        if self.conservative_top_p is not None:
+            _check_real("conservative_top_p", self.conservative_top_p)
+            if not 0.0 < self.conservative_top_p <= 1.0:
+                raise ValueError(
+                    "conservative_top_p must be in (0, 1] or None, got "
+                    f"{self.conservative_top_p}"
+                )
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        seed_is_int = isinstance(self.seed, int) and not isinstance(self.seed, bool)
+        if self.seed is not None and not seed_is_int:
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one generation, as chat APIs report them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The completion of one prompt."""
+
+    text: str
+    """Decoded completion, without special tokens, trimmed at the first stop string."""
+    token_ids: list[int]
+    """Every token generated for this prompt (the completion only, end token included)."""
+    finish_reason: str
+    """"stop" (end-of-turn token, stop string, or finished constraint) or "length"."""
+    usage: Usage
+    weights: dict[str, float] = field(default_factory=dict)
+    """The behavior weights this completion was decoded with."""
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """An increment of a streamed completion. The last chunk carries finish_reason and usage."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+WeightsArg = Mapping[str, float] | Sequence[Mapping[str, float]] | None
+
+
+def _validated_weights(
+    weights: Mapping[str, float] | None,
+    defaults: Mapping[str, float],
+) -> dict[str, float]:
+    known = list(defaults)
+    if weights is None:
+        return dict(defaults)
+    if not isinstance(weights, Mapping):
+        raise ValueError(
+            f"weights must be a dict of behavior name -> float, got {type(weights).__name__}; "
+            f"known behaviors: {known}"
+        )
+    resolved = dict(defaults)
+    for name, value in weights.items():
+        if name not in defaults:
+            raise ValueError(f"unknown behavior {name!r} in weights; known behaviors: {known}")
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise ValueError(
+                f"weight of {name!r} must be a float, got {type(value).__name__}; "
+                f"known behaviors: {known}"
+            )
+        if not math.isfinite(value):
+            raise ValueError(
+                f"weight of {name!r} must be finite, got {value}; known behaviors: {known}"
+            )
+        resolved[name] = float(value)
+    return resolved
+
+
+def resolve_weights(
+    weights: WeightsArg,
+    defaults: Mapping[str, float],
+    batch_size: int,
+) -> tuple[list[dict[str, float]], torch.Tensor]:
+    """Per-row weight dicts and their [B, n_behaviors] float32 tensor.
+
+    `weights` is one dict for every row, a list of dicts (one per row), or None (defaults).
+    Names left out take the default; unknown names and non-finite values are ValueErrors.
+    """
+    if isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)):
+        if len(weights) != batch_size:
+            raise ValueError(
+                f"got {len(weights)} weight dicts for {batch_size} prompts; give one dict per "
+                "prompt, or a single dict for all"
+            )
+        rows = [_validated_weights(w, defaults) for w in weights]
+    else:
+        rows = [_validated_weights(weights, defaults)] * batch_size
+    names = list(defaults)
+    tensor = torch.tensor([[row[n] for n in names] for row in rows], dtype=torch.float32)
+    return [dict(r) for r in rows], tensor.reshape(batch_size, len(names))
