@@ -1,0 +1,45 @@
+# Everything runs in a local virtual environment that these targets create.
+# torch is installed first and pinned (TORCH_SPEC) so no dependency pulls a multi-GB CUDA
+# build on a CPU machine; on a GPU machine use e.g. `make test TORCH_SPEC=torch`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint bench install-core install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-core: pyproject.toml | $(PY)
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-core
+	$(PIP) install -e ".[all,test]"
+	touch $@
+
+install-core: $(VENV)/.installed-core
+install-test: $(VENV)/.installed-test
+
+## demo: the toy-world up-scaling demo, offline, on the embedded model family
+demo: $(VENV)/.installed-core
+	$(PY) -m eft_integrations.cli demo
+
+## test: lint, then the whole test suite (GPU tests skip without CUDA)
+test: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+
+## bench: decoder benchmarks; writes BENCHMARKS.md
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
