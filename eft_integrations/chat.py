@@ -1,0 +1,589 @@
+"""Chat on an EFT decoder: templates, tool calling, structured output, streaming.
+
+Framework-free: the LangChain and LlamaIndex adapters translate their messages and tools to
+the plain dicts used here (Hugging Face chat-template messages, OpenAI-style tools) and back.
+
+    result = chat(decoder, [{"role": "user", "content": "Weather in Paris?"}],
+                  tools=[{"type": "function", "function": {"name": "get_weather", ...}}],
+                  tool_choice="auto", weights={"chat": 1.0}, temperature=0)
+    result.content, result.tool_calls, result.finish_reason   # "stop" | "length" | "tool_calls"
+
+Rendering goes through `decoder.format_chat` (the fine-tuned model's template). A template
+without tool support (the tools do not appear in its rendering) gets `FALLBACK_TOOL_PROMPT`
+as a system message, and history tool calls / results are rewritten into that format.
+
+Constrained decoding (llguidance, see `constraints.GrammarConstraint`) masks the EFT-composed
+distribution: with a forced tool choice ("any", "required" or a tool name) the answer is a
+call that validates against the tool's schema whatever the model; with "auto" the model
+writes freely until it opens `<tool_call>`, and the rest is constrained to a valid call;
+`response_format` constrains the whole answer to JSON (a schema, or any object).
+Unbounded strings are capped (`tool_calls.DEFAULT_MAX_STRING_LENGTH`, or the
+`max_string_length` argument) so that constrained output always closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .constraints import GrammarConstraint, TokenConstraint
+from .options import Usage, resolve_weights
+from .tool_calls import (
+    DEFAULT_MAX_STRING_LENGTH,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    InvalidToolCall,
+    ToolCall,
+    ToolCallParser,
+    cast_arguments,
+    closing_reserve,
+    json_grammar,
+    minimal_call_text,
+    minimal_instance,
+    new_call_id,
+    normalize_tools,
+    tool_call_grammar,
+)
+
+__all__ = [
+    "FALLBACK_TOOL_PROMPT",
+    "ChatDelta",
+    "ChatRequest",
+    "ChatResult",
+    "InvalidToolCall",
+    "ToolCall",
+    "ToolCallChunk",
+    "achat",
+    "astream_chat",
+    "chat",
+    "chat_batch",
+    "prepare_chat",
+    "resolved_weights",
+    "stream_chat",
+    "template_supports_tools",
+]
+
+FALLBACK_TOOL_PROMPT = """You can call the following tools. Their parameters are JSON schemas:
+{tools}
+
+To call a tool, answer with one block per call, each holding a JSON object with the tool's \
+name and arguments, exactly like this:
+<tool_call>
+{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}
+</tool_call>
+Results come back as <tool_response> blocks. If no tool is needed, answer normally."""
+"""System prompt for chat templates without tool support (Hermes / Qwen tool-call format)."""
+
+STRUCTURED_OUTPUT_PROMPT = "Answer with a single JSON value only{schema}."
+"""System instruction added for `response_format`; the grammar enforces it either way."""
+
+FORCED_CHOICES = ("any", "required")
+
+
+@dataclass(frozen=True)
+class ToolCallChunk:
+    """A streamed piece of a tool call (LangChain style: chunks with one index merge)."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str | None  # JSON text of the arguments
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """One assistant turn."""
+
+    content: str
+    tool_calls: list[ToolCall]
+    invalid_tool_calls: list[InvalidToolCall]
+    finish_reason: str  # "stop" | "length" | "tool_calls"
+    usage: Usage
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """An increment of a streamed assistant turn; the last one has finish_reason and usage."""
+
+    content: str
+    tool_call_chunks: list[ToolCallChunk]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class ChatRequest:
+    """A rendered prompt plus what decoding and parsing need to know about it."""
+
+    prompt: str
+    tools: list[dict[str, Any]]
+    parse_tools: bool
+    grammar: str | None
+    eos_token_ids: list[int]
+    reserve: int = 0
+    """Tokens the grammar's shortest answer needs: closing mode starts this far from the end."""
+    arm_after: str | None = None
+    """Closing mode waits for this text (free text before a tool call is not cut short)."""
+
+    def constraint(self, decoder: Any, budget: int | None = None) -> TokenConstraint | None:
+        """A fresh constraint for one sequence (it holds parser state); `budget` is the
+        max_new_tokens of the call, so a constrained answer closes before it."""
+        if self.grammar is None:
+            return None
+        return GrammarConstraint.from_lark(
+            decoder.tokenizer, self.grammar, eos_token_ids=self.eos_token_ids,
+            vocab_size=decoder.vocab_size, budget=budget, reserve=self.reserve,
+            arm_after=self.arm_after,
+        )
+
+
+# ------------------------------------------------------------------------------ rendering
+
+_TOOL_SUPPORT: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_TOOL_SUPPORT_LOCK = threading.Lock()
+_PROBE_NAME = "eft_probe_tool_5f1c"
+
+
+def template_supports_tools(decoder: Any) -> bool:
+    """Whether the decoder's chat template renders tools (probed once per decoder)."""
+    with _TOOL_SUPPORT_LOCK:
+        if decoder not in _TOOL_SUPPORT:
+            probe = [{"type": "function", "function": {
+                "name": _PROBE_NAME, "description": "probe",
+                "parameters": {"type": "object", "properties": {}}}}]
+            try:
+                rendered = decoder.format_chat([{"role": "user", "content": "hi"}], tools=probe)
+            except Exception:  # a template that chokes on tools does not support them
+                rendered = ""
+            _TOOL_SUPPORT[decoder] = _PROBE_NAME in rendered
+        return _TOOL_SUPPORT[decoder]
+
+
+def _native_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as HF templates expect them: string content, dict arguments, typed calls."""
+    rendered = []
+    for message in messages:
+        message = dict(message)
+        if message.get("content") is None:
+            message["content"] = ""
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                function = dict(call.get("function", call))
+                arguments = function.get("arguments", {})
+                if isinstance(arguments, str):
+                    with contextlib.suppress(json.JSONDecodeError):  # else rendered as given
+                        arguments = json.loads(arguments) if arguments.strip() else {}
+                function["arguments"] = arguments
+                calls.append({"id": call.get("id"), "type": "function", "function": function})
+            message["tool_calls"] = calls
+        rendered.append(message)
+    return rendered
+
+
+def _call_text(call: Mapping[str, Any]) -> str:
+    function = call["function"]
+    payload = {"name": function.get("name"), "arguments": function.get("arguments", {})}
+    return f"{TOOL_CALL_OPEN}\n{json.dumps(payload, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
+
+
+def _fallback_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History for a template without tool support: calls as text, results as user turns."""
+    converted = []
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            parts = [message.get("content") or ""]
+            parts += [_call_text(c) for c in message["tool_calls"]]
+            converted.append({"role": "assistant", "content": "\n".join(p for p in parts if p)})
+        elif role == "tool":
+            converted.append({
+                "role": "user",
+                "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>",
+            })
+        else:
+            converted.append({k: v for k, v in message.items() if k != "tool_calls"})
+    return converted
+
+
+def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """Add `text` to the system message (first), or put a system message first."""
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{text}".strip()
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _render(decoder: Any, messages: list[dict[str, Any]],
+            tools: list[dict[str, Any]] | None) -> str:
+    try:
+        return decoder.format_chat(messages, tools=tools)
+    except Exception:
+        # templates that reject a system role: fold it into the first user message
+        if not messages or messages[0].get("role") != "system" or len(messages) < 2:
+            raise
+        system, first, *rest = messages
+        merged = dict(first)
+        merged["content"] = f"{system.get('content', '')}\n\n{first.get('content') or ''}"
+        return decoder.format_chat([merged, *rest], tools=tools)
+
+
+def prepare_chat(
+    decoder: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | None = None,
+    parallel_tool_calls: bool = True,
+    response_format: Mapping[str, Any] | None = None,
+    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
+) -> ChatRequest:
+    """Render the prompt and build the grammar for one conversation (no decoding)."""
+    if not messages:
+        raise ValueError("messages is empty: give at least one message")
+    tools = normalize_tools(tools)
+    names = [t["function"]["name"] for t in tools]
+    choices = (None, "auto", "none", *FORCED_CHOICES)
+    if tool_choice not in choices and tool_choice not in names:
+        raise ValueError(
+            f"tool_choice must be one of {list(choices)} or a tool name {names}, "
+            f"got {tool_choice!r}"
+        )
+    if tool_choice is not None and tool_choice != "none" and not tools:
+        raise ValueError(f"tool_choice={tool_choice!r} needs tools")
+    use_tools = bool(tools) and tool_choice != "none"
+    native = _native_messages(messages)
+    grammar = None
+    shortest: list[str] = []
+    arm_after: str | None = None
+
+    if use_tools and template_supports_tools(decoder):
+        rendered_messages, template_tools = native, tools
+    elif use_tools:
+        listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+        rendered_messages = _with_system(
+            _fallback_messages(native), FALLBACK_TOOL_PROMPT.format(tools=listing)
+        )
+        template_tools = None
+    else:
+        rendered_messages, template_tools = _fallback_messages(native), None
+
+    if response_format is not None:
+        schema = _response_schema(response_format)
+        hint = f" matching this JSON schema: {json.dumps(schema)}" if schema else ""
+        rendered_messages = _with_system(
+            rendered_messages, STRUCTURED_OUTPUT_PROMPT.format(schema=hint)
+        )
+        grammar = json_grammar(schema, max_string_length)
+        shortest = [json.dumps(minimal_instance(schema or {"type": "object"}))]
+        arm_after = None
+    if use_tools:
+        forced = tool_choice in FORCED_CHOICES or tool_choice in names
+        chosen = [t for t in tools if t["function"]["name"] == tool_choice] or tools
+        if forced or grammar is None:
+            grammar = tool_call_grammar(
+                chosen, forced=forced, parallel=parallel_tool_calls,
+                max_string_length=max_string_length,
+            )
+            shortest = [minimal_call_text(t) for t in chosen]
+            arm_after = None if forced else TOOL_CALL_OPEN
+    prompt = _render(decoder, rendered_messages, template_tools)
+    return ChatRequest(
+        prompt=prompt,
+        tools=tools,
+        parse_tools=use_tools,
+        grammar=grammar,
+        eos_token_ids=sorted(decoder.eos_token_ids),
+        reserve=closing_reserve(decoder.tokenizer, shortest) if grammar else 0,
+        arm_after=arm_after if grammar else None,
+    )
+
+
+def _response_schema(response_format: Mapping[str, Any]) -> dict[str, Any] | None:
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return None
+    if kind == "json_schema":
+        schema = response_format.get("schema")
+        if schema is None and isinstance(response_format.get("json_schema"), Mapping):
+            schema = response_format["json_schema"].get("schema")  # OpenAI's nesting
+        if not isinstance(schema, Mapping):
+            raise ValueError('response_format {"type": "json_schema"} needs "schema": {...}')
+        return dict(schema)
+    raise ValueError(
+        'response_format is {"type": "json_schema", "schema": {...}} or {"type": "json_object"}'
+        f", got {dict(response_format)!r}"
+    )
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def _parse(decoder: Any, request: ChatRequest, text: str
+           ) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    if not request.parse_tools:
+        return text, [], []
+    parsed = _parse_with_response_template(decoder, request, text)
+    if parsed is not None:
+        return parsed
+    parser = ToolCallParser(request.tools)
+    content, calls = parser.feed(text)
+    tail, more = parser.finish()
+    calls = calls + more
+    return (
+        content + tail,
+        [c for c in calls if isinstance(c, ToolCall)],
+        [c for c in calls if isinstance(c, InvalidToolCall)],
+    )
+
+
+def _parse_with_response_template(
+    decoder: Any, request: ChatRequest, text: str
+) -> tuple[str, list[ToolCall], list[InvalidToolCall]] | None:
+    """The tokenizer's own response parser (transformers `parse_response`), where it has one."""
+    tokenizer = decoder.tokenizer
+    if getattr(tokenizer, "response_template", None) is None:
+        return None
+    try:
+        message = tokenizer.parse_response(text, prefix=request.prompt, tools=request.tools)
+    except Exception:
+        return None  # fall back to the Hermes parser
+    by_name = {t["function"]["name"]: t for t in request.tools}
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call)
+        name, arguments = function.get("name"), function.get("arguments", {})
+        if name not in by_name or not isinstance(arguments, dict):
+            invalid.append(InvalidToolCall(None, name, json.dumps(arguments),
+                                           "unknown tool or arguments that are not an object"))
+            continue
+        parameters = by_name[name]["function"]["parameters"]
+        calls.append(ToolCall(new_call_id(), name, cast_arguments(arguments, parameters)))
+    return str(message.get("content") or ""), calls, invalid
+
+
+def _finish_reason(reason: str, calls: Sequence[ToolCall]) -> str:
+    return "tool_calls" if calls and reason != "length" else reason
+
+
+def _chunk(index: int, call: ToolCall | InvalidToolCall) -> ToolCallChunk:
+    if isinstance(call, ToolCall):
+        return ToolCallChunk(index, call.id, call.name,
+                             json.dumps(call.arguments, ensure_ascii=False))
+    return ToolCallChunk(index, call.id or new_call_id(), call.name, call.arguments)
+
+
+# ------------------------------------------------------------------------------ API
+
+
+def resolved_weights(decoder: Any, weights: Mapping[str, float] | None) -> dict[str, float]:
+    """The full weight dict a call with `weights` decodes with (defaults filled in)."""
+    return resolve_weights(weights, decoder.default_weights, 1)[0][0]
+
+
+def _result(decoder: Any, request: ChatRequest, generated: Any) -> ChatResult:
+    content, calls, invalid = _parse(decoder, request, generated.text)
+    return ChatResult(
+        content=content,
+        tool_calls=calls,
+        invalid_tool_calls=invalid,
+        finish_reason=_finish_reason(generated.finish_reason, calls),
+        usage=generated.usage,
+        weights=dict(generated.weights),
+    )
+
+
+def chat(
+    decoder: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | None = None,
+    parallel_tool_calls: bool = True,
+    response_format: Mapping[str, Any] | None = None,
+    weights: Mapping[str, float] | None = None,
+    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
+    **generation_options: Any,
+) -> ChatResult:
+    """One assistant turn for `messages`. `generation_options` go to `decoder.generate`
+    (max_new_tokens, temperature, top_p, top_k, conservative_top_p, stop, seed, cancel)."""
+    request = prepare_chat(
+        decoder, messages, tools=tools, tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+        max_string_length=max_string_length,
+    )
+    generated = decoder.generate(
+        request.prompt, weights=weights,
+        constraints=[request.constraint(decoder, _budget(generation_options))],
+        **generation_options,
+    )
+    return _result(decoder, request, generated)
+
+
+def chat_batch(
+    decoder: Any,
+    conversations: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | None = None,
+    parallel_tool_calls: bool = True,
+    response_format: Mapping[str, Any] | None = None,
+    weights: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
+    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
+    **generation_options: Any,
+) -> list[ChatResult]:
+    """One assistant turn per conversation, decoded as ONE batch (per-row `weights` allowed:
+    a list of dicts, one per conversation)."""
+    if not conversations:
+        return []
+    requests = [
+        prepare_chat(decoder, messages, tools=tools, tool_choice=tool_choice,
+                     parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+                     max_string_length=max_string_length)
+        for messages in conversations
+    ]
+    generated = decoder.generate(
+        [r.prompt for r in requests],
+        weights=list(weights) if isinstance(weights, Sequence) else weights,
+        constraints=[r.constraint(decoder, _budget(generation_options)) for r in requests],
+        **generation_options,
+    )
+    return [_result(decoder, r, g) for r, g in zip(requests, generated, strict=True)]
+
+
+class _DeltaBuilder:
+    """StreamChunks -> ChatDeltas: content increments and one tool-call chunk per call.
+
+    `push(chunk)` returns the deltas that chunk completes; the last delta (for the chunk with
+    a finish_reason) carries finish_reason and usage."""
+
+    def __init__(self, decoder: Any, request: ChatRequest) -> None:
+        self._decoder = decoder
+        self._request = request
+        # the tokenizer's own parser reads whole responses: then one delta at the end
+        self._whole = request.parse_tools and (
+            getattr(decoder.tokenizer, "response_template", None) is not None
+        )
+        self._parser = ToolCallParser(request.tools) if request.parse_tools else None
+        self._text: list[str] = []
+        self._index = 0
+        self._valid = 0
+
+    def push(self, chunk: Any) -> list[ChatDelta]:
+        final = chunk.finish_reason is not None
+        if self._whole:
+            self._text.append(chunk.text)
+            if not final:
+                return []
+            content, valid, invalid = _parse(self._decoder, self._request, "".join(self._text))
+            calls: list[ToolCall | InvalidToolCall] = [*valid, *invalid]
+        elif self._parser is None:
+            content, calls = chunk.text, []
+        else:
+            content, calls = self._parser.feed(chunk.text)
+            if final:
+                tail, more = self._parser.finish()
+                content, calls = content + tail, calls + more
+        pieces = []
+        for call in calls:
+            pieces.append(_chunk(self._index, call))
+            self._index += 1
+            self._valid += isinstance(call, ToolCall)
+        if final:
+            reason = chunk.finish_reason
+            if self._valid and reason != "length":
+                reason = "tool_calls"
+            return [ChatDelta(content, pieces, reason, chunk.usage)]
+        return [ChatDelta(content, pieces)] if content or pieces else []
+
+
+def stream_chat(
+    decoder: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | None = None,
+    parallel_tool_calls: bool = True,
+    response_format: Mapping[str, Any] | None = None,
+    weights: Mapping[str, float] | None = None,
+    cancel: threading.Event | None = None,
+    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
+    **generation_options: Any,
+) -> Iterator[ChatDelta]:
+    """Stream one assistant turn. Content deltas joined equal `chat`'s content; each tool
+    call arrives as one `ToolCallChunk` once complete; the last delta carries finish_reason
+    and usage. Setting `cancel` stops decoding."""
+    request = prepare_chat(
+        decoder, messages, tools=tools, tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+        max_string_length=max_string_length,
+    )
+    chunks = decoder.stream(request.prompt, weights=weights,
+                            constraint=request.constraint(decoder, _budget(generation_options)),
+                            cancel=cancel,
+                            **generation_options)
+    builder = _DeltaBuilder(decoder, request)
+    for chunk in chunks:
+        yield from builder.push(chunk)
+
+
+async def achat(
+    decoder: Any, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+) -> ChatResult:
+    """`chat` without blocking the event loop (rendering and decoding on worker threads)."""
+    options = dict(kwargs)
+    request = await asyncio.to_thread(_prepare_from_kwargs, decoder, messages, options)
+    generated = await decoder.agenerate(
+        request.prompt, constraints=[request.constraint(decoder, _budget(options))], **options
+    )
+    return _result(decoder, request, generated)
+
+
+async def astream_chat(
+    decoder: Any, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+) -> AsyncIterator[ChatDelta]:
+    """`stream_chat` without blocking the event loop: decoding runs on a worker thread and
+    closing the consumer stops it (see `EFTDecoder.astream`)."""
+    options = dict(kwargs)
+    options.pop("cancel", None)  # astream owns cancellation
+    request = await asyncio.to_thread(_prepare_from_kwargs, decoder, messages, options)
+    constraint = await asyncio.to_thread(request.constraint, decoder, _budget(options))
+    builder = _DeltaBuilder(decoder, request)
+    stream = decoder.astream(request.prompt, constraint=constraint, **options)
+    try:
+        async for chunk in stream:
+            for delta in builder.push(chunk):
+                yield delta
+    finally:
+        await stream.aclose()
+
+
+def _budget(options: Mapping[str, Any]) -> int:
+    """max_new_tokens of a call (the decoder's default when not given)."""
+    return int(options.get("max_new_tokens") or _DEFAULT_MAX_NEW_TOKENS)
+
+
+_DEFAULT_MAX_NEW_TOKENS = 128  # EFTDecoder.generate's default
+
+
+def _prepare_from_kwargs(
+    decoder: Any, messages: Sequence[Mapping[str, Any]], options: dict[str, Any]
+) -> ChatRequest:
+    """Pop the chat arguments from `options` (the rest are generation options)."""
+    return prepare_chat(
+        decoder, messages,
+        tools=options.pop("tools", None),
+        tool_choice=options.pop("tool_choice", None),
+        parallel_tool_calls=options.pop("parallel_tool_calls", True),
+        response_format=options.pop("response_format", None),
+        max_string_length=options.pop("max_string_length", DEFAULT_MAX_STRING_LENGTH),
+    )
