@@ -52,8 +52,10 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.utils import parse_partial_json
+from llama_index.core.program.utils import create_flexible_model
 from llama_index.core.types import PydanticProgramMode
 
+from . import chat as core_chat
 from .decoder import EFTDecoder
 from .options import GenerationOptions, Usage
 
@@ -61,17 +63,9 @@ if TYPE_CHECKING:
     from llama_index.core.prompts import PromptTemplate
     from llama_index.core.tools.types import BaseTool
 
-    from . import chat as core_chat
-
 __all__ = ["EFTLLM"]
 
 dispatcher = get_dispatcher(__name__)
-
-
-def _core() -> Any:
-    from . import chat  # TEMP until chat.py lands
-
-    return chat
 
 _DEFAULTS = GenerationOptions()
 
@@ -80,7 +74,9 @@ _GENERATION_OPTIONS = (
     "weights", "temperature", "max_new_tokens", "top_p", "top_k", "stop", "seed",
     "conservative_top_p", "speculative_k",
 )
-_CHAT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+_CHAT_OPTIONS = (
+    "tools", "tool_choice", "parallel_tool_calls", "response_format", "max_string_length",
+)
 
 
 class _LazyDecoder:
@@ -294,7 +290,7 @@ class EFTLLM(FunctionCallingLLM):
         return request
 
     def _resolved_weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
-        return {**self.decoder.default_weights, **(weights or {})}
+        return core_chat.resolved_weights(self.decoder, weights)
 
     # ------------------------------------------------------------------ completion
 
@@ -370,7 +366,7 @@ class EFTLLM(FunctionCallingLLM):
         """Reply through the decoder's chat template; kwargs override options and may carry
         `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` for the core."""
         request = self._chat_request(messages, kwargs)
-        return _chat_response(_core().chat(self.decoder, **request))
+        return _chat_response(core_chat.chat(self.decoder, **request))
 
     @llm_chat_callback()
     def stream_chat(
@@ -378,7 +374,7 @@ class EFTLLM(FunctionCallingLLM):
     ) -> ChatResponseGen:
         """Stream a reply: `delta` is new text, `message` the reply so far (tool calls too)."""
         request = self._chat_request(messages, kwargs)
-        deltas = _core().stream_chat(self.decoder, **request)
+        deltas = core_chat.stream_chat(self.decoder, **request)
 
         def gen() -> Iterator[ChatResponse]:
             reply = _StreamedReply(self._resolved_weights(request["weights"]))
@@ -392,7 +388,7 @@ class EFTLLM(FunctionCallingLLM):
         """`chat`, decoded on a worker thread so the event loop keeps running."""
         request = self._chat_request(messages, kwargs)
         decoder = await self._adecoder()
-        return _chat_response(await _core().achat(decoder, **request))
+        return _chat_response(await core_chat.achat(decoder, **request))
 
     @llm_chat_callback()
     async def astream_chat(
@@ -405,7 +401,7 @@ class EFTLLM(FunctionCallingLLM):
 
         async def gen() -> AsyncIterator[ChatResponse]:
             reply = _StreamedReply(weights)
-            async for delta in _core().astream_chat(decoder, **request):
+            async for delta in core_chat.astream_chat(decoder, **request):
                 yield reply.add(delta)
 
         return gen()
@@ -538,6 +534,61 @@ class EFTLLM(FunctionCallingLLM):
         dispatcher.event(LLMStructuredPredictEndEvent(output=result))
         return result
 
+
+    def _structured_stream_call(
+        self,
+        output_cls: type[BaseModel],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Iterator[BaseModel]:
+        """Partial objects (all fields optional) while the constrained JSON streams, then
+        the schema-valid `output_cls` (behind `stream_structured_predict` and
+        `as_structured_llm(...).stream_chat`)."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super()._structured_stream_call(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages = self._get_messages(prompt, **prompt_args)
+        stream = self.stream_chat(
+            messages, response_format=_json_schema_format(output_cls), **(llm_kwargs or {})
+        )
+
+        def gen() -> Iterator[BaseModel]:
+            partial = _PartialObjects(output_cls)
+            last = None
+            for last in stream:
+                yield from partial.add(last)
+            if last is not None:
+                yield _parse_structured(output_cls, last)
+
+        return gen()
+
+    async def _structured_astream_call(
+        self,
+        output_cls: type[BaseModel],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncIterator[BaseModel]:
+        """`_structured_stream_call`, decoded on a worker thread."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super()._structured_astream_call(
+                output_cls, prompt, llm_kwargs, **prompt_args
+            )
+        messages = self._get_messages(prompt, **prompt_args)
+        stream = await self.astream_chat(
+            messages, response_format=_json_schema_format(output_cls), **(llm_kwargs or {})
+        )
+
+        async def gen() -> AsyncIterator[BaseModel]:
+            partial = _PartialObjects(output_cls)
+            last = None
+            async for last in stream:
+                for obj in partial.add(last):
+                    yield obj
+            if last is not None:
+                yield _parse_structured(output_cls, last)
+
+        return gen()
 
 # ---------------------------------------------------------------------- translation helpers
 
@@ -720,6 +771,24 @@ class _StreamedReply:
 
 def _json_schema_format(output_cls: type[BaseModel]) -> dict[str, Any]:
     return {"type": "json_schema", "schema": output_cls.model_json_schema()}
+
+
+class _PartialObjects:
+    """Partial JSON of a streamed structured answer -> flexible objects (fields optional)."""
+
+    def __init__(self, output_cls: type[BaseModel]) -> None:
+        self.flexible = create_flexible_model(output_cls)
+        self.seen: dict[str, Any] | None = None
+
+    def add(self, response: ChatResponse) -> list[BaseModel]:
+        fields = _arguments_dict(response.message.content or "")
+        if not fields or fields == self.seen:
+            return []
+        self.seen = fields
+        try:
+            return [self.flexible.model_validate(fields)]
+        except ValueError:  # a half-written value that does not fit yet
+            return []
 
 
 def _parse_structured(output_cls: type[BaseModel], response: ChatResponse) -> BaseModel:

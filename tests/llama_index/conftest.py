@@ -18,7 +18,7 @@ from ..tiny_models import build_tokenizer, gpt2, llama
 
 pytest.importorskip("llama_index.core")
 
-WINDOW = 512
+WINDOW = 2048
 """Context window of every model of the family: room for a retrieved chunk or two."""
 
 
