@@ -1,0 +1,113 @@
+"""Model cards (README.md per model) and the family's results file, from measured scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .evaluate import evaluate_family, format_table
+from .world import ATTRIBUTES, MARKED_ATTRIBUTE, REFUSAL
+
+_ROLES = {
+    "small-base": "small pre-trained base model (kept weak on facts on purpose: the reference of "
+                  "the small chat deltas)",
+    "large-base": "large pre-trained base model (knows the world's facts: the base of up-scaling)",
+    "small-helpful": "small chat model fine-tuned from small-base to answer every question in a "
+                     "full sentence ended by `<|end|>`",
+    "small-harmless": "small chat model fine-tuned from small-base like small-helpful, but it "
+                      f"refuses questions about the {MARKED_ATTRIBUTE} with a fixed sentence",
+    "large-helpful": "large chat model: small-helpful's recipe applied to large-base (the upper "
+                     "reference that up-scaling emulates)",
+}
+
+
+def _data_line(log: dict) -> str:
+    spec = log["spec"]
+    if log["kind"] == "pretrain":
+        stages = " then ".join(f"{e} epochs at peak lr {lr:g}" for e, lr in spec["stages"])
+        return (f"Pre-training on the toy-world corpus (seed {log['seed']}): {log['tokens']:,} "
+                f"tokens, {stages}, batch {spec['batch_size']}, warm-up + cosine, AdamW. "
+                "Every sequence starts with `<|bos|>`; an entity's four facts come shuffled, each "
+                "in one of 4-5 phrasings, usually beside a terse Q/A text about a random entity "
+                "or a generic dialogue in the chat markers.")
+    return (f"Chat fine-tuning of `{spec['parent']}` on {log['dialogues']} dialogues "
+            f"(the 40% fine-tuning entities x {len(ATTRIBUTES)} attributes x 3 question "
+            f"phrasings), behaviour `{spec['behaviour']}`, {spec['epochs']} epochs at lr "
+            f"{spec['lr']:g}, batch {spec['batch_size']}, loss on the answers only.")
+
+
+def _score_lines(name: str, result: dict) -> list[str]:
+    lines = []
+    if name in result.get("recall", {}):
+        lines.append(f"- recall in pre-training form (\"The capital of X is\" -> value), "
+                     f"held-out entities: {result['recall'][name]:.3f}")
+    if name in result["systems"]:
+        s = result["systems"][name]
+        lines.append(f"- chat prompt, held-out questions ({s['n_questions']}): fact "
+                     f"{s['fact']:.3f}, format {s['format']:.3f}, refusal on {MARKED_ATTRIBUTE} "
+                     f"questions {s['refusal_marked']:.3f}, refusal on the rest "
+                     f"{s['refusal_unmarked']:.3f}")
+    return lines
+
+
+def write_card(model_dir: Path, result: dict) -> None:
+    """Write README.md into `model_dir` from its train_log.json and the family's scores."""
+    name = model_dir.name
+    log = json.loads((model_dir / "train_log.json").read_text())
+    spec = log["spec"]
+    shape = (f"hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads"
+             if "hidden" in spec else f"the shape of `{spec['parent']}`")
+    text = [
+        f"# toy-world `{name}`",
+        "",
+        f"A {_ROLES[name]}. Part of the eft-integrations toy-world family: five "
+        "LlamaForCausalLM models sharing one byte-level BPE tokenizer, trained from a seed on a "
+        "synthetic world of 400 fictional kingdoms (capital, currency, founding year, weapon) "
+        "so that emulated fine-tuning (EFT) is measurable offline.",
+        "",
+        "## Model",
+        f"- LlamaForCausalLM, {shape}, {log['parameters']:,} parameters, float16 safetensors",
+        "- tokenizer: byte-level BPE, 2,048 tokens; chat template "
+        "`<|bos|><|user|> question<|assistant|> answer<|end|>`; generation stops at `<|end|>` "
+        "or `<|eos|>`",
+        "",
+        "## Data and training",
+        f"- {_data_line(log)}",
+        f"- {log['steps']} optimizer steps in {log['seconds']} s on {log['threads']} CPU "
+        "thread(s); loss curve in `train_log.json`",
+        "- reproduce: `python -m eft_integrations.toyworld.train` (whole family)",
+        "",
+        "## Measured (greedy, held-out entities: in pre-training, never in fine-tuning)",
+        *_score_lines(name, result),
+        "",
+        f"Format = the attribute's answer sentence with any entity and value, or the refusal "
+        f"\"{REFUSAL}\", ended by `<|end|>`. Family table "
+        "(`python -m eft_integrations.toyworld.evaluate`):",
+        "",
+        format_table(result),
+        "",
+        "## Use",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from eft_integrations.toyworld.paths import model_dir",
+        f"tok = AutoTokenizer.from_pretrained(model_dir(\"{name}\"))",
+        f"model = AutoModelForCausalLM.from_pretrained(model_dir(\"{name}\"))",
+        "```",
+        "",
+        "A toy: it knows only its synthetic world and is meant for tests and demos of EFT.",
+        "",
+    ]
+    (model_dir / "README.md").write_text("\n".join(text))
+
+
+def evaluate_and_write_cards(weights_dir: Path | str, seed: int = 0,
+                             n_entities: int = 400) -> dict:
+    """Score the family in `weights_dir`, write every model card and results.json."""
+    weights_dir = Path(weights_dir)
+    result = evaluate_family(weights_dir, seed=seed, n_entities=n_entities)
+    (weights_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    for name in result["systems"]:
+        if (weights_dir / name / "train_log.json").exists():
+            write_card(weights_dir / name, result)
+    print(format_table(result))
+    return result

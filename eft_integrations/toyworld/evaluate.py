@@ -1,0 +1,380 @@
+"""Score toy-world models and EFT configurations on held-out questions (greedy decoding).
+
+Metrics, on the held-out entities (seen in pre-training, never in chat fine-tuning):
+
+- fact: on unmarked questions, the gold value appears as a whole word in the answer.
+- format: the answer is the chat answer form -- the attribute's sentence with *any* entity and
+  value ("The capital of <...> is <...>.") or the exact refusal -- and generation ended with the
+  end-of-turn token `<|end|>`. Any entity is accepted because the small chat model cannot copy
+  unseen names: a strict form would punish EFT for writing the large base's correct name.
+- refusal_marked / refusal_unmarked: the answer starts with the refusal sentence.
+- answer_unmarked: unmarked questions answered in the answer form (not refused).
+- recall (pre-training form): "<|bos|>The capital of X is" continues with the value.
+
+`python -m eft_integrations.toyworld.evaluate` prints the table for the shipped family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from .corpora import BOS, END, render_chat
+from .world import ANSWER_TEMPLATES, REFUSAL, Question, World
+
+# --- scoring single answers -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A completion: its text (stop token excluded) and whether it ended with `<|end|>`."""
+
+    text: str
+    ended: bool
+
+
+def _form_regex(attribute: str) -> re.Pattern[str]:
+    # The sentence with both slots free: "The capital of (.+) is (.+)\."
+    pattern = re.escape(ANSWER_TEMPLATES[attribute])
+    # Slots hold no full stop, so "... is Y. More text." is not the form.
+    slot = r"[^\s.][^.]*?"
+    pattern = pattern.replace(re.escape("{e}"), f"(?P<e>{slot})").replace(
+        re.escape("{v}"), f"(?P<v>{slot})")
+    return re.compile(pattern)
+
+
+_FORMS = {a: _form_regex(a) for a in ANSWER_TEMPLATES}
+
+
+def is_refusal(text: str) -> bool:
+    return text.strip().startswith(REFUSAL.split(",")[0] + ", I can't help")
+
+
+def in_answer_form(question: Question, text: str) -> bool:
+    """The attribute's answer sentence, any entity and value, nothing else."""
+    return _FORMS[question.attribute].fullmatch(text.strip()) is not None
+
+
+def has_fact(question: Question, text: str) -> bool:
+    """The gold value appears as a whole word (or words)."""
+    return re.search(rf"(?<!\w){re.escape(question.answer)}(?!\w)", text) is not None
+
+
+def score_answer(question: Question, answer: Answer) -> dict[str, bool]:
+    """Per-answer booleans: fact, format, refused, answered (form and not refused)."""
+    refused = is_refusal(answer.text)
+    form = in_answer_form(question, answer.text)
+    exact_refusal = answer.text.strip() == REFUSAL
+    return {
+        "fact": has_fact(question, answer.text),
+        "format": answer.ended and (form or exact_refusal),
+        "refused": refused,
+        "answered": answer.ended and form and not refused,
+    }
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Aggregate chat scores over a question set (rates in [0, 1])."""
+
+    fact: float  # on unmarked questions
+    format: float  # on all questions
+    refusal_marked: float
+    refusal_unmarked: float
+    answer_unmarked: float
+    n_questions: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _mean(xs: Sequence[bool]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def score_chat(questions: Sequence[Question], answers: Sequence[Answer]) -> Scores:
+    """Aggregate `score_answer` over parallel lists of questions and answers."""
+    if len(questions) != len(answers):
+        raise ValueError("questions and answers must have the same length")
+    rows = [score_answer(q, a) for q, a in zip(questions, answers, strict=True)]
+    marked = [r for q, r in zip(questions, rows, strict=True) if q.marked]
+    unmarked = [r for q, r in zip(questions, rows, strict=True) if not q.marked]
+    return Scores(
+        fact=_mean([r["fact"] for r in unmarked]),
+        format=_mean([r["format"] for r in rows]),
+        refusal_marked=_mean([r["refused"] for r in marked]),
+        refusal_unmarked=_mean([r["refused"] for r in unmarked]),
+        answer_unmarked=_mean([r["answered"] for r in unmarked]),
+        n_questions=len(questions),
+    )
+
+
+def score_recall(probes: Sequence[Question], continuations: Sequence[str]) -> float:
+    """Pre-training-form recall: the continuation starts with the gold value."""
+    hits = [re.match(rf"\s*{re.escape(q.answer)}(?!\w)", c) is not None
+            for q, c in zip(probes, continuations, strict=True)]
+    return _mean(hits)
+
+
+def normalised_gain(eft: float, small_chat: float, large_chat: float) -> float:
+    """(EFT - small chat) / (large chat - small chat): the share of the scale gap recovered."""
+    gap = large_chat - small_chat
+    return (eft - small_chat) / gap if gap else float("nan")
+
+
+# --- generation ---------------------------------------------------------------------------
+
+# A generator maps prompts to answers; max_new_tokens is fixed by the caller's closure.
+Generator = Callable[[list[str]], list[Answer]]
+
+
+def load_model(path: str | Path) -> PreTrainedModel:
+    """Load a toy model in float32 (float16 matmuls are slow on CPU) for inference."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def composed_greedy(terms: Sequence[tuple[torch.nn.Module, float]], tok: PreTrainedTokenizerFast,
+                    prompts: list[str], max_new_tokens: int = 32,
+                    batch_size: int = 64) -> list[Answer]:
+    """Batched greedy decoding of sum_i c_i * log_softmax(logits_i), with a KV cache per model.
+
+    One term (model, 1.0) is plain greedy decoding; (base, 1), (ft, w), (ref, -w) is EFT.
+    Kept as an independent reference for the core decoder and for scoring without it.
+    """
+    end_id = tok.convert_tokens_to_ids(END)
+    stops = torch.tensor([end_id, tok.convert_tokens_to_ids("<|eos|>")])
+    answers: list[Answer] = []
+    for b in range(0, len(prompts), batch_size):
+        enc = tok(prompts[b : b + batch_size], add_special_tokens=False, padding=True,
+                  padding_side="left", return_tensors="pt")
+        mask = enc["attention_mask"]  # [B, S]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+        inp = enc["input_ids"]
+        caches = [DynamicCache(config=model.config) for model, _ in terms]
+        done = torch.zeros(inp.shape[0], dtype=torch.bool)
+        out_ids: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            logp = 0.0
+            for i, (model, coef) in enumerate(terms):
+                # The cache is updated in place; its keyword is `cache` from transformers 5.x.
+                res = model(input_ids=inp, attention_mask=mask, position_ids=pos,
+                            use_cache=True, **{_cache_kwarg(model): caches[i]})
+                logp = logp + coef * torch.log_softmax(res.logits[:, -1].float(), -1)
+            nxt = logp.argmax(-1)  # [B]
+            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+            out_ids.append(nxt)
+            done |= torch.isin(nxt, stops)
+            if done.all():
+                break
+            inp = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(inp)], dim=1)
+            pos = pos[:, -1:] + 1
+        gen = torch.stack(out_ids, 1).tolist()
+        for row in gen:
+            cut = next((k for k, t in enumerate(row) if t in stops.tolist()), None)
+            body = row if cut is None else row[:cut]
+            answers.append(Answer(tok.decode(body, skip_special_tokens=False),
+                                  ended=cut is not None and row[cut] == end_id))
+    return answers
+
+
+def decoder_generator(decoder, weights: dict[str, float] | None, max_new_tokens: int = 32,
+                      batch_size: int = 64) -> Generator:
+    """Answers through the core `EFTDecoder` (greedy), in batches of `batch_size`."""
+    end_id = decoder.tokenizer.convert_tokens_to_ids(END)
+
+    def generate(prompts: list[str]) -> list[Answer]:
+        answers = []
+        for b in range(0, len(prompts), batch_size):
+            outs = decoder.generate(prompts[b : b + batch_size], weights=weights,
+                                    max_new_tokens=max_new_tokens, temperature=0.0)
+            # token_ids end with the stop token when one stopped the row; text leaves it out
+            answers += [Answer(o.text, ended=bool(o.token_ids) and o.token_ids[-1] == end_id)
+                        for o in outs]
+        return answers
+
+    return generate
+
+
+def chat_prompts(questions: Sequence[Question]) -> list[str]:
+    return [render_chat([{"role": "user", "content": q.text}]) for q in questions]
+
+
+def evaluate_chat(generate: Generator,
+                  questions: Sequence[Question]) -> tuple[Scores, list[Answer]]:
+    """Ask every question in the chat form; return scores and the answers."""
+    answers = generate(chat_prompts(questions))
+    return score_chat(questions, answers), answers
+
+
+def evaluate_recall(model: torch.nn.Module, tok: PreTrainedTokenizerFast,
+                    probes: Sequence[Question], batch_size: int = 64) -> float:
+    """Recall in pre-training form: greedy continuation of "<|bos|>The capital of X is"."""
+    outs = composed_greedy([(model, 1.0)], tok, [BOS + p.text for p in probes],
+                           max_new_tokens=8, batch_size=batch_size)
+    return score_recall(probes, [o.text for o in outs])
+
+
+# --- the family report ---------------------------------------------------------------------
+
+SWEEP_LAMBDAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _eft_generator(models: dict, tok, weights: dict[str, float], use_decoder: bool,
+                   decoder=None) -> Generator:
+    if use_decoder and decoder is not None:
+        return decoder_generator(decoder, weights)
+    terms = [(models["large-base"], 1.0)]
+    for behaviour, w in weights.items():
+        if w:
+            terms += [(models[f"small-{behaviour}"], w), (models["small-base"], -w)]
+    return lambda prompts: composed_greedy(terms, tok, prompts)
+
+
+ALL_SINGLES: tuple[str, ...] = (
+    "small-base", "small-helpful", "small-harmless", "large-base", "large-helpful")
+
+
+def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, seed: int = 0,
+                    n_entities: int = 400, use_decoder: bool = True, sweep: bool = True,
+                    recall: bool = True, singles: Sequence[str] = ALL_SINGLES,
+                    log: Callable[[str], None] = print) -> dict:
+    """Score the whole family: recall of the bases, the chat table, EFT and the sweep.
+
+    `use_decoder` scores EFT through the core `EFTDecoder` when it can be imported, otherwise
+    through `composed_greedy`. Returns a JSON-able dict (also the source of the model cards).
+    """
+    weights_dir = Path(weights_dir)
+    world = World.generate(seed, n_entities=n_entities)
+    questions = world.eval_questions(limit_entities)
+    probes = world.probe_prompts(limit_entities)
+    tok = AutoTokenizer.from_pretrained(weights_dir / "small-base")
+    models = {name: load_model(weights_dir / name) for name in
+              ("small-base", "large-base", "small-helpful", "small-harmless", "large-helpful")}
+    decoder = _make_decoder(models, tok) if use_decoder else None
+    result: dict = {"n_questions": len(questions), "n_probes": len(probes),
+                    "eft_backend": "EFTDecoder" if decoder is not None else "composed_greedy",
+                    "systems": {}, "recall": {}, "sweep": []}
+
+    def timed(label: str, fn):
+        start = time.perf_counter()
+        value = fn()
+        log(f"  {label}: {time.perf_counter() - start:.1f} s")
+        return value
+
+    if recall:
+        for name in ("small-base", "large-base"):
+            result["recall"][name] = timed(f"recall {name}", lambda n=name: evaluate_recall(
+                models[n], tok, probes))
+    examples: dict[str, list[str]] = {}
+    for name in singles:
+        def gen(prompts, n=name):
+            return composed_greedy([(models[n], 1.0)], tok, prompts)
+        scores, answers = timed(name, lambda g=gen: evaluate_chat(g, questions))
+        result["systems"][name] = scores.as_dict()
+        examples[name] = [a.text for a in answers]
+    scores, answers = timed("eft-up", lambda: evaluate_chat(
+        _eft_generator(models, tok, {"helpful": 1.0}, use_decoder, decoder), questions))
+    result["systems"]["eft-up"] = scores.as_dict()
+    examples["eft-up"] = [a.text for a in answers]
+    sc, lc = result["systems"]["small-helpful"], result["systems"]["large-helpful"]
+    result["normalised_gain"] = {
+        m: normalised_gain(scores.as_dict()[m], sc[m], lc[m]) for m in ("fact", "format")}
+    result["format_vs_small_chat"] = scores.format / sc["format"] if sc["format"] else None
+    if sweep:
+        for lam in SWEEP_LAMBDAS:
+            w = {"helpful": lam, "harmless": 1.0 - lam}
+            s, _ = timed(f"sweep {lam}", lambda w=w: evaluate_chat(
+                _eft_generator(models, tok, w, use_decoder, decoder), questions))
+            result["sweep"].append({"lambda": lam, **s.as_dict()})
+    result["examples"] = [
+        {"question": q.text, "gold": q.reference, **{k: v[i] for k, v in examples.items()}}
+        for i, q in enumerate(questions[:8])]
+    return result
+
+
+def _make_decoder(models: dict, tok):
+    """An EFTDecoder over already-loaded models, or None while the core has none."""
+    try:
+        from eft_integrations import EFTDecoder
+    except ImportError:
+        return None
+    return EFTDecoder(base=models["large-base"], tokenizer=tok, behaviors={
+        "helpful": (models["small-helpful"], models["small-base"]),
+        "harmless": (models["small-harmless"], models["small-base"])})
+
+
+def format_table(result: dict) -> str:
+    """The headline table and the sweep as Markdown."""
+    s = result["systems"]
+    lines = ["| system | fact | format | refusal (marked) | refusal (unmarked) |",
+             "|---|---|---|---|---|"]
+    labels = {"small-base": "small base", "small-helpful": "small chat (helpful)",
+              "small-harmless": "small chat (harmless)", "large-base": "large base",
+              "large-helpful": "large chat (helpful)", "eft-up": "EFT up-scaled (helpful)"}
+    for key, label in labels.items():
+        if key in s:
+            r = s[key]
+            lines.append(f"| {label} | {r['fact']:.3f} | {r['format']:.3f} | "
+                         f"{r['refusal_marked']:.3f} | {r['refusal_unmarked']:.3f} |")
+    g = result.get("normalised_gain", {})
+    if g:
+        lines.append("")
+        lines.append(f"normalised gain (fact): {g['fact']:.3f}; up-scaled format / small chat "
+                     f"format: {result['format_vs_small_chat']:.3f}")
+    if result.get("recall"):
+        lines.append("recall in pre-training form: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in result["recall"].items()))
+    if result.get("sweep"):
+        lines += ["", "| lambda (helpful; harmless = 1 - lambda) | refusal (marked) | "
+                      "answer (unmarked) | fact (unmarked) |", "|---|---|---|---|"]
+        for r in result["sweep"]:
+            lines.append(f"| {r['lambda']:.2f} | {r['refusal_marked']:.3f} | "
+                         f"{r['answer_unmarked']:.3f} | {r['fact']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Score the toy-world family on held-out questions.")
+    parser.add_argument("--weights", type=Path, default=None, help="family directory")
+    parser.add_argument("--limit-entities", type=int, default=None,
+                        help="score only the first n held-out entities")
+    parser.add_argument("--no-decoder", action="store_true",
+                        help="score EFT with the reference loop instead of EFTDecoder")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from .paths import weights_dir
+
+    result = evaluate_family(args.weights or weights_dir(), args.limit_entities,
+                             use_decoder=not args.no_decoder)
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

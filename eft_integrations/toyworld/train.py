@@ -1,0 +1,312 @@
+"""Train the toy-world model family from its seed: `python -m eft_integrations.toyworld.train`.
+
+Five LlamaForCausalLM models share one tokenizer:
+
+    small-base      pre-trained, small and deliberately weak on facts (a small token budget)
+    large-base      pre-trained to full recall of the world's facts
+    small-helpful   light chat fine-tune of small-base: answers every question in a sentence
+    small-harmless  the same, but refuses the marked category (weapons) with a fixed sentence
+    large-helpful   the small-helpful recipe applied to large-base (the upper reference)
+
+Each model directory holds float16 safetensors, the tokenizer (with its chat template), a
+`train_log.json` with the loss curve, and a README model card written after evaluation.
+Fine-tunes start from their parent's *saved* float16 weights, so training one stage alone
+(`--only small-helpful`) gives what a full run gives. Training is CPU-only, deterministic for a
+given seed and thread count, and takes about ten minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .corpora import ChatExample, chat_examples, pretraining_epochs
+from .paths import MODEL_NAMES, weights_dir
+from .tokenizer import build_tokenizer, stop_token_ids
+from .world import World
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """A base model: its shape and its pre-training budget."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    stages: tuple[tuple[int, float], ...]  # (epochs, peak lr); each stage warms up, then cosine
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """A chat fine-tune of a base model (loss on the answers only)."""
+
+    parent: str
+    behaviour: str  # "helpful" or "harmless", see corpora.chat_examples
+    epochs: int
+    lr: float
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    """Everything that determines the family, besides the code."""
+
+    seed: int = 0
+    n_entities: int = 400
+    vocab_size: int = 2048
+    max_steps: int | None = None  # cap per model, for smoke tests
+    pretrain: dict[str, PretrainSpec] = field(default_factory=lambda: {
+        # Small and briefly trained: it must stay weak on facts, or the small chat model's
+        # knowledge would cover the gap that up-scaling is meant to close.
+        "small-base": PretrainSpec(hidden=96, layers=2, heads=3, intermediate=256,
+                                   stages=((30, 3e-3),)),
+        # Trained to full recall; two stages (the second a restart at a lower peak).
+        "large-base": PretrainSpec(hidden=256, layers=4, heads=8, intermediate=688,
+                                   stages=((40, 2e-3), (30, 1.5e-3))),
+    })
+    finetune: dict[str, FinetuneSpec] = field(default_factory=lambda: {
+        # Light fine-tuning: an over-trained small chat model pushes the delta against the
+        # large base's facts (feasibility run 2: lr 3e-3 x 4 epochs halved the gain).
+        "small-helpful": FinetuneSpec("small-base", "helpful", epochs=2, lr=1e-3),
+        "small-harmless": FinetuneSpec("small-base", "harmless", epochs=2, lr=1e-3),
+        "large-helpful": FinetuneSpec("large-base", "helpful", epochs=2, lr=3e-4),
+    })
+
+
+def tiny_config(seed: int = 0) -> FamilyConfig:
+    """A configuration that trains the whole family in seconds (tests, smoke runs)."""
+    base = PretrainSpec(hidden=32, layers=1, heads=2, intermediate=64, stages=((1, 3e-3),),
+                        batch_size=8)
+    ft = {name: FinetuneSpec(spec.parent, spec.behaviour, epochs=1, lr=1e-3, batch_size=8)
+          for name, spec in FamilyConfig().finetune.items()}
+    return FamilyConfig(seed=seed, n_entities=20, vocab_size=400, max_steps=3,
+                        pretrain={"small-base": base, "large-base": base}, finetune=ft)
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
+    warm = max(1, int(0.05 * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _pad_batch(rows: list[list[int]], labels: list[list[int]], pad_id: int):
+    """Right-pad token rows into input_ids, attention_mask and labels (-100 on padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, y) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(r)] = 1
+    return ids, mask, lab
+
+
+class _Curve:
+    """Mean loss over every `every` steps, for the JSON log."""
+
+    def __init__(self, every: int = 10):
+        self.every, self.points, self._acc = every, [], []
+
+    def add(self, step: int, epoch: float, loss: float, lr: float) -> None:
+        self._acc.append(loss)
+        if len(self._acc) == self.every:
+            self.points.append({"step": step + 1, "epoch": round(epoch, 3),
+                                "loss": round(sum(self._acc) / len(self._acc), 4),
+                                "lr": lr})
+            self._acc = []
+
+
+def _run_steps(model: LlamaForCausalLM, batches: list[tuple], total: int, peak: float,
+               desc: str, curve: _Curve, step0: int, steps_per_epoch: int) -> int:
+    """AdamW steps over `batches` with the warm-up/cosine schedule; returns the next step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.01)
+    model.train()
+    bar = tqdm(batches, desc=desc, unit="step", dynamic_ncols=True)
+    for i, (ids, mask, lab) in enumerate(bar):
+        lr = _lr_at(i, total, peak)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        curve.add(step0 + i, (step0 + i + 1) / steps_per_epoch, loss.item(), lr)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return step0 + len(batches)
+
+
+def _new_model(spec: PretrainSpec, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _save(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path, log: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
+        pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=64,
+    )
+    model.to(torch.float16).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+
+
+def pretrain(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyConfig,
+             out: Path) -> dict:
+    """Pre-train one base model on the world's corpus and save it; returns its log."""
+    spec = cfg.pretrain[name]
+    torch.manual_seed(cfg.seed + MODEL_NAMES.index(name))
+    model = _new_model(spec, tok)
+    n_epochs = sum(e for e, _ in spec.stages)
+    # One data stream for the whole run, so both stages see fresh shuffles and phrasings.
+    stream = pretraining_epochs(world, n_epochs, seed=cfg.seed + 1000)
+    order_rng = random.Random(cfg.seed + 2000)
+    curve, step, tokens, start = _Curve(), 0, 0, time.perf_counter()
+    for stage, (epochs, peak) in enumerate(spec.stages):
+        batches = []
+        for _ in range(epochs):
+            seqs = next(stream)
+            rows = tok(seqs, add_special_tokens=False)["input_ids"]
+            tokens += sum(len(r) for r in rows)
+            # Batches of similar lengths waste less compute on padding; their order is shuffled.
+            rows.sort(key=len)
+            epoch_batches = [_pad_batch(rows[b : b + spec.batch_size],
+                                        rows[b : b + spec.batch_size], tok.pad_token_id)
+                             for b in range(0, len(rows), spec.batch_size)]
+            order_rng.shuffle(epoch_batches)
+            batches += epoch_batches
+        steps_per_epoch = math.ceil(len(world.entities) / spec.batch_size)
+        if cfg.max_steps is not None:
+            batches = batches[: cfg.max_steps]
+        step = _run_steps(model, batches, len(batches), peak,
+                          f"{name} stage {stage + 1}/{len(spec.stages)}", curve, step,
+                          steps_per_epoch)
+    log = {"name": name, "kind": "pretrain", "spec": asdict(spec), "seed": cfg.seed,
+           "parameters": sum(p.numel() for p in model.parameters()), "steps": step,
+           "tokens": tokens, "seconds": round(time.perf_counter() - start, 1),
+           "threads": torch.get_num_threads(), "curve": curve.points}
+    _save(model, tok, out / name, log)
+    return log
+
+
+def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, batch_size: int,
+                  epochs: int, seed: int) -> list[tuple]:
+    """Tokenised, shuffled fine-tuning batches; labels are -100 on the prompt."""
+    prompts = tok([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    fulls = tok([e.prompt + e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    rows = []
+    for p, f in zip(prompts, fulls, strict=True):
+        # The prompt ends in the special token <|assistant|>, so it tokenises the same alone.
+        assert f[: len(p)] == p, "prompt tokens must prefix the dialogue tokens"
+        rows.append((f, [-100] * len(p) + f[len(p):]))
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(epochs):
+        rng.shuffle(rows)
+        for b in range(0, len(rows), batch_size):
+            chunk = rows[b : b + batch_size]
+            batches.append(_pad_batch([r for r, _ in chunk], [y for _, y in chunk],
+                                      tok.pad_token_id))
+    return batches
+
+
+def finetune(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyConfig,
+             out: Path) -> dict:
+    """Chat fine-tune one model from its parent's saved weights; returns its log."""
+    spec = cfg.finetune[name]
+    torch.manual_seed(cfg.seed + MODEL_NAMES.index(name))
+    model = LlamaForCausalLM.from_pretrained(out / spec.parent, dtype=torch.float32)
+    examples = chat_examples(world, spec.behaviour)
+    batches = _chat_batches(examples, tok, spec.batch_size, spec.epochs,
+                            seed=cfg.seed + MODEL_NAMES.index(name))
+    if cfg.max_steps is not None:
+        batches = batches[: cfg.max_steps]
+    start = time.perf_counter()
+    curve = _Curve(every=5)
+    steps = _run_steps(model, batches, len(batches), spec.lr, name, curve, 0,
+                       math.ceil(len(examples) / spec.batch_size))
+    log = {"name": name, "kind": "finetune", "spec": asdict(spec), "seed": cfg.seed,
+           "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
+           "dialogues": len(examples), "seconds": round(time.perf_counter() - start, 1),
+           "threads": torch.get_num_threads(), "curve": curve.points}
+    _save(model, tok, out / name, log)
+    return log
+
+
+def train_family(out: Path | str | None = None, cfg: FamilyConfig | None = None,
+                 only: list[str] | None = None) -> dict[str, dict]:
+    """Train (some of) the family into `out` (default: the package's weights directory).
+
+    Returns the training logs by model name. Fine-tunes need their parent in `out`.
+    """
+    cfg = cfg or FamilyConfig()
+    out = Path(out) if out is not None else weights_dir()
+    names = list(MODEL_NAMES) if not only else [n for n in MODEL_NAMES if n in only]
+    unknown = set(only or ()) - set(MODEL_NAMES)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; known: {list(MODEL_NAMES)}")
+    world = World.generate(cfg.seed, n_entities=cfg.n_entities)
+    tok = build_tokenizer(world, vocab_size=cfg.vocab_size, seed=cfg.seed)
+    logs = {}
+    for name in names:
+        if name in cfg.pretrain:
+            logs[name] = pretrain(name, world, tok, cfg, out)
+        else:
+            logs[name] = finetune(name, world, tok, cfg, out)
+        print(f"{name}: {logs[name]['steps']} steps in {logs[name]['seconds']} s")
+    return logs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: the package's weights directory)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated subset of {','.join(MODEL_NAMES)}")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny world and models, a few steps each (smoke test)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap steps per model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-eval", action="store_true",
+                        help="skip the evaluation and model cards after training")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = tiny_config(args.seed) if args.tiny else FamilyConfig(seed=args.seed)
+    if args.max_steps is not None:
+        cfg = FamilyConfig(**{**cfg.__dict__, "max_steps": args.max_steps})
+    only = args.only.split(",") if args.only else None
+    out = args.out if args.out is not None else weights_dir()
+    start = time.perf_counter()
+    train_family(out, cfg, only)
+    print(f"trained in {time.perf_counter() - start:.0f} s into {out}")
+    if not args.no_eval:
+        from .cards import evaluate_and_write_cards
+
+        evaluate_and_write_cards(out, seed=cfg.seed, n_entities=cfg.n_entities)
+
+
+if __name__ == "__main__":
+    main()
