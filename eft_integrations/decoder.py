@@ -31,7 +31,12 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .async_bridge import iterate_in_thread
-from .composition import compose_logprobs, sample_tokens
+from .composition import (
+    compose_logprobs,
+    finetuning_scale_logprobs,
+    sample_tokens,
+    sampling_logprobs,
+)
 from .constraints import TokenConstraint
 from .loading import (
     Behavior,
@@ -51,6 +56,7 @@ from .options import (
     WeightsArg,
     resolve_weights,
 )
+from .speculative import accept_draft, crop_cache
 from .text import CompletionText
 
 __all__ = ["EFTDecoder"]
@@ -359,8 +365,9 @@ class EFTDecoder:
     # ------------------------------------------------------------------ phases
 
     def _forward(self, i: int, state: _ModelState, input_ids: torch.Tensor,
-                 position_ids: torch.Tensor) -> torch.Tensor:
-        """One forward of model i over new tokens; returns last-position logits [B, V]."""
+                 position_ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """One forward of model i over new tokens; logits of the last `keep` positions
+        [B, keep, V] (float32, on the composing device)."""
         model = self._models[i]
         device = model_device(model)
         kwargs: dict[str, Any] = {
@@ -371,10 +378,30 @@ class EFTDecoder:
             self._cache_kwarg[i]: state.cache,
         }
         if self._keeps_last_logits[i]:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = keep
         self.forward_calls += 1
-        logits = model(**kwargs).logits[:, -1, : self.vocab_size]
+        logits = model(**kwargs).logits[:, -keep:, : self.vocab_size]
         return logits.to(self._device)
+
+    def _feed(self, i: int, state: _ModelState, tokens: torch.Tensor, keep: int = 1
+              ) -> torch.Tensor:
+        """Append tokens [B, n] to model i's context; logits [B, keep, V] at the last positions."""
+        n = tokens.shape[1]
+        ones = torch.ones_like(state.attention_mask[:, :1]).expand(-1, n)
+        state.attention_mask = torch.cat([state.attention_mask, ones], dim=-1)
+        offsets = torch.arange(n, device=state.next_position.device)
+        positions = state.next_position[:, None] + offsets  # [B, n]
+        logits = self._forward(i, state, tokens, positions, keep)
+        state.next_position = state.next_position + n
+        return logits
+
+    def _rewind(self, state: _ModelState, tokens_to_remove: int) -> None:
+        """Forget the last tokens of a context (rejected speculative drafts)."""
+        if tokens_to_remove <= 0:
+            return
+        crop_cache(state.cache, tokens_to_remove)
+        state.attention_mask = state.attention_mask[:, :-tokens_to_remove]
+        state.next_position = state.next_position - tokens_to_remove
 
     def _new_cache(self, i: int) -> Any:
         try:
@@ -392,7 +419,7 @@ class EFTDecoder:
             # positions count real tokens only, so left padding does not shift them
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
             state = _ModelState(mask, mask.sum(-1), self._new_cache(i))
-            logits.append(self._forward(i, state, input_ids, positions))
+            logits.append(self._forward(i, state, input_ids, positions)[:, -1])
             states.append(state)
         return states, logits
 
@@ -410,14 +437,7 @@ class EFTDecoder:
 
     def _decode_step(self, states: list[_ModelState], tokens: torch.Tensor) -> list[torch.Tensor]:
         """Feed one token per row [B] to every distinct model; logits [B, V] per model."""
-        logits = []
-        for i, state in enumerate(states):
-            ones = torch.ones_like(state.attention_mask[:, :1])
-            state.attention_mask = torch.cat([state.attention_mask, ones], dim=-1)
-            positions = state.next_position[:, None]  # [B, 1]
-            logits.append(self._forward(i, state, tokens[:, None], positions))
-            state.next_position = state.next_position + 1
-        return logits
+        return [self._feed(i, state, tokens[:, None])[:, -1] for i, state in enumerate(states)]
 
     def _compose(self, logits: list[torch.Tensor], weights: torch.Tensor,
                  conservative_top_p: float | None) -> torch.Tensor:
@@ -466,16 +486,13 @@ class EFTDecoder:
 
     # ------------------------------------------------------------------ the loop
 
-    def _decode_loop(
+    def _new_rows(
         self,
         chat_ids: list[list[int]],
         base_ids: list[list[int]],
-        weights: torch.Tensor,
         options: GenerationOptions,
         constraints: Sequence[TokenConstraint | None] | None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[list[_Row]]:
-        """Yield the batch's rows after every sampled token, until all rows finish."""
+    ) -> list[_Row]:
         if constraints is not None and len(constraints) != len(chat_ids):
             raise ValueError(f"got {len(constraints)} constraints for {len(chat_ids)} prompts")
         rows = []
@@ -494,12 +511,52 @@ class EFTDecoder:
                 token_budget=room,
                 constraint=constraints[b] if constraints is not None else None,
             ))
+        return rows
+
+    def _check_speculative(self, speculative_k: int | None, rows: list[_Row]) -> None:
+        if speculative_k is None:
+            return
+        if isinstance(speculative_k, bool) or not isinstance(speculative_k, int) \
+                or speculative_k < 1:
+            raise ValueError(f"speculative_k must be an int >= 1 or None, got {speculative_k!r}")
+        if not self._pairs:
+            raise ValueError("speculative decoding drafts with the behaviors' models; this "
+                             "decoder has none: leave speculative_k=None")
+        if any(self._base in pair for pair in self._pairs):
+            raise ValueError("speculative decoding needs a base model that is not also a "
+                             "fine-tuned or reference model; leave speculative_k=None")
+        if len(rows) != 1:
+            raise ValueError("speculative decoding takes one prompt at a time; call generate "
+                             "per prompt or leave speculative_k=None for a batch")
+        if rows[0].constraint is not None:
+            raise ValueError("speculative decoding does not combine with constraints; leave "
+                             "speculative_k=None")
+
+    def _decode_loop(
+        self,
+        chat_ids: list[list[int]],
+        base_ids: list[list[int]],
+        weights: torch.Tensor,
+        options: GenerationOptions,
+        constraints: Sequence[TokenConstraint | None] | None,
+        cancel: threading.Event | None = None,
+        speculative_k: int | None = None,
+    ) -> Iterator[list[_Row]]:
+        """Yield the batch's rows after every step, until all rows finish."""
+        rows = self._new_rows(chat_ids, base_ids, options, constraints)
+        self._check_speculative(speculative_k, rows)
         generator = torch.Generator(device=self._device)
         generator.manual_seed(options.seed if options.seed is not None else secrets.randbits(63))
         fill_token = min(self.eos_token_ids, default=0)
         with self._lock, torch.inference_mode():
             states, logits = self._prefill(chat_ids, base_ids)
             try:
+                if speculative_k is not None:
+                    yield from self._speculative_rounds(
+                        rows[0], states, logits, weights, options, speculative_k, generator,
+                        cancel,
+                    )
+                    return
                 while True:
                     logprobs = self._compose(logits, weights, options.conservative_top_p)
                     logprobs = self._constrain(logprobs, rows)
@@ -519,6 +576,89 @@ class EFTDecoder:
             finally:
                 del states, logits  # free the KV caches now, even when the consumer stops
 
+    def _draft_logprobs(self, logits: Mapping[int, torch.Tensor], weights: torch.Tensor
+                        ) -> torch.Tensor:
+        """The fine-tuning-scale distribution [1, V] from the behaviors' models alone."""
+        lp = {i: torch.log_softmax(x.float(), dim=-1) for i, x in logits.items()}
+        return finetuning_scale_logprobs(
+            [lp[f] for f, _ in self._pairs], [lp[r] for _, r in self._pairs], weights
+        )
+
+    def _speculative_rounds(
+        self,
+        row: _Row,
+        states: list[_ModelState],
+        logits: list[torch.Tensor],
+        weights: torch.Tensor,
+        options: GenerationOptions,
+        k: int,
+        generator: torch.Generator,
+        cancel: threading.Event | None,
+    ) -> Iterator[list[_Row]]:
+        """Draft k tokens with the small models, verify them with one base forward, repeat.
+
+        Invariant between rounds: every small model has read all emitted tokens and holds
+        next-position logits; the base has read all but `pending`, which it reads together
+        with the next round's drafts (one base forward per round).
+        """
+        greedy = options.temperature == 0.0
+
+        def transform(lp: torch.Tensor) -> torch.Tensor:
+            if greedy:
+                return lp
+            return sampling_logprobs(lp, options.temperature, options.top_k, options.top_p)
+
+        small = sorted({i for pair in self._pairs for i in pair})
+        small_logits = {i: logits[i] for i in small}  # each [1, V]
+        base_logits: torch.Tensor | None = logits[self._base]  # valid while nothing is pending
+        pending: int | None = None
+        while True:
+            k_round = max(0, min(k, row.token_budget - len(row.text.token_ids) - 1))
+            # draft: the fine-tuning-scale models propose k_round tokens, one at a time
+            history = [small_logits]
+            drafts: list[int] = []
+            draft_lps = []
+            for _ in range(k_round):
+                q = transform(self._draft_logprobs(history[-1], weights))  # [1, V]
+                token = int(sample_tokens(q, 0.0 if greedy else 1.0, generator=generator))
+                drafts.append(token)
+                draft_lps.append(q[0])
+                step = torch.tensor([[token]])
+                history.append({i: self._feed(i, states[i], step)[:, -1] for i in small})
+            # verify: the base scores pending + drafts in one forward
+            base_inputs = ([pending] if pending is not None else []) + drafts
+            base_rows = [] if base_logits is None else [base_logits]
+            if base_inputs:
+                out = self._feed(self._base, states[self._base], torch.tensor([base_inputs]),
+                                 keep=len(base_inputs))  # [1, n, V]
+                base_rows += [out[:, j] for j in range(out.shape[1])]
+            targets = torch.cat([
+                transform(compose_logprobs(
+                    base_rows[j],
+                    [history[j][f] for f, _ in self._pairs],
+                    [history[j][r] for _, r in self._pairs],
+                    weights,
+                    options.conservative_top_p,
+                ))
+                for j in range(k_round + 1)
+            ])  # [k_round + 1, V]
+            draft_stack = torch.stack(draft_lps) if draft_lps else targets[:0]
+            emitted = accept_draft(targets, draft_stack, drafts, greedy, generator)
+            rejected = k_round - (len(emitted) - 1)
+            for i in [*small, self._base]:  # roll every context back to the accepted prefix
+                self._rewind(states[i], rejected)
+            for token in emitted:
+                self._stop_check(row, token)
+                if row.finished:
+                    break
+            yield [row]
+            if row.finished or (cancel is not None and cancel.is_set()):
+                return
+            pending = emitted[-1]
+            base_logits = None
+            step = torch.tensor([[pending]])
+            small_logits = {i: self._feed(i, states[i], step)[:, -1] for i in small}
+
     # ------------------------------------------------------------------ public API
 
     def generate(
@@ -532,6 +672,7 @@ class EFTDecoder:
         conservative_top_p: float | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        speculative_k: int | None = None,
         *,
         base_prompt: Prompt | Sequence[Prompt] | None = None,
         constraints: Sequence[TokenConstraint | None] | TokenConstraint | None = None,
@@ -544,6 +685,9 @@ class EFTDecoder:
         and reference models a different rendering of the prompt (e.g. plain text while the
         fine-tuned models read the chat template); generated tokens extend every view.
         `constraints` restricts tokens per prompt (see `constraints.TokenConstraint`).
+        `speculative_k=k` drafts k tokens per round with the behaviors' (small) models and
+        verifies them with one base forward; the output distribution is exactly EFT's (greedy:
+        the same tokens). One prompt at a time, without constraints.
         Setting `cancel` stops decoding after the current token.
         """
         options = GenerationOptions(max_new_tokens, temperature, top_p, top_k,
@@ -553,7 +697,8 @@ class EFTDecoder:
         )
         rows: list[_Row] = []
         for step_rows in self._decode_loop(chat_ids, base_ids, weight_tensor, options,
-                                           _per_row(constraints, len(chat_ids)), cancel):
+                                           _per_row(constraints, len(chat_ids)), cancel,
+                                           speculative_k):
             rows = step_rows
         results = [
             GenerationResult(
@@ -578,6 +723,7 @@ class EFTDecoder:
         conservative_top_p: float | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        speculative_k: int | None = None,
         *,
         base_prompt: Prompt | None = None,
         constraint: TokenConstraint | None = None,
@@ -592,7 +738,8 @@ class EFTDecoder:
             raise ValueError("stream() takes one prompt; use generate() for a list")
         chat_ids, base_ids, _, weight_tensor, _ = self._prepare(prompt, base_prompt, weights)
         loop = self._decode_loop(chat_ids, base_ids, weight_tensor, options,
-                                 [constraint], cancel)
+                                 [constraint] if constraint is not None else None, cancel,
+                                 speculative_k)
         with contextlib.closing(loop):
             for (row,) in loop:
                 if row.finished:
