@@ -94,6 +94,7 @@ class ToolCallChunk:
     id: str | None
     name: str | None
     arguments: str | None  # JSON text of the arguments
+    error: str | None = None  # set when the call could not be read (an invalid tool call)
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,7 @@ def _chunk(index: int, call: ToolCall | InvalidToolCall) -> ToolCallChunk:
     if isinstance(call, ToolCall):
         return ToolCallChunk(index, call.id, call.name,
                              json.dumps(call.arguments, ensure_ascii=False))
-    return ToolCallChunk(index, call.id or new_call_id(), call.name, call.arguments)
+    return ToolCallChunk(index, call.id or new_call_id(), call.name, call.arguments, call.error)
 
 
 # ------------------------------------------------------------------------------ API

@@ -97,7 +97,7 @@ class GrammarConstraint:
 
         With `budget` (the most tokens the decoder will sample), the last `reserve` tokens
         run in closing mode: among the tokens the grammar allows, end-of-sequence is preferred,
-        then tokens that close a string, then brackets, then punctuation and digits, so a
+        then tokens that close a string, then brackets, then separators, then digits, so a
         weak model still closes its JSON in time. `arm_after` delays closing mode until that
         text has been generated (e.g. `<tool_call>` when free text comes first).
         """
@@ -174,6 +174,7 @@ def _closing_tokens(tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, ...]
             tiers = [
                 torch.tensor([t.startswith('"') and set(t) <= set('"}]') for t in texts]),
                 torch.tensor([bool(t) and set(t) <= set("}]") for t in texts]),
+                torch.tensor([bool(t) and set(t) <= set(",: ") for t in texts]),
                 torch.tensor([bool(t) and set(t) <= set('"}],: 0123456789') for t in texts]),
             ]
             per_tokenizer[vocab_size] = tuple(tiers)

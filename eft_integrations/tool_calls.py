@@ -293,7 +293,11 @@ def parse_call(
     """One `<tool_call>` body -> a call; `tools` maps names to normalized tool dicts."""
     text = raw.strip()
     try:
-        payload = json.loads(text)
+        payload, end = json.JSONDecoder().raw_decode(text)
+        rest = text[end:].strip()
+        # a call cut inside its closing tag (length limit) is still a complete call
+        if rest and not TOOL_CALL_CLOSE.startswith(rest):
+            raise json.JSONDecodeError("extra text after the call", text, end)
     except json.JSONDecodeError as error:
         return InvalidToolCall(None, _guess_name(text), text, f"not valid JSON: {error}")
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):

@@ -1,0 +1,597 @@
+"""LangChain chat model over an EFT decoder: `ChatEFT(BaseChatModel)`.
+
+    from eft_integrations.langchain import ChatEFT
+    chat = ChatEFT(decoder=decoder, weights={"helpful": 0.5, "harmless": 0.5}, temperature=0)
+    chat.invoke("Hi", weights={"helpful": 1.0, "harmless": 0.0})   # per-call weights
+    chat.bind_tools([get_weather], tool_choice="any").invoke("Weather in Paris?")
+    chat.with_structured_output(Joke).invoke("Tell me a joke")
+
+The adapter only translates LangChain messages and tools to the plain dicts of
+`eft_integrations.chat` and back; decoding, tool-call grammars and parsing live in the core.
+`_stream` is the one decoding path (`_generate` aggregates it); the async twins run the
+decoder on a worker thread; `batch` / `abatch` decode all inputs as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.language_models.chat_models import (
+    BaseChatModel,
+    agenerate_from_stream,
+    generate_from_stream,
+)
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableMap,
+    RunnablePassthrough,
+)
+from langchain_core.runnables.config import get_config_list
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from . import chat as core
+from .decoder import EFTDecoder
+
+__all__ = ["ChatEFT"]
+
+# per-call options that go to the decoder, with the field they default to
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "conservative_top_p")
+_CHAT_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+
+# decoders loaded from from_pretrained arguments, shared by every ChatEFT built with them
+_LOADED: dict[str, EFTDecoder] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+class ChatEFT(BaseChatModel):
+    """Chat with an emulated fine-tuned model (EFT): base + weighted behavior deltas.
+
+    Give a shared `decoder` (loaded once, reused by many chat models), or the arguments of
+    `EFTDecoder.from_pretrained` (`base`, `behaviors`, ...): the models then load lazily on
+    first use, so building a `ChatEFT` is cheap. Every sampling field, and `weights`, can be
+    given per call (`invoke(..., weights=...)`, `bind(...)`, `configurable_fields`).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    decoder: EFTDecoder | None = Field(default=None, exclude=True)
+    """A loaded `EFTDecoder` to share; when None, one is loaded from `base` / `behaviors`."""
+    base: Any = None
+    """Base model for `EFTDecoder.from_pretrained` (hub id, path, ModelSpec or model)."""
+    behaviors: dict[str, Any] | None = None
+    """Behaviors for `EFTDecoder.from_pretrained`: name -> Behavior or (finetuned, reference)."""
+    default_weights: dict[str, float] | None = None
+    """Default behavior weights of a decoder loaded here (None: every behavior at 1.0)."""
+    dtype: Any = "auto"
+    """torch dtype of models loaded here ("auto" keeps the checkpoint's)."""
+    device_map: Any = None
+    """transformers device_map of models loaded here."""
+    chat_template: str | None = None
+    """Chat template override for a decoder loaded here."""
+    model_name: str | None = Field(default=None, alias="model")
+    """Name reported in response metadata and traces (default: the decoder's model_name)."""
+    weights: dict[str, float] | None = None
+    """Behavior weights, e.g. {"helpful": 0.3, "harmless": 0.7}; None takes the defaults."""
+    temperature: float = 0.7
+    """Sampling temperature of the composed distribution; 0 decodes greedily."""
+    max_tokens: int | None = 256
+    """Most tokens to generate (None: the decoder's default)."""
+    top_p: float = 1.0
+    """Nucleus sampling over the composed distribution; 1 disables it."""
+    top_k: int = 0
+    """Keep only the k most likely composed tokens; 0 disables it."""
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Stop strings (trimmed from the output); per-call `stop` adds to them."""
+    seed: int | None = None
+    """Seed of each call's random generator; same seed, same samples."""
+    conservative_top_p: float | None = None
+    """EFT paper 4.4: re-weight only tokens in the top-p set of the fine-tuning-scale model."""
+    streaming: bool = False
+    """Whether `invoke` streams internally (callbacks then see every token)."""
+    max_string_length: int | None = 256
+    """Cap on free strings inside constrained tool calls and structured output, so that
+    forced JSON always closes within `max_tokens` (None: no cap)."""
+
+    _loaded: EFTDecoder | None = PrivateAttr(default=None)
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def _llm_type(self) -> str:
+        return "eft"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self._reported_model_name(),
+            "weights": self.weights,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "conservative_top_p": self.conservative_top_p,
+        }
+
+    def _reported_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.decoder is not None or self._loaded is not None:
+            return self._get_decoder().model_name
+        return str(self.base) if self.base is not None else "eft"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "ls_provider": "eft",
+            "ls_model_name": self._reported_model_name(),
+            "ls_model_type": "chat",
+            "ls_temperature": kwargs.get("temperature", self.temperature),
+        }
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        stops = self._stops(stop)
+        if stops:
+            params["ls_stop"] = stops
+        return params
+
+    # ------------------------------------------------------------------ decoder
+
+    def _get_decoder(self) -> EFTDecoder:
+        """The shared decoder, or one loaded on first use from the from_pretrained args."""
+        if self.decoder is not None:
+            return self.decoder
+        if self._loaded is not None:
+            return self._loaded
+        if self.base is None:
+            raise ValueError(
+                "ChatEFT needs decoder=EFTDecoder(...) or base=... (and behaviors=...) "
+                "to load one with EFTDecoder.from_pretrained"
+            )
+        args = {
+            "base": self.base, "behaviors": self.behaviors or {},
+            "default_weights": self.default_weights, "dtype": self.dtype,
+            "device_map": self.device_map, "chat_template": self.chat_template,
+        }
+        # copies made by bind / configurable_fields share the models: one load per arguments
+        key = repr(sorted(args.items()))
+        with _LOAD_LOCK:
+            if key not in _LOADED:
+                _LOADED[key] = EFTDecoder.from_pretrained(**args)
+            self._loaded = _LOADED[key]
+        return self._loaded
+
+    # ------------------------------------------------------------------ options
+
+    def _stops(self, stop: Sequence[str] | None) -> list[str]:
+        return [*(self.stop or []), *(stop or [])]
+
+    def _call_options(self, stop: Sequence[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Per-call options for the core: fields, overridden by invoke/bind kwargs."""
+        kwargs = dict(kwargs)
+        options: dict[str, Any] = {
+            name: kwargs.pop(name, getattr(self, name)) for name in _SAMPLING_FIELDS
+        }
+        options["weights"] = kwargs.pop("weights", self.weights)
+        max_tokens = kwargs.pop("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            options["max_new_tokens"] = max_tokens
+        options["stop"] = self._stops(stop) or None
+        options["max_string_length"] = kwargs.pop("max_string_length", self.max_string_length)
+        for name in _CHAT_KWARGS:
+            if name in kwargs:
+                options[name] = kwargs.pop(name)
+        kwargs.pop("model", None)  # the models are fixed at construction
+        unknown = [k for k in kwargs if not k.startswith("ls_")]
+        if unknown:
+            raise ValueError(
+                f"unknown ChatEFT call options {unknown}; known: weights, max_tokens, stop, "
+                f"{', '.join(_SAMPLING_FIELDS)}, tools, tool_choice, response_format"
+            )
+        return options
+
+    def _metadata(self, options: Mapping[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        decoder = self._get_decoder()
+        return {
+            "model_name": self._reported_model_name(),
+            "model_provider": "eft",
+            "finish_reason": finish_reason,
+            "weights": core.resolved_weights(decoder, options.get("weights")),
+        }
+
+    # ------------------------------------------------------------------ decoding
+
+    def _chunk(self, delta: core.ChatDelta, options: Mapping[str, Any]) -> ChatGenerationChunk:
+        chunks = [
+            tool_call_chunk(name=c.name, args=c.arguments, id=c.id, index=c.index)
+            for c in delta.tool_call_chunks
+        ]
+        message = AIMessageChunk(content=delta.content, tool_call_chunks=chunks)
+        info: dict[str, Any] = {}
+        if delta.finish_reason is not None:
+            message.response_metadata = self._metadata(options, delta.finish_reason)
+            message.chunk_position = "last"
+            if delta.usage is not None:
+                message.usage_metadata = _usage(delta.usage)
+            info["finish_reason"] = delta.finish_reason
+        errors = {c.id: c.error for c in delta.tool_call_chunks if c.error is not None}
+        if errors:  # LangChain re-parses chunk args leniently; _generate restores these
+            info[_INVALID_KEY] = errors
+        return ChatGenerationChunk(message=message, generation_info=info or None)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        options = self._call_options(stop, kwargs)
+        decoder = self._get_decoder()
+        cancel = threading.Event()
+        deltas = core.stream_chat(decoder, _to_core_messages(messages), cancel=cancel, **options)
+        try:
+            for delta in deltas:
+                chunk = self._chunk(delta, options)
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(delta.content, chunk=chunk)
+                yield chunk
+        finally:
+            cancel.set()  # a consumer that stops early stops decoding
+            deltas.close()
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        options = self._call_options(stop, kwargs)
+        decoder = await asyncio.to_thread(self._get_decoder)  # loading must not block the loop
+        deltas = core.astream_chat(decoder, _to_core_messages(messages), **options)
+        try:
+            async for delta in deltas:
+                chunk = self._chunk(delta, options)
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(delta.content, chunk=chunk)
+                yield chunk
+        finally:
+            await deltas.aclose()
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return _mark_invalid(
+            generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        )
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return _mark_invalid(
+            await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        )
+
+    # ------------------------------------------------------------------ batching
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Answer every input in ONE batched decode (not one decode per input).
+
+        `weights` may be a list of dicts, one per input (per-row weights)."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        conversations = [self._convert_input(i).to_messages() for i in inputs]
+        stop = kwargs.pop("stop", None)
+        structured = kwargs.pop("ls_structured_output_format", None)
+        row_weights = kwargs.get("weights")
+        per_row = isinstance(row_weights, Sequence) and not isinstance(row_weights, Mapping)
+        run_managers = []
+        for index, (cfg, messages) in enumerate(zip(configs, conversations, strict=True)):
+            call_kwargs = {**kwargs, "weights": row_weights[index]} if per_row else kwargs
+            manager = CallbackManager.configure(
+                cfg.get("callbacks"), self.callbacks, self.verbose, cfg.get("tags"),
+                self.tags, {**(cfg.get("metadata") or {}),
+                            **self._get_ls_params(stop=stop, **call_kwargs)},
+                self.metadata,
+            )
+            options = {"stop": stop}
+            if structured:
+                options["ls_structured_output_format"] = {
+                    "kwargs": structured.get("kwargs", {}),
+                    "schema": convert_to_json_schema(structured["schema"]),
+                }
+            (run_manager,) = manager.on_chat_model_start(
+                self._serialized, [messages],
+                invocation_params=self._get_invocation_params(stop=stop, **call_kwargs),
+                options=options, name=cfg.get("run_name"), run_id=cfg.get("run_id"),
+                batch_size=len(inputs),
+            )
+            run_managers.append(run_manager)
+        try:
+            options = self._call_options(stop, kwargs)
+            results = core.chat_batch(
+                self._get_decoder(), [_to_core_messages(m) for m in conversations], **options
+            )
+        except Exception as error:
+            for run_manager in run_managers:
+                run_manager.on_llm_error(error)
+            if return_exceptions:
+                return [error] * len(inputs)
+            raise
+        messages_out = []
+        for index, (result, run_manager) in enumerate(zip(results, run_managers, strict=True)):
+            row = {**options, "weights": row_weights[index]} if per_row else options
+            message = self._message(result, row)
+            run_manager.on_llm_end(LLMResult(generations=[[ChatGeneration(message=message)]]))
+            messages_out.append(message)
+        return messages_out
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """`batch` on a worker thread: one batched decode, the event loop stays free."""
+        return await asyncio.to_thread(
+            self.batch, inputs, config, return_exceptions=return_exceptions, **kwargs
+        )
+
+    def _message(self, result: core.ChatResult, options: Mapping[str, Any]) -> AIMessage:
+        return AIMessage(
+            content=result.content,
+            tool_calls=[
+                {"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"}
+                for c in result.tool_calls
+            ],
+            invalid_tool_calls=[
+                {"name": c.name, "args": c.arguments, "id": c.id, "error": c.error,
+                 "type": "invalid_tool_call"}
+                for c in result.invalid_tool_calls
+            ],
+            usage_metadata=_usage(result.usage),
+            response_metadata={
+                **self._metadata(options, result.finish_reason), "weights": result.weights
+            },
+        )
+
+    # ------------------------------------------------------------------ tools
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (pydantic models, functions, LangChain tools or OpenAI dicts).
+
+        tool_choice: None / "auto" (the model decides; once it opens a call, the call is
+        constrained to a valid one), "none", "any" / "required" / True (a call is forced), or
+        a tool name (that tool is forced)."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        names = [t["function"]["name"] for t in formatted]
+        if isinstance(tool_choice, dict):
+            tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get(
+                "name")
+        if tool_choice is True:
+            tool_choice = "any"
+        if tool_choice is False:
+            tool_choice = None
+        if tool_choice not in (None, "auto", "none", "any", "required", *names):
+            raise ValueError(
+                f"tool_choice must be auto, none, any, required or one of {names}, "
+                f"got {tool_choice!r}"
+            )
+        bound: dict[str, Any] = {"tools": formatted, **kwargs}
+        if tool_choice is not None:
+            bound["tool_choice"] = tool_choice
+        if parallel_tool_calls is not None:
+            bound["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(**bound)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Answers parsed into `schema` (pydantic model, TypedDict or JSON schema).
+
+        json_schema: the whole answer is constrained to the schema. function_calling: a forced
+        tool call whose arguments follow the schema. json_mode: any JSON object (describe the
+        keys in the prompt). Also works when streaming (partial objects)."""
+        kwargs.pop("strict", None)  # constrained decoding is always strict
+        if kwargs:
+            raise ValueError(f"unexpected arguments {sorted(kwargs)}")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        structured = {"kwargs": {"method": method}, "schema": schema}
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, parallel_tool_calls=False,
+                                  ls_structured_output_format=structured)
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                json_schema = convert_to_json_schema(schema)
+                response_format = {"type": "json_schema", "schema": json_schema}
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format,
+                            ls_structured_output_format=structured)
+            parser = (
+                PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                if is_pydantic
+                else JsonOutputParser()
+            )
+        else:
+            raise ValueError(
+                f"method must be json_schema, function_calling or json_mode, got {method!r}"
+            )
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        ).with_fallbacks(
+            [RunnablePassthrough.assign(parsed=lambda _: None, parsing_error=lambda x: None)],
+            exception_key="parsing_error",
+        )
+        return RunnableMap(raw=llm) | parsed
+
+
+# ---------------------------------------------------------------------------- translation
+
+
+_INVALID_KEY = "eft_invalid_tool_calls"
+
+
+def _mark_invalid(result: ChatResult) -> ChatResult:
+    """Calls the core could not read stay invalid in the aggregated message (LangChain's
+    lenient partial-JSON parse of chunk arguments would otherwise accept some of them)."""
+    generation = result.generations[0]
+    errors = (generation.generation_info or {}).pop(_INVALID_KEY, None)
+    if not errors:
+        return result
+    message = generation.message
+    keep = [c for c in message.tool_calls if c.get("id") not in errors]
+    invalid = [
+        c for c in message.invalid_tool_calls if c.get("id") not in errors
+    ] + [
+        {"name": c.get("name"), "args": _raw_args(c), "id": c.get("id"),
+         "error": errors[c.get("id")], "type": "invalid_tool_call"}
+        for c in [*message.tool_calls, *message.invalid_tool_calls] if c.get("id") in errors
+    ]
+    generation.message = AIMessage(
+        content=message.content, tool_calls=keep, invalid_tool_calls=invalid,
+        usage_metadata=message.usage_metadata, response_metadata=message.response_metadata,
+        id=message.id,
+    )
+    return result
+
+
+def _raw_args(call: Mapping[str, Any]) -> str | None:
+    args = call.get("args")
+    return args if isinstance(args, str) or args is None else json.dumps(args)
+
+
+def _usage(usage: Any) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=usage.prompt_tokens,
+        output_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
+
+
+def _text(content: Any) -> str:
+    """Message content as text: strings as they are, text blocks joined, other blocks JSON."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content or []:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
+            continue  # rendered from message.tool_calls
+        elif isinstance(block, dict) and block.get("type") in ("image", "image_url", "audio",
+                                                               "file", "video"):
+            raise ValueError(
+                f"ChatEFT reads text only; got a {block['type']!r} content block"
+            )
+        else:
+            parts.append(json.dumps(block, ensure_ascii=False))
+    return "".join(parts)
+
+
+def _to_core_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages -> Hugging Face chat-template dicts."""
+    converted: list[dict[str, Any]] = []
+    for message in messages:
+        if isinstance(message, SystemMessage):
+            item: dict[str, Any] = {"role": "system", "content": _text(message.content)}
+        elif isinstance(message, HumanMessage):
+            item = {"role": "user", "content": _text(message.content)}
+        elif isinstance(message, AIMessage):
+            item = {"role": "assistant", "content": _text(message.content)}
+            if message.tool_calls:
+                item["tool_calls"] = [
+                    {"id": call.get("id"), "type": "function",
+                     "function": {"name": call["name"], "arguments": call.get("args", {})}}
+                    for call in message.tool_calls
+                ]
+        elif isinstance(message, ToolMessage):
+            content = _text(message.content)
+            if getattr(message, "status", "success") == "error":
+                content = f"Error: {content}"
+            item = {"role": "tool", "content": content, "tool_call_id": message.tool_call_id}
+            if message.name:
+                item["name"] = message.name
+        elif isinstance(message, ChatMessage):
+            item = {"role": message.role, "content": _text(message.content)}
+        else:
+            raise ValueError(f"ChatEFT cannot render a {type(message).__name__}")
+        if message.name and "name" not in item:
+            item["name"] = message.name
+        converted.append(item)
+    return converted

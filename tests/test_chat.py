@@ -1,0 +1,354 @@
+"""The framework-free chat core: parsing, casting, fallback prompt, constraints, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import jsonschema
+import pytest
+
+from eft_integrations import chat as core
+from eft_integrations.chat import (
+    FALLBACK_TOOL_PROMPT,
+    ChatResult,
+    ToolCall,
+    prepare_chat,
+    template_supports_tools,
+)
+from eft_integrations.constraints import GrammarConstraint
+from eft_integrations.tool_calls import (
+    InvalidToolCall,
+    ToolCallParser,
+    bounded_schema,
+    cast_arguments,
+    normalize_tools,
+    tool_call_grammar,
+)
+
+from .chat_family import chat_decoder
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer"},
+                "detailed": {"type": "boolean"},
+                "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}},
+                "where": {"anyOf": [{"$ref": "#/$defs/Point"}, {"type": "null"}]},
+            },
+            "required": ["city", "days"],
+            "$defs": {
+                "Point": {"type": "object", "properties": {"lat": {"type": "number"}},
+                          "required": ["lat"]},
+            },
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                          "b": {"type": "integer"}},
+                       "required": ["a", "b"]},
+    },
+}
+NO_ARGS = {"type": "function", "function": {"name": "ping", "description": "Ping",
+                                            "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [WEATHER, ADD, NO_ARGS]
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+JOKE = {
+    "type": "object",
+    "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"},
+                   "rating": {"type": "integer"}},
+    "required": ["setup", "punchline"],
+}
+
+
+def _validate_call(call: ToolCall) -> None:
+    tool = {t["function"]["name"]: t for t in TOOLS}[call.name]
+    jsonschema.validate(call.arguments, tool["function"]["parameters"])
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def test_parser_reads_content_calls_and_casts_arguments():
+    text = (
+        "Let me check.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris", "days": "3", '
+        '"detailed": "true", "where": {"lat": "48"}}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2.0}"}\n</tool_call>'
+    )
+    parser = ToolCallParser(TOOLS)
+    content, calls = parser.feed(text)
+    tail, more = parser.finish()
+    calls += more
+    assert content + tail == "Let me check."
+    assert [c.name for c in calls] == ["get_weather", "add"]
+    assert calls[0].arguments == {"city": "Paris", "days": 3, "detailed": True,
+                                  "where": {"lat": 48}}
+    assert calls[1].arguments == {"a": 1, "b": 2}  # double-encoded arguments, 2.0 -> 2
+    assert len({c.id for c in calls}) == 2
+    assert all(c.id.startswith("call_") for c in calls)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ('{"name": "get_weather", "arguments": {"city": ', "not valid JSON"),
+        ('{"name": "nope", "arguments": {}}', "unknown tool"),
+        ('["get_weather"]', "a call is"),
+        ('{"name": "add", "arguments": [1, 2]}', "must be an object"),
+    ],
+)
+def test_unreadable_calls_become_invalid_tool_calls(body, error):
+    parser = ToolCallParser(TOOLS)
+    parser.feed(f"<tool_call>\n{body}\n</tool_call>")
+    parser.finish()
+    (call,) = parser.calls
+    assert isinstance(call, InvalidToolCall)
+    assert error in call.error
+
+
+def test_call_cut_inside_its_closing_tag_is_complete():
+    parser = ToolCallParser(TOOLS)
+    parser.feed('<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_')
+    _, calls = parser.finish()
+    assert calls == [ToolCall(calls[0].id, "ping", {})]
+
+
+def test_parser_fed_token_by_token_equals_whole_text():
+    text = ("Sure <tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n"
+            "</tool_call> and then <tool")
+    whole = ToolCallParser(TOOLS)
+    content = whole.feed(text)[0] + whole.finish()[0]
+    pieces = ToolCallParser(TOOLS)
+    streamed = "".join(pieces.feed(ch)[0] for ch in text) + pieces.finish()[0]
+    assert content == streamed == "Sure and then <tool"
+    assert [c.arguments for c in whole.calls] == [c.arguments for c in pieces.calls]
+
+
+def test_cast_arguments_follows_the_schema():
+    schema = WEATHER["function"]["parameters"]
+    assert cast_arguments({"days": 2.0, "city": 7, "tags": [1, "x"]}, schema) == {
+        "days": 2, "city": "7", "tags": ["1", "x"]
+    }
+    assert cast_arguments({"where": None}, schema) == {"where": None}
+    assert cast_arguments({"days": "two"}, schema) == {"days": "two"}  # left as it is
+
+
+def test_bounded_schema_only_narrows():
+    bounded = bounded_schema(WEATHER["function"]["parameters"], max_string_length=16)
+    assert bounded["additionalProperties"] is False
+    assert bounded["properties"]["city"]["maxLength"] == 16
+    assert bounded["properties"]["tags"]["items"]["maxLength"] == 8  # kept
+    assert bounded["$defs"]["Point"]["additionalProperties"] is False
+    assert "maxLength" not in bounded["properties"]["unit"]
+
+
+def test_tool_choice_is_validated():
+    decoder = chat_decoder()
+    with pytest.raises(ValueError, match="tool_choice"):
+        prepare_chat(decoder, USER, tools=TOOLS, tool_choice="nope")
+    with pytest.raises(ValueError, match="needs tools"):
+        prepare_chat(decoder, USER, tool_choice="any")
+    with pytest.raises(ValueError, match="a tool is a dict"):
+        normalize_tools([{"type": "function"}])
+
+
+# ------------------------------------------------------------------------------ rendering
+
+HISTORY = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Add 1 and 2"},
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"id": "call_1", "type": "function",
+                     "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+    {"role": "tool", "content": "3", "tool_call_id": "call_1", "name": "add"},
+]
+
+
+def test_template_without_tools_gets_the_fallback_prompt():
+    decoder = chat_decoder()
+    assert not template_supports_tools(decoder)
+    prompt = prepare_chat(decoder, HISTORY, tools=TOOLS).prompt
+    assert FALLBACK_TOOL_PROMPT.splitlines()[0] in prompt
+    assert '"name": "get_weather"' in prompt
+    assert prompt.index("Be brief.") < prompt.index("You can call")  # one system message
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in prompt
+    assert "<tool_response>\n3\n</tool_response>" in prompt
+
+
+def test_template_with_tools_renders_them_natively():
+    decoder = chat_decoder(tools_template=True)
+    assert template_supports_tools(decoder)
+    prompt = prepare_chat(decoder, HISTORY, tools=TOOLS).prompt
+    assert "# Tools" in prompt
+    assert "You can call" not in prompt
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in prompt
+    assert "<tool_response>\n3\n</tool_response>" in prompt
+
+
+def test_tool_choice_none_renders_no_tools_and_parses_none():
+    request = prepare_chat(chat_decoder(), USER, tools=TOOLS, tool_choice="none")
+    assert "get_weather" not in request.prompt
+    assert request.grammar is None and not request.parse_tools
+
+
+# ------------------------------------------------------------------------------ constraints
+
+
+def test_grammar_mask_is_a_bool_vector_over_the_vocabulary():
+    decoder = chat_decoder()
+    grammar = tool_call_grammar(normalize_tools(TOOLS), forced=False)
+    constraint = GrammarConstraint.from_lark(
+        decoder.tokenizer, grammar, eos_token_ids=sorted(decoder.eos_token_ids)
+    )
+    mask = constraint.allowed_mask(decoder.vocab_size)
+    assert mask.dtype.is_floating_point is False and mask.shape == (decoder.vocab_size,)
+    eos = min(decoder.eos_token_ids)
+    assert mask[eos]  # free text may end
+    for token in decoder.tokenizer("Hi <tool_call>\n", add_special_tokens=False)["input_ids"]:
+        assert constraint.allowed_mask(decoder.vocab_size)[token]
+        constraint.advance(token)
+    allowed = constraint.allowed_mask(decoder.vocab_size).nonzero().flatten().tolist()
+    assert allowed and all(decoder.tokenizer.decode([t]).startswith("{") for t in allowed)
+
+
+@pytest.mark.parametrize("tools_template", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forced_calls_validate_on_random_models(tools_template, seed):
+    decoder = chat_decoder(tools_template)
+    for choice in ("any", "get_weather", "ping"):
+        result = core.chat(decoder, USER, tools=TOOLS, tool_choice=choice,
+                           temperature=1.0, seed=seed, max_new_tokens=160)
+        assert result.finish_reason == "tool_calls", result
+        assert not result.invalid_tool_calls
+        (call,) = result.tool_calls if choice != "any" else result.tool_calls[:1]
+        if choice != "any":
+            assert call.name == choice
+        for call in result.tool_calls:
+            _validate_call(call)
+
+
+def test_a_tight_budget_still_closes_the_call():
+    # the shortest call is ~70 tokens in this tiny vocabulary; closing mode starts at once
+    result = core.chat(chat_decoder(), USER, tools=[ADD], tool_choice="add",
+                       temperature=1.0, seed=3, max_new_tokens=90)
+    assert result.finish_reason == "tool_calls", result
+    _validate_call(result.tool_calls[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_response_format_constrains_the_whole_answer(seed):
+    decoder = chat_decoder()
+    result = core.chat(decoder, USER, response_format={"type": "json_schema", "schema": JOKE},
+                       temperature=1.0, seed=seed, max_new_tokens=160)
+    assert result.finish_reason == "stop"
+    jsonschema.validate(json.loads(result.content), JOKE)
+    anything = core.chat(decoder, USER, response_format={"type": "json_object"},
+                         temperature=1.0, seed=seed, max_new_tokens=120)
+    assert isinstance(json.loads(anything.content), dict)
+
+
+# ------------------------------------------------------------------------------ streaming
+
+
+def _reassemble(deltas: list[core.ChatDelta]) -> tuple[str, dict[int, dict]]:
+    content = "".join(d.content for d in deltas)
+    calls: dict[int, dict] = {}
+    for delta in deltas:
+        for chunk in delta.tool_call_chunks:
+            call = calls.setdefault(chunk.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = call["id"] or chunk.id
+            call["name"] += chunk.name or ""
+            call["arguments"] += chunk.arguments or ""
+    return content, calls
+
+
+def test_stream_chunks_reassemble_to_the_chat_result():
+    decoder = chat_decoder()
+    options = {"tools": TOOLS, "tool_choice": "required", "temperature": 1.0, "seed": 5,
+               "max_new_tokens": 160}
+    result = core.chat(decoder, USER, **options)
+    deltas = list(core.stream_chat(decoder, USER, **options))
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert deltas[-1].finish_reason == result.finish_reason == "tool_calls"
+    assert deltas[-1].usage == result.usage
+    content, calls = _reassemble(deltas)
+    assert content == result.content
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        (c.name, c.arguments) for c in result.tool_calls
+    ]
+
+
+def test_plain_stream_equals_plain_chat():
+    decoder = chat_decoder()
+    result = core.chat(decoder, USER, temperature=0.0, max_new_tokens=24)
+    deltas = list(core.stream_chat(decoder, USER, temperature=0.0, max_new_tokens=24))
+    assert "".join(d.content for d in deltas) == result.content
+    assert deltas[-1].finish_reason == result.finish_reason
+    assert result.weights == {"chat": 1.0, "safe": 1.0}
+
+
+def test_chat_batch_is_one_batched_decode():
+    decoder = chat_decoder()
+    conversations = [USER, [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]]
+    weights = [{"chat": 0.0}, {"chat": 1.0}, {"chat": 2.0}]
+    before = decoder.forward_calls
+    results = core.chat_batch(decoder, conversations, weights=weights, temperature=0.0,
+                              max_new_tokens=12)
+    forwards = decoder.forward_calls - before
+    assert [r.weights["chat"] for r in results] == [0.0, 1.0, 2.0]
+    assert all(isinstance(r, ChatResult) for r in results)
+    # 4 distinct models, one prefill and at most 11 decode steps for the whole batch
+    assert forwards <= 4 * 12
+    forced = core.chat_batch(decoder, conversations, tools=TOOLS, tool_choice="ping",
+                             temperature=1.0, seed=0, max_new_tokens=80)
+    assert [r.tool_calls[0].name for r in forced] == ["ping"] * 3
+
+
+async def test_async_chat_does_not_block_the_event_loop():
+    decoder = chat_decoder()
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(ticker())
+    start = time.perf_counter()
+    result = await core.achat(decoder, USER, tools=TOOLS, tool_choice="ping",
+                              temperature=0.0, max_new_tokens=60)
+    deltas = [d async for d in core.astream_chat(decoder, USER, temperature=0.0,
+                                                 max_new_tokens=30)]
+    elapsed = time.perf_counter() - start
+    done.set()
+    await task
+    assert result.tool_calls[0].name == "ping"
+    assert deltas[-1].finish_reason is not None
+    assert ticks >= max(3, int(elapsed / 0.005 * 0.2))  # the loop kept running meanwhile
+
+
+async def test_closing_the_async_stream_stops_decoding():
+    decoder = chat_decoder()
+    stream = core.astream_chat(decoder, USER, temperature=1.0, seed=0, max_new_tokens=400)
+    async for _ in stream:
+        break
+    await stream.aclose()
+    before = decoder.forward_calls
+    await asyncio.sleep(0.3)
+    assert decoder.forward_calls - before <= 8  # at most a step or two finish after closing
