@@ -471,7 +471,7 @@ class EFTDecoder:
         """Record one sampled token and decide whether the row is done."""
         row.new_token_ids.append(token)
         if token in self.eos_token_ids:
-            row.text.token_ids.append(token)  # part of the completion, not of its text
+            row.text.append_end_token(token)
             row.finish_reason = "stop"
             return
         row.text.append(token)

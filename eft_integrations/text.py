@@ -25,22 +25,39 @@ class CompletionText:
         self._stop = tuple(stop)
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self.token_ids: list[int] = []
-        self.text = ""
+        self._text = ""
+        self._decoded = 0  # how many of the text tokens `_text` reflects
+        self._text_tokens = 0  # tokens that belong to the text (not a trailing end token)
         self.emitted = 0
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The completion so far, decoded on demand (without special tokens)."""
+        if self._decoded != self._text_tokens and not self.stopped:
+            self._text = self._tokenizer.decode(
+                self.token_ids[: self._text_tokens], skip_special_tokens=True
+            )
+            self._decoded = self._text_tokens
+        return self._text
+
+    def append_end_token(self, token_id: int) -> None:
+        """Record an end-of-turn token: part of the completion, not of its text."""
+        self.token_ids.append(token_id)
 
     def append(self, token_id: int) -> None:
         """Add one token; sets `stopped` and trims `text` when a stop string completes."""
         self.token_ids.append(token_id)
-        previous_length = len(self.text)
-        self.text = self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        self._text_tokens = len(self.token_ids)
         if not self._stop:
-            return
+            return  # nothing to look for: decode lazily, when the text is asked for
+        previous_length = len(self._text)
         # a new match must end in the new text, so it starts at most len(stop) before it
         search_from = max(0, min(previous_length, len(self.text)) - self._longest_stop)
-        hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
+        text = self.text
+        hits = [i for s in self._stop if (i := text.find(s, search_from)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            self._text = text[: min(hits)]
             self.stopped = True
 
     def _safe_end(self) -> int:
