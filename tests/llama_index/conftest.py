@@ -8,18 +8,22 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from llama_index.core.bridge.pydantic import Field
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import LLMChatEndEvent
 
 from eft_integrations import EFTDecoder
 
 from ..tiny_models import build_tokenizer, gpt2, llama
 
-pytest.importorskip("llama_index.core")
-
 WINDOW = 2048
-"""Context window of every model of the family: room for a retrieved chunk or two."""
+"""Context window of every model of the family: room for RAG, tool and ReAct prompts
+(the tiny tokenizer spends about one token per two characters)."""
 
 
 def save_rag_family(root: Path) -> dict[str, Path]:
@@ -56,3 +60,32 @@ def rag_decoder(rag_paths) -> EFTDecoder:
         },
         dtype=torch.float32,
     )
+
+
+class LLMCalls(BaseEventHandler):
+    """Records every finished LLM chat call (messages in, last response out) through
+    LlamaIndex's instrumentation, whatever callback manager an engine gives the LLM."""
+
+    calls: list[LLMChatEndEvent] = Field(default_factory=list)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LLMCalls"
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        if isinstance(event, LLMChatEndEvent):
+            self.calls.append(event)
+
+    def prompts_and_raws(self) -> list[tuple[str, dict]]:
+        """(the messages' text, the response's raw) per call."""
+        return [("\n".join(m.content or "" for m in c.messages), c.response.raw)
+                for c in self.calls]
+
+
+@pytest.fixture()
+def llm_calls():
+    root = get_dispatcher()
+    handler = LLMCalls()
+    root.add_event_handler(handler)
+    yield handler
+    root.event_handlers.remove(handler)
