@@ -21,7 +21,7 @@ from eft_integrations import EFTDecoder
 
 from ..tiny_models import build_tokenizer, gpt2, llama
 
-WINDOW = 2048
+WINDOW = 3072
 """Context window of every model of the family: room for RAG, tool and ReAct prompts
 (the tiny tokenizer spends about one token per two characters)."""
 
