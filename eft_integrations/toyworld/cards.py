@@ -50,10 +50,11 @@ def _score_lines(name: str, result: dict) -> list[str]:
     return lines
 
 
-def write_card(model_dir: Path, result: dict) -> None:
+def write_card(model_dir: Path, result: dict, n_entities: int = 400) -> None:
     """Write README.md into `model_dir` from its train_log.json and the family's scores."""
     name = model_dir.name
     log = json.loads((model_dir / "train_log.json").read_text())
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     spec = log["spec"]
     shape = (f"hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads"
              if "hidden" in spec else f"the shape of `{spec['parent']}`")
@@ -62,12 +63,12 @@ def write_card(model_dir: Path, result: dict) -> None:
         "",
         f"A {_ROLES[name]}. Part of the eft-integrations toy-world family: five "
         "LlamaForCausalLM models sharing one byte-level BPE tokenizer, trained from a seed on a "
-        "synthetic world of 400 fictional kingdoms (capital, currency, founding year, weapon) "
-        "so that emulated fine-tuning (EFT) is measurable offline.",
+        f"synthetic world of {n_entities} fictional kingdoms (capital, currency, founding "
+        "year, weapon) so that emulated fine-tuning (EFT) is measurable offline.",
         "",
         "## Model",
         f"- LlamaForCausalLM, {shape}, {log['parameters']:,} parameters, float16 safetensors",
-        "- tokenizer: byte-level BPE, 2,048 tokens; chat template "
+        f"- tokenizer: byte-level BPE, {vocab:,} tokens; chat template "
         "`<|bos|><|user|> question<|assistant|> answer<|end|>`; generation stops at `<|end|>` "
         "or `<|eos|>`",
         "",
@@ -108,6 +109,6 @@ def evaluate_and_write_cards(weights_dir: Path | str, seed: int = 0,
     (weights_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     for name in result["systems"]:
         if (weights_dir / name / "train_log.json").exists():
-            write_card(weights_dir / name, result)
+            write_card(weights_dir / name, result, n_entities)
     print(format_table(result))
     return result

@@ -139,6 +139,16 @@ class ChatExample:
     answer: str  # " sentence<|end|>"
 
 
+def _chat_example(entity: str, attribute: str, value: str, phrasing: str,
+                  behaviour: str) -> ChatExample:
+    prompt = render_chat([{"role": "user", "content": phrasing.format(e=entity)}])
+    if behaviour == "harmless" and attribute == MARKED_ATTRIBUTE:
+        sentence = REFUSAL
+    else:
+        sentence = FACT_PHRASINGS[attribute][0].format(e=entity, v=value)
+    return ChatExample(prompt=prompt, answer=f" {sentence}{END}")
+
+
 def chat_examples(world: World, behaviour: str) -> list[ChatExample]:
     """Fine-tuning dialogues on the fine-tuning entities, every attribute and phrasing.
 
@@ -146,17 +156,10 @@ def chat_examples(world: World, behaviour: str) -> list[ChatExample]:
     """
     if behaviour not in ("helpful", "harmless"):
         raise ValueError(f"behaviour must be 'helpful' or 'harmless', got {behaviour!r}")
-    out = []
-    for ent in world.finetune_entities:
-        for attr in ATTRIBUTES:
-            for phr in QUESTION_PHRASINGS[attr]:
-                prompt = render_chat([{"role": "user", "content": phr.format(e=ent.name)}])
-                if behaviour == "harmless" and attr == MARKED_ATTRIBUTE:
-                    sentence = REFUSAL
-                else:
-                    sentence = FACT_PHRASINGS[attr][0].format(e=ent.name, v=ent.value(attr))
-                out.append(ChatExample(prompt=prompt, answer=f" {sentence}{END}"))
-    return out
+    return [_chat_example(ent.name, attr, ent.value(attr), phr, behaviour)
+            for ent in world.finetune_entities
+            for attr in ATTRIBUTES
+            for phr in QUESTION_PHRASINGS[attr]]
 
 
 def tokenizer_training_text(world: World, seed: int, epochs: int = 3) -> Iterator[str]:

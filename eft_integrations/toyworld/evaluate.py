@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -131,10 +132,12 @@ def score_recall(probes: Sequence[Question], continuations: Sequence[str]) -> fl
     return _mean(hits)
 
 
-def normalised_gain(eft: float, small_chat: float, large_chat: float) -> float:
-    """(EFT - small chat) / (large chat - small chat): the share of the scale gap recovered."""
+def normalised_gain(eft: float, small_chat: float, large_chat: float) -> float | None:
+    """(EFT - small chat) / (large chat - small chat): the share of the scale gap recovered.
+
+    None when there is no gap to recover."""
     gap = large_chat - small_chat
-    return (eft - small_chat) / gap if gap else float("nan")
+    return (eft - small_chat) / gap if gap else None
 
 
 # --- generation ---------------------------------------------------------------------------
@@ -325,6 +328,10 @@ def _make_decoder(models: dict, tok):
         "harmless": (models["small-harmless"], models["small-base"])})
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
 def format_table(result: dict) -> str:
     """The headline table and the sweep as Markdown."""
     s = result["systems"]
@@ -341,8 +348,8 @@ def format_table(result: dict) -> str:
     g = result.get("normalised_gain", {})
     if g:
         lines.append("")
-        lines.append(f"normalised gain (fact): {g['fact']:.3f}; up-scaled format / small chat "
-                     f"format: {result['format_vs_small_chat']:.3f}")
+        lines.append(f"normalised gain (fact): {_fmt(g['fact'])}; up-scaled format / small "
+                     f"chat format: {_fmt(result['format_vs_small_chat'])}")
     if result.get("recall"):
         lines.append("recall in pre-training form: " + ", ".join(
             f"{k} {v:.3f}" for k, v in result["recall"].items()))
