@@ -98,7 +98,8 @@ class GrammarConstraint:
         With `budget` (the most tokens the decoder will sample), the last `reserve` tokens
         run in closing mode: among the tokens the grammar allows, end-of-sequence is preferred,
         then tokens that close a string, then brackets, then separators, then digits, so a
-        weak model still closes its JSON in time. `arm_after` delays closing mode until that
+        weak model still closes its JSON in time; text the grammar dictates (keys, tags) is
+        then spelled with the longest allowed tokens. `arm_after` delays closing mode until that
         text has been generated (e.g. `<tool_call>` when free text comes first).
         """
         import llguidance
@@ -131,10 +132,14 @@ class GrammarConstraint:
         ):
             eos = torch.zeros_like(allowed)
             eos[self._eos] = True
-            for preferred in (eos, *self._closing):
+            *tiers, lengths = self._closing
+            for preferred in (eos, *tiers):
                 narrowed = allowed & preferred[: allowed.shape[0]]
                 if bool(narrowed.any()):
                     return narrowed
+            # text the grammar dictates: the longest tokens spell it in the fewest steps
+            allowed_lengths = torch.where(allowed, lengths[: allowed.shape[0]], -1)
+            return allowed_lengths == allowed_lengths.max()
         return allowed
 
     def advance(self, token_id: int) -> None:
@@ -164,8 +169,8 @@ _CLOSING: weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, ...]]] = 
 
 
 def _closing_tokens(tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, ...]:
-    """Masks [V] of tokens that close JSON: a string (`"`, `"}`...), brackets, then JSON
-    punctuation and digits; computed once per tokenizer."""
+    """Masks [V] of tokens that close JSON: a string (`"`, `"}`...), brackets, separators,
+    digits; then every token's byte length. Computed once per tokenizer."""
     with _LL_LOCK:
         per_tokenizer = _CLOSING.setdefault(tokenizer, {})
         if vocab_size not in per_tokenizer:
@@ -176,6 +181,7 @@ def _closing_tokens(tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, ...]
                 torch.tensor([bool(t) and set(t) <= set("}]") for t in texts]),
                 torch.tensor([bool(t) and set(t) <= set(",: ") for t in texts]),
                 torch.tensor([bool(t) and set(t) <= set('"}],: 0123456789') for t in texts]),
+                torch.tensor([len(t.encode()) for t in texts]),  # byte lengths
             ]
             per_tokenizer[vocab_size] = tuple(tiers)
         return per_tokenizer[vocab_size]

@@ -156,7 +156,7 @@ class ChatEFT(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params: dict[str, Any] = {
             "ls_provider": "eft",
-            "ls_model_name": self._reported_model_name(),
+            "ls_model_name": kwargs.get("model") or self._reported_model_name(),
             "ls_model_type": "chat",
             "ls_temperature": kwargs.get("temperature", self.temperature),
         }
@@ -214,7 +214,12 @@ class ChatEFT(BaseChatModel):
         for name in _CHAT_KWARGS:
             if name in kwargs:
                 options[name] = kwargs.pop(name)
-        kwargs.pop("model", None)  # the models are fixed at construction
+        model = kwargs.pop("model", None)
+        if model is not None and model != self._reported_model_name():
+            raise ValueError(
+                f"ChatEFT cannot switch models per call (got model={model!r}); the models are "
+                "fixed when the decoder is built: use another ChatEFT"
+            )
         unknown = [k for k in kwargs if not k.startswith("ls_")]
         if unknown:
             raise ValueError(
@@ -454,8 +459,9 @@ class ChatEFT(BaseChatModel):
         """Answers parsed into `schema` (pydantic model, TypedDict or JSON schema).
 
         json_schema: the whole answer is constrained to the schema. function_calling: a forced
-        tool call whose arguments follow the schema. json_mode: any JSON object (describe the
-        keys in the prompt). Also works when streaming (partial objects)."""
+        tool call whose arguments follow the schema. json_mode: a JSON object, also
+        constrained to the schema (it is known here). Also works when streaming (partial
+        objects)."""
         kwargs.pop("strict", None)  # constrained decoding is always strict
         if kwargs:
             raise ValueError(f"unexpected arguments {sorted(kwargs)}")
@@ -472,11 +478,9 @@ class ChatEFT(BaseChatModel):
                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         elif method in ("json_schema", "json_mode"):
-            if method == "json_schema":
-                json_schema = convert_to_json_schema(schema)
-                response_format = {"type": "json_schema", "schema": json_schema}
-            else:
-                response_format = {"type": "json_object"}
+            # json_mode promises a JSON object; the schema is known here, so it constrains
+            # that object too (a weak model would otherwise miss the keys the parser needs)
+            response_format = {"type": "json_schema", "schema": convert_to_json_schema(schema)}
             llm = self.bind(response_format=response_format,
                             ls_structured_output_format=structured)
             parser = (

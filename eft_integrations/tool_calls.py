@@ -111,7 +111,8 @@ def bounded_schema(
     schema: Mapping[str, Any], max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH
 ) -> dict[str, Any]:
     """A copy of `schema` that a sampler can always finish: objects without
-    `additionalProperties` get `false` (no invented keys), and free strings get `maxLength`.
+    `additionalProperties` get `false` (no invented keys), and free strings get
+    `maxLength` (and `minLength: 1`: a forced argument is never left empty).
     Every instance of the result is an instance of the original schema."""
     schema = copy.deepcopy(dict(schema))
 
@@ -129,6 +130,8 @@ def bounded_schema(
         free_string = not ({"maxLength", "enum", "const", "pattern", "format"} & node.keys())
         if "string" in types and free_string and max_string_length is not None:
             node["maxLength"] = max_string_length
+            # closing mode would otherwise answer "" whenever the budget runs short
+            node.setdefault("minLength", 1)
         for key, value in node.items():
             if key in _NOT_SUBSCHEMAS:
                 continue
