@@ -270,7 +270,13 @@ class EFTLLM(FunctionCallingLLM):
             )
         options = {name: getattr(self, name) for name in _GENERATION_OPTIONS}
         options.update(call)
-        weights = {**(self.weights or {}), **(call.get("weights") or {})}
+        call_weights = call.get("weights")
+        if call_weights is not None and not isinstance(call_weights, Mapping):
+            raise ValueError(
+                "weights must be a dict of behavior name -> float, got "
+                f"{type(call_weights).__name__}"
+            )
+        weights = {**(self.weights or {}), **(call_weights or {})}
         options["weights"] = weights or None
         if options["speculative_k"] is None:  # only decoders that have it accept it
             del options["speculative_k"]
@@ -377,7 +383,9 @@ class EFTLLM(FunctionCallingLLM):
         deltas = core_chat.stream_chat(self.decoder, **request)
 
         def gen() -> Iterator[ChatResponse]:
-            reply = _StreamedReply(self._resolved_weights(request["weights"]))
+            reply = _StreamedReply(
+                self._resolved_weights(request["weights"]), request.get("tools") or ()
+            )
             for delta in deltas:
                 yield reply.add(delta)
 
@@ -400,7 +408,7 @@ class EFTLLM(FunctionCallingLLM):
         weights = self._resolved_weights(request["weights"])
 
         async def gen() -> AsyncIterator[ChatResponse]:
-            reply = _StreamedReply(weights)
+            reply = _StreamedReply(weights, request.get("tools") or ())
             async for delta in core_chat.astream_chat(decoder, **request):
                 yield reply.add(delta)
 
@@ -746,10 +754,16 @@ def _chat_response(result: core_chat.ChatResult) -> ChatResponse:
 
 
 class _StreamedReply:
-    """Accumulates the core's `ChatDelta`s into cumulative LlamaIndex `ChatResponse`s."""
+    """Accumulates the core's `ChatDelta`s into cumulative LlamaIndex `ChatResponse`s.
 
-    def __init__(self, weights: Mapping[str, float]) -> None:
+    The core streams each tool call as one complete chunk, and an unreadable call too (its
+    raw text as arguments): a call whose tool is unknown or whose arguments are not a JSON
+    object is reported in `additional_kwargs["invalid_tool_calls"]`, as `chat` does.
+    """
+
+    def __init__(self, weights: Mapping[str, float], tools: Sequence[Mapping[str, Any]]) -> None:
         self.weights = weights
+        self.tool_names = {t["function"]["name"] for t in tools}
         self.content = ""
         self.calls: dict[int, list[Any]] = {}  # index -> [id, name, arguments text]
 
@@ -760,9 +774,21 @@ class _StreamedReply:
             call[0] = chunk.id or call[0]
             call[1] = chunk.name or call[1]
             call[2] += chunk.arguments or ""
-        calls = [(i, n, _arguments_dict(a)) for i, n, a in self.calls.values()]
+        valid, invalid = [], []
+        for call_id, name, text in self.calls.values():
+            try:
+                arguments = json.loads(text) if text.strip() else {}
+            except json.JSONDecodeError as error:
+                invalid.append(core_chat.InvalidToolCall(call_id, name, text, f"not JSON: {error}"))
+                continue
+            if name not in self.tool_names or not isinstance(arguments, dict):
+                invalid.append(core_chat.InvalidToolCall(
+                    call_id, name, text, "unknown tool or arguments that are not an object"
+                ))
+            else:
+                valid.append((call_id, name, arguments))
         return ChatResponse(
-            message=_assistant_message(self.content, calls),
+            message=_assistant_message(self.content, valid, invalid),
             delta=delta.content or "",
             raw=_raw(delta.usage, delta.finish_reason, self.weights),
             additional_kwargs=_usage_fields(delta.usage),

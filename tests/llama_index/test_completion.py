@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 
 from eft_integrations import EFTDecoder
@@ -183,21 +184,45 @@ async def test_async_methods_keep_the_event_loop_responsive(rag_decoder):
     llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=64,
                  stop=["never-appears"])
     prompt = "Numbers: 1 2 3 4 5 6 7 8 9 10, and more numbers. " * 4
+    messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
 
     async def blocking():  # the anti-pattern: the sync call inside a coroutine
         return llm.complete(prompt)
 
     blocked_gap, _, blocked = await _max_gap_while(blocking)
-
-    async def streamed():
-        stream = await llm.astream_complete(prompt)
-        return [chunk async for chunk in stream]
-
-    for call in (lambda: llm.acomplete(prompt), streamed):
-        gap, ticks, _ = await _max_gap_while(call)
-        print(f"max loop gap {gap * 1000:.1f} ms over {ticks} ticks "
-              f"(blocking call: {blocked_gap * 1000:.1f} ms)")
-        assert ticks >= 5
-        # decoding took blocked_gap; the loop was never held for a large part of it
-        assert gap < max(0.1, blocked_gap / 3)
     assert blocked.raw["usage"]["completion_tokens"] > 8
+
+    async def streamed_completion():
+        return [chunk async for chunk in await llm.astream_complete(prompt)]
+
+    async def streamed_chat():
+        return [chunk async for chunk in await llm.astream_chat(messages)]
+
+    calls = {
+        "acomplete": lambda: llm.acomplete(prompt),
+        "astream_complete": streamed_completion,
+        "achat": lambda: llm.achat(messages),
+        "astream_chat": streamed_chat,
+    }
+    for name, call in calls.items():
+        gap, ticks, _ = await _max_gap_while(call)
+        print(f"{name}: longest event-loop stall {gap * 1000:.1f} ms over {ticks} ticks "
+              f"(sync complete inside a coroutine: {blocked_gap * 1000:.1f} ms)")
+        assert ticks >= 5
+        # decoding took about blocked_gap; the loop was never held for a large part of it
+        assert gap < max(0.1, blocked_gap / 3)
+
+
+async def test_closing_an_async_stream_stops_decoding(rag_decoder):
+    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=400,
+                 stop=["never-appears"])
+    stream = await llm.astream_complete(PROMPT)
+    before = rag_decoder.forward_calls
+    async for _ in stream:
+        break
+    await stream.aclose()
+    await asyncio.sleep(0.3)  # the worker notices the cancel between tokens
+    stopped_at = rag_decoder.forward_calls
+    await asyncio.sleep(0.3)
+    assert rag_decoder.forward_calls == stopped_at
+    assert stopped_at - before < 100 * 4  # far fewer than 400 tokens x 4 models
