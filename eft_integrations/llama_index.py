@@ -42,7 +42,7 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
-from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW, DEFAULT_NUM_OUTPUTS
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.llm import (
     LLMStructuredPredictEndEvent,
@@ -58,6 +58,7 @@ from llama_index.core.types import PydanticProgramMode
 from . import chat as core_chat
 from .decoder import EFTDecoder
 from .options import GenerationOptions, Usage
+from .tool_calls import DEFAULT_MAX_STRING_LENGTH
 
 if TYPE_CHECKING:
     from llama_index.core.prompts import PromptTemplate
@@ -134,11 +135,11 @@ class EFTLLM(FunctionCallingLLM):
         "reverses it.",
     )
     temperature: float = Field(
-        default=_DEFAULTS.temperature, ge=0.0,
+        default=0.7, ge=0.0,
         description="Sampling temperature over the EFT-composed distribution; 0 is greedy.",
     )
     max_new_tokens: int = Field(
-        default=_DEFAULTS.max_new_tokens, gt=0,
+        default=DEFAULT_NUM_OUTPUTS, gt=0,
         description="Most tokens generated per call; reported as metadata.num_output.",
     )
     top_p: float = Field(
@@ -165,6 +166,11 @@ class EFTLLM(FunctionCallingLLM):
         description="Draft this many tokens with the fine-tuning-scale model and verify them "
         "with the base (exact); None decodes token by token. Needs a decoder that supports "
         "speculative decoding.",
+    )
+    max_string_length: int | None = Field(
+        default=DEFAULT_MAX_STRING_LENGTH, ge=1,
+        description="Cap on strings a tool or output schema leaves unbounded, so that a "
+        "constrained call or JSON answer always closes; None: no cap.",
     )
     base: Any = Field(
         default=None,
@@ -290,8 +296,14 @@ class EFTLLM(FunctionCallingLLM):
     ) -> dict[str, Any]:
         """Keyword arguments for the core's chat functions."""
         call = dict(call)
-        request: dict[str, Any] = {k: call.pop(k) for k in _CHAT_OPTIONS if k in call}
+        request: dict[str, Any] = {"max_string_length": self.max_string_length}
+        request.update({k: call.pop(k) for k in _CHAT_OPTIONS if k in call})
         request.update(self._generation_options(call))
+        constrained = bool(request.get("tools") or request.get("response_format"))
+        if constrained and "speculative_k" not in call:
+            # the decoder cannot speculate under a grammar: constrained replies (tool calls,
+            # structured output) decode token by token; free text keeps the field's setting
+            request.pop("speculative_k", None)
         request["messages"] = _to_core_messages(messages)
         return request
 

@@ -219,3 +219,14 @@ def test_streamed_calls_that_cannot_be_read_are_reported_invalid():
     assert [(c.tool_call_id, c.tool_kwargs) for c in calls] == [("call_1", {"city": "Rome"})]
     invalid = last.message.additional_kwargs["invalid_tool_calls"]
     assert [c["id"] for c in invalid] == ["call_2", "call_3"]
+
+
+def test_speculative_llm_chats_and_calls_tools(llm):
+    """With speculative_k fixed on the LLM, free chat speculates (same greedy reply) and a
+    constrained reply (a forced call) decodes token by token instead of failing."""
+    speculative = llm.with_options(speculative_k=3)
+    assert speculative.chat(MESSAGES, max_new_tokens=16).message.content == llm.chat(
+        MESSAGES, max_new_tokens=16
+    ).message.content
+    response = speculative.chat_with_tools([WEATHER], user_msg="Weather?", tool_required=True)
+    _check_weather_call(speculative.get_tool_calls_from_response(response)[0])

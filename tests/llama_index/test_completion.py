@@ -120,8 +120,8 @@ def test_with_weights_fixes_weights_and_shares_the_decoder(llm):
     assert amplified.complete(PROMPT).text == llm.complete(
         PROMPT, weights={"chat": 2.0}
     ).text
-    greedy = llm.with_options(temperature=0.5, seed=3)
-    assert greedy.temperature == 0.5 and greedy.decoder is llm.decoder
+    sampled = llm.with_options(temperature=0.5, seed=3)
+    assert sampled.temperature == 0.5 and sampled.decoder is llm.decoder
     with pytest.raises(ValueError):
         llm.with_options(temperature=-1.0)
     with pytest.raises(ValueError, match="unknown EFTLLM options"):
@@ -226,3 +226,11 @@ async def test_closing_an_async_stream_stops_decoding(rag_decoder):
     await asyncio.sleep(0.3)
     assert rag_decoder.forward_calls == stopped_at
     assert stopped_at - before < 100 * 4  # far fewer than 400 tokens x 4 models
+
+
+def test_speculative_decoding_is_exact_through_the_llm(llm):
+    """Greedy speculative decoding (drafts by the fine-tuning-scale models, verified by the
+    base) gives the same tokens as token-by-token EFT decoding."""
+    plain = llm.complete(PROMPT, max_new_tokens=24)
+    fast = llm.with_options(speculative_k=4).complete(PROMPT, max_new_tokens=24)
+    assert fast.raw["token_ids"] == plain.raw["token_ids"]
