@@ -104,7 +104,8 @@ class ChatEFT(BaseChatModel):
     model_name: str | None = Field(default=None, alias="model")
     """Name reported in response metadata and traces (default: the decoder's model_name)."""
     weights: dict[str, float] | None = None
-    """Behavior weights, e.g. {"helpful": 0.3, "harmless": 0.7}; None takes the defaults."""
+    """Behavior weights, e.g. {"helpful": 0.3, "harmless": 0.7}; None takes the defaults.
+    Per-call `weights` update these (names a call leaves out keep the values here)."""
     temperature: float = 0.7
     """Sampling temperature of the composed distribution; 0 decodes greedily."""
     max_tokens: int | None = 256
@@ -205,7 +206,7 @@ class ChatEFT(BaseChatModel):
         options: dict[str, Any] = {
             name: kwargs.pop(name, getattr(self, name)) for name in _SAMPLING_FIELDS
         }
-        options["weights"] = kwargs.pop("weights", self.weights)
+        options["weights"] = self._weights(kwargs.pop("weights", None))
         max_tokens = kwargs.pop("max_tokens", self.max_tokens)
         if max_tokens is not None:
             options["max_new_tokens"] = max_tokens
@@ -227,6 +228,17 @@ class ChatEFT(BaseChatModel):
                 f"{', '.join(_SAMPLING_FIELDS)}, tools, tool_choice, response_format"
             )
         return options
+
+    def _weights(self, call_weights: Any) -> Any:
+        """Per-call weights over the instance's: names the call leaves out keep the
+        instance's weight (then the decoder's default). A list gives one dict per row."""
+        if isinstance(call_weights, Sequence) and not isinstance(call_weights, (str, Mapping)):
+            return [self._weights(w) for w in call_weights]
+        if call_weights is not None and not isinstance(call_weights, Mapping):
+            return call_weights  # the decoder names the error
+        if self.weights is None and call_weights is None:
+            return None
+        return {**(self.weights or {}), **(call_weights or {})}
 
     def _metadata(self, options: Mapping[str, Any], finish_reason: str | None) -> dict[str, Any]:
         decoder = self._get_decoder()
@@ -338,8 +350,13 @@ class ChatEFT(BaseChatModel):
         conversations = [self._convert_input(i).to_messages() for i in inputs]
         stop = kwargs.pop("stop", None)
         structured = kwargs.pop("ls_structured_output_format", None)
-        row_weights = kwargs.get("weights")
-        per_row = isinstance(row_weights, Sequence) and not isinstance(row_weights, Mapping)
+        row_weights = self._weights(kwargs.get("weights"))
+        per_row = isinstance(row_weights, list)
+        if per_row and len(row_weights) != len(inputs):
+            raise ValueError(
+                f"got {len(row_weights)} weight dicts for {len(inputs)} inputs; give one per "
+                "input, or a single dict for all"
+            )
         run_managers = []
         for index, (cfg, messages) in enumerate(zip(configs, conversations, strict=True)):
             call_kwargs = {**kwargs, "weights": row_weights[index]} if per_row else kwargs
