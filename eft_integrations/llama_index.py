@@ -163,9 +163,9 @@ class EFTLLM(FunctionCallingLLM):
     )
     speculative_k: int | None = Field(
         default=None, ge=1,
-        description="Draft this many tokens with the fine-tuning-scale model and verify them "
-        "with the base (exact); None decodes token by token. Needs a decoder that supports "
-        "speculative decoding.",
+        description="Draft this many tokens with the fine-tuning-scale models and verify them "
+        "with the base in one forward (exact: same distribution); None decodes token by "
+        "token. Constrained chat replies (tool calls, structured output) never speculate.",
     )
     max_string_length: int | None = Field(
         default=DEFAULT_MAX_STRING_LENGTH, ge=1,
@@ -284,7 +284,7 @@ class EFTLLM(FunctionCallingLLM):
             )
         weights = {**(self.weights or {}), **(call_weights or {})}
         options["weights"] = weights or None
-        if options["speculative_k"] is None:  # only decoders that have it accept it
+        if options["speculative_k"] is None:  # the decoder's default: token by token
             del options["speculative_k"]
         return options
 

@@ -234,3 +234,14 @@ def test_speculative_decoding_is_exact_through_the_llm(llm):
     plain = llm.complete(PROMPT, max_new_tokens=24)
     fast = llm.with_options(speculative_k=4).complete(PROMPT, max_new_tokens=24)
     assert fast.raw["token_ids"] == plain.raw["token_ids"]
+
+
+async def test_lazy_loading_in_async_code_and_base_alone(rag_paths):
+    """A lazily built LLM loads on a worker thread on its first async call; a decoder with
+    no behaviors (the base model alone) is a plain local LLM."""
+    llm = EFTLLM(base=str(rag_paths["base"]), behaviors={},
+                 load_kwargs={"dtype": torch.float32}, temperature=0.0, max_new_tokens=4)
+    response = await llm.acomplete(PROMPT)
+    assert response.raw["weights"] == {}
+    alone = EFTDecoder.from_pretrained(base=rag_paths["base"], dtype=torch.float32)
+    assert response.text == alone.generate(PROMPT, temperature=0.0, max_new_tokens=4).text
