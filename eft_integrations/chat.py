@@ -416,7 +416,8 @@ def chat(
     **generation_options: Any,
 ) -> ChatResult:
     """One assistant turn for `messages`. `generation_options` go to `decoder.generate`
-    (max_new_tokens, temperature, top_p, top_k, conservative_top_p, stop, seed, cancel)."""
+    (max_new_tokens, temperature, top_p, top_k, conservative_top_p, stop, seed,
+    speculative_k, cancel); speculative_k applies to unconstrained turns only."""
     request = prepare_chat(
         decoder, messages, tools=tools, tool_choice=tool_choice,
         parallel_tool_calls=parallel_tool_calls, response_format=response_format,
@@ -425,7 +426,7 @@ def chat(
     generated = decoder.generate(
         request.prompt, weights=weights,
         constraints=[request.constraint(decoder, _budget(generation_options))],
-        **generation_options,
+        **_decoding(generation_options, [request]),
     )
     return _result(decoder, request, generated)
 
@@ -456,7 +457,7 @@ def chat_batch(
         [r.prompt for r in requests],
         weights=list(weights) if isinstance(weights, Sequence) else weights,
         constraints=[r.constraint(decoder, _budget(generation_options)) for r in requests],
-        **generation_options,
+        **_decoding(generation_options, requests),
     )
     return [_result(decoder, r, g) for r, g in zip(requests, generated, strict=True)]
 
@@ -531,7 +532,7 @@ def stream_chat(
     chunks = decoder.stream(request.prompt, weights=weights,
                             constraint=request.constraint(decoder, _budget(generation_options)),
                             cancel=cancel,
-                            **generation_options)
+                            **_decoding(generation_options, [request]))
     builder = _DeltaBuilder(decoder, request)
     for chunk in chunks:
         yield from builder.push(chunk)
@@ -544,7 +545,8 @@ async def achat(
     options = dict(kwargs)
     request = await asyncio.to_thread(_prepare_from_kwargs, decoder, messages, options)
     generated = await decoder.agenerate(
-        request.prompt, constraints=[request.constraint(decoder, _budget(options))], **options
+        request.prompt, constraints=[request.constraint(decoder, _budget(options))],
+        **_decoding(options, [request]),
     )
     return _result(decoder, request, generated)
 
@@ -559,13 +561,24 @@ async def astream_chat(
     request = await asyncio.to_thread(_prepare_from_kwargs, decoder, messages, options)
     constraint = await asyncio.to_thread(request.constraint, decoder, _budget(options))
     builder = _DeltaBuilder(decoder, request)
-    stream = decoder.astream(request.prompt, constraint=constraint, **options)
+    stream = decoder.astream(request.prompt, constraint=constraint,
+                             **_decoding(options, [request]))
     try:
         async for chunk in stream:
             for delta in builder.push(chunk):
                 yield delta
     finally:
         await stream.aclose()
+
+
+def _decoding(options: Mapping[str, Any], requests: Sequence[ChatRequest]) -> dict[str, Any]:
+    """Generation options for the decoder. Speculative decoding takes one unconstrained
+    prompt at a time: constrained turns (tools, structured output) and batches decode token
+    by token instead, with the same output distribution."""
+    options = dict(options)
+    if len(requests) > 1 or any(r.grammar is not None for r in requests):
+        options.pop("speculative_k", None)
+    return options
 
 
 def _budget(options: Mapping[str, Any]) -> int:

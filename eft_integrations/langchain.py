@@ -68,7 +68,9 @@ from .decoder import EFTDecoder
 __all__ = ["ChatEFT"]
 
 # per-call options that go to the decoder, with the field they default to
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "conservative_top_p")
+_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "seed", "conservative_top_p", "speculative_k",
+)
 _CHAT_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
 # decoders loaded from from_pretrained arguments, shared by every ChatEFT built with them
@@ -120,6 +122,10 @@ class ChatEFT(BaseChatModel):
     """Seed of each call's random generator; same seed, same samples."""
     conservative_top_p: float | None = None
     """EFT paper 4.4: re-weight only tokens in the top-p set of the fine-tuning-scale model."""
+    speculative_k: int | None = None
+    """Draft this many tokens with the fine-tuning-scale models and verify them with one base
+    forward (exact: same distribution). Applies to unconstrained turns; tool calls and
+    structured output decode token by token."""
     streaming: bool = False
     """Whether `invoke` streams internally (callbacks then see every token)."""
     max_string_length: int | None = 256
@@ -145,6 +151,7 @@ class ChatEFT(BaseChatModel):
             "top_k": self.top_k,
             "seed": self.seed,
             "conservative_top_p": self.conservative_top_p,
+            "speculative_k": self.speculative_k,
         }
 
     def _reported_model_name(self) -> str:

@@ -194,3 +194,12 @@ def test_lazy_loading_shares_one_decoder():
     assert first._loaded is None  # building is cheap: nothing loaded yet
     assert first.invoke("Hi").content == second.invoke("Hi").content
     assert first._loaded is second._loaded is not None
+
+
+def test_speculative_decoding_gives_the_same_greedy_answer():
+    plain = _chat(max_tokens=12).invoke(HELLO)
+    fast = _chat(max_tokens=12, speculative_k=3).invoke(HELLO)
+    assert fast.content == plain.content
+    # constrained turns decode token by token even with speculative_k set
+    forced = _chat(max_tokens=120, speculative_k=3).bind_tools([add], tool_choice="any")
+    assert forced.invoke("add 1 and 2").tool_calls[0]["name"] == "add"
