@@ -230,3 +230,14 @@ def test_speculative_llm_chats_and_calls_tools(llm):
     ).message.content
     response = speculative.chat_with_tools([WEATHER], user_msg="Weather?", tool_required=True)
     _check_weather_call(speculative.get_tool_calls_from_response(response)[0])
+
+
+def test_function_program_mode_forces_a_schema_valid_tool_call(llm):
+    """LlamaIndex's own FunctionCallingProgram (tool_required=True) also yields valid objects."""
+    from llama_index.core.types import PydanticProgramMode
+
+    program_llm = llm.with_options(pydantic_program_mode=PydanticProgramMode.FUNCTION)
+    place = program_llm.structured_predict(
+        Place, PromptTemplate("Describe the place {place}."), place="Markan"
+    )
+    assert isinstance(place, Place)
