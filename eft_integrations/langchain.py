@@ -450,7 +450,8 @@ class ChatEFT(BaseChatModel):
 
         tool_choice: None / "auto" (the model decides; once it opens a call, the call is
         constrained to a valid one), "none", "any" / "required" / True (a call is forced), or
-        a tool name (that tool is forced)."""
+        a tool name (that tool is forced). A forced choice makes one call unless
+        `parallel_tool_calls=True`."""
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [t["function"]["name"] for t in formatted]
         if isinstance(tool_choice, dict):
@@ -468,6 +469,9 @@ class ChatEFT(BaseChatModel):
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
         if tool_choice is not None:
             bound["tool_choice"] = tool_choice
+        if parallel_tool_calls is None and tool_choice in ("any", "required", *names):
+            # a forced call is one call unless asked otherwise: small models tend to repeat it
+            parallel_tool_calls = False
         if parallel_tool_calls is not None:
             bound["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(**bound)
