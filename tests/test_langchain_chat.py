@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, TypedDict
 
 import pytest
 import torch
@@ -203,3 +204,35 @@ def test_speculative_decoding_gives_the_same_greedy_answer():
     # constrained turns decode token by token even with speculative_k set
     forced = _chat(max_tokens=120, speculative_k=3).bind_tools([add], tool_choice="any")
     assert forced.invoke("add 1 and 2").tool_calls[0]["name"] == "add"
+
+
+async def test_closing_astream_stops_decoding():
+    decoder = chat_decoder()
+    chat = _chat(max_tokens=400, temperature=1.0, seed=0)
+    stream = chat.astream(HELLO)
+    async for _ in stream:
+        break
+    await stream.aclose()
+    before = decoder.forward_calls
+    await asyncio.sleep(0.3)
+    assert decoder.forward_calls - before <= 8  # at most a step or two finish after closing
+
+
+class Joke(TypedDict):
+    """Joke to tell user."""
+
+    setup: Annotated[str, ..., "question to set up a joke"]
+    punchline: Annotated[str, ..., "answer to resolve the joke"]
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_structured_output_include_raw_and_streaming(method):
+    structured = _chat(max_tokens=120).with_structured_output(Joke, method=method,
+                                                               include_raw=True)
+    out = structured.invoke("Tell me a joke")
+    assert out["parsing_error"] is None
+    assert set(out["parsed"]) == {"setup", "punchline"}
+    assert isinstance(out["raw"], AIMessage)
+    partials = list(_chat(max_tokens=120).with_structured_output(Joke, method=method)
+                    .stream("Tell me a joke"))
+    assert partials and set(partials[-1]) == {"setup", "punchline"}
