@@ -299,11 +299,6 @@ class EFTLLM(FunctionCallingLLM):
         request: dict[str, Any] = {"max_string_length": self.max_string_length}
         request.update({k: call.pop(k) for k in _CHAT_OPTIONS if k in call})
         request.update(self._generation_options(call))
-        constrained = bool(request.get("tools") or request.get("response_format"))
-        if constrained and "speculative_k" not in call:
-            # the decoder cannot speculate under a grammar: constrained replies (tool calls,
-            # structured output) decode token by token; free text keeps the field's setting
-            request.pop("speculative_k", None)
         request["messages"] = _to_core_messages(messages)
         return request
 
