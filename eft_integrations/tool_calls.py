@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "DEFAULT_MAX_STRING_LENGTH",
     "TOOL_CALL_CLOSE",
     "TOOL_CALL_OPEN",
     "InvalidToolCall",
@@ -31,9 +32,13 @@ __all__ = [
     "ToolCallParser",
     "bounded_schema",
     "cast_arguments",
+    "closing_reserve",
     "json_grammar",
+    "minimal_call_text",
+    "minimal_instance",
     "new_call_id",
     "normalize_tools",
+    "parse_call",
     "tool_call_grammar",
 ]
 
