@@ -352,3 +352,34 @@ async def test_closing_the_async_stream_stops_decoding():
     before = decoder.forward_calls
     await asyncio.sleep(0.3)
     assert decoder.forward_calls - before <= 8  # at most a step or two finish after closing
+
+
+def test_the_tokenizers_own_response_parser_is_used_when_it_has_one():
+    from eft_integrations import EFTDecoder
+
+    from .chat_family import from_pretrained_args
+
+    decoder = EFTDecoder.from_pretrained(**from_pretrained_args())  # its own tokenizer object
+    tokenizer = decoder.tokenizer
+    tokenizer.response_template = {"version": 1, "start_anchor": "<|assistant|>", "fields": {
+        "content": {},
+        "tool_calls": {"open": "<tool_call>", "close": "</tool_call>", "content": "json",
+                       "repeats": True},
+    }}
+    parsed = []
+    original = tokenizer.parse_response
+
+    def counting_parse(*args, **kwargs):
+        parsed.append(args[0])
+        return original(*args, **kwargs)
+
+    tokenizer.parse_response = counting_parse
+    options = {"tools": [ADD], "tool_choice": "add", "temperature": 1.0, "seed": 0,
+               "max_new_tokens": 120}
+    result = core.chat(decoder, USER, **options)
+    assert parsed and result.finish_reason == "tool_calls"
+    _validate_call(result.tool_calls[0])  # cast by the schema after the tokenizer parsed it
+    deltas = list(core.stream_chat(decoder, USER, **options))
+    assert len(parsed) == 2 and deltas[-1].finish_reason == "tool_calls"
+    (chunk,) = deltas[-1].tool_call_chunks
+    assert (chunk.name, json.loads(chunk.arguments)) == ("add", result.tool_calls[0].arguments)
