@@ -8,6 +8,7 @@ import time
 
 import jsonschema
 import pytest
+import torch
 
 from eft_integrations import chat as core
 from eft_integrations.chat import (
@@ -383,3 +384,41 @@ def test_the_tokenizers_own_response_parser_is_used_when_it_has_one():
     assert len(parsed) == 2 and deltas[-1].finish_reason == "tool_calls"
     (chunk,) = deltas[-1].tool_call_chunks
     assert (chunk.name, json.loads(chunk.arguments)) == ("add", result.tool_calls[0].arguments)
+
+
+class _Opening:
+    """Test helper: writes `text` first (as a model deciding to call a tool would), then
+    hands over to the auto-mode grammar, which has seen the same tokens."""
+
+    def __init__(self, inner, token_ids):
+        self.inner, self.pending = inner, list(token_ids)
+
+    def allowed_mask(self, vocab_size):
+        if not self.pending:
+            return self.inner.allowed_mask(vocab_size)
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[self.pending[0]] = True
+        return mask
+
+    def advance(self, token_id):
+        if self.pending:
+            self.pending.pop(0)
+        self.inner.advance(token_id)
+
+    def is_finished(self):
+        return self.inner.is_finished()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_mode_constrains_the_call_once_the_model_opens_one(seed):
+    decoder = chat_decoder()
+    request = prepare_chat(decoder, USER, tools=TOOLS, tool_choice="auto",
+                           parallel_tool_calls=False)
+    opening = decoder.tokenizer("Let me see. <tool_call>", add_special_tokens=False)["input_ids"]
+    constraint = _Opening(request.constraint(decoder, budget=160), opening)
+    generated = decoder.generate(request.prompt, constraints=[constraint], temperature=1.0,
+                                 seed=seed, max_new_tokens=160)
+    result = core._result(decoder, request, generated)
+    assert result.content == "Let me see."
+    assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls
+    _validate_call(result.tool_calls[0])
