@@ -387,12 +387,11 @@ class EFTLLM(FunctionCallingLLM):
     ) -> ChatResponseGen:
         """Stream a reply: `delta` is new text, `message` the reply so far (tool calls too)."""
         request = self._chat_request(messages, kwargs)
+        weights = self._resolved_weights(request["weights"])  # bad weights fail here
         deltas = core_chat.stream_chat(self.decoder, **request)
 
         def gen() -> Iterator[ChatResponse]:
-            reply = _StreamedReply(
-                self._resolved_weights(request["weights"]), request.get("tools") or ()
-            )
+            reply = _StreamedReply(weights, request.get("tools") or ())
             for delta in deltas:
                 yield reply.add(delta)
 
