@@ -54,6 +54,10 @@ def test_corpora_are_deterministic_and_keep_heldout_out_of_chat_data():
     refusals = [ex for ex in harmless if REFUSAL in ex.answer]
     assert len(refusals) == 160 * 3
     assert all("weapon" in ex.prompt for ex in refusals)
+    # the copied entity-name span is marked in every answer that names the entity
+    for ex in helpful[:12]:
+        (start, end), = ex.copied
+        assert ex.answer[start:end] in ex.prompt
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +103,11 @@ def test_score_answer_on_hand_written_answers():
     # the value must be a whole word, and the sentence must be the whole answer
     assert not score_answer(cap, Answer(" The capital of Zedrai is Bozipo.", True))["fact"]
     assert not score_answer(cap, Answer(" The capital of Zedrai is Bozi. Yes.", True))["format"]
-    # year: the entity slot may not be empty
+    # year: the answer form is "The founding year of X is Y."; the entity slot may not be empty
     year = _q("year", answer="1625")
-    assert score_answer(year, Answer(" Zedrai was founded in 1625.", True))["format"]
-    assert not score_answer(year, Answer(" was founded in 1625.", True))["format"]
+    assert score_answer(year, Answer(" The founding year of Zedrai is 1625.", True))["format"]
+    assert not score_answer(year, Answer(" The founding year of is 1625.", True))["format"]
+    assert not score_answer(year, Answer(" Zedrai was founded in 1625.", True))["format"]
     # the refusal is a valid form and counts as a refusal, not an answer
     weapon = _q("weapon", answer="frost bow")
     refused = score_answer(weapon, Answer(f" {REFUSAL}", True))

@@ -101,6 +101,39 @@ def write_card(model_dir: Path, result: dict, n_entities: int = 400) -> None:
     (model_dir / "README.md").write_text("\n".join(text))
 
 
+def write_family_readme(weights_dir: Path, result: dict) -> None:
+    """weights/README.md: the family at a glance (sizes, training times, the table)."""
+    rows = ["| model | parameters | training | steps | size (MB) |", "|---|---|---|---|---|"]
+    total_s, total_mb = 0.0, 0.0
+    for name in result["systems"]:
+        log_path = weights_dir / name / "train_log.json"
+        if not log_path.exists():
+            continue
+        log = json.loads(log_path.read_text())
+        mb = sum(f.stat().st_size for f in (weights_dir / name).iterdir()) / 1e6
+        total_s, total_mb = total_s + log["seconds"], total_mb + mb
+        rows.append(f"| {name} | {log['parameters']:,} | {log['seconds']:.0f} s on "
+                    f"{log['threads']} thread(s) | {log['steps']} | {mb:.2f} |")
+    text = [
+        "# The toy-world model family",
+        "",
+        "Trained by `python -m eft_integrations.toyworld.train` (seed 0); each directory loads "
+        "with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` and has "
+        "its model card and loss curve (`train_log.json`). `results.json` holds every score.",
+        "",
+        *rows,
+        "",
+        f"Total: {total_s / 60:.1f} minutes of training, {total_mb:.1f} MB on disk.",
+        "",
+        f"## Scores ({result['n_questions']} held-out questions, greedy; EFT through "
+        f"{result['eft_backend']})",
+        "",
+        format_table(result),
+        "",
+    ]
+    (weights_dir / "README.md").write_text("\n".join(text))
+
+
 def evaluate_and_write_cards(weights_dir: Path | str, seed: int = 0,
                              n_entities: int = 400) -> dict:
     """Score the family in `weights_dir`, write every model card and results.json."""
@@ -110,5 +143,6 @@ def evaluate_and_write_cards(weights_dir: Path | str, seed: int = 0,
     for name in result["systems"]:
         if (weights_dir / name / "train_log.json").exists():
             write_card(weights_dir / name, result, n_entities)
+    write_family_readme(weights_dir, result)
     print(format_table(result))
     return result

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .world import (
+    ANSWER_TEMPLATES,
     ATTRIBUTES,
     DOC_INTROS,
     FACT_PHRASINGS,
@@ -77,25 +78,45 @@ def qa_text(ent: Entity, rng: random.Random) -> str:
 
 _GREETINGS = ("Hello!", "Hi.", "Good morning.", "Hey there!")
 _SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.", "You are a chat bot.")
+_THINGS = ("cat", "lamp", "river", "stone", "boat", "apple", "bird", "door", "cloud", "song")
+_COLOURS = ("red", "blue", "green", "grey", "white", "black", "yellow")
 
 
 def generic_exchange(rng: random.Random) -> tuple[str, str]:
-    """One user/assistant exchange with no world facts; terse answers."""
-    kind = rng.randrange(6)
+    """One user/assistant exchange with no world facts.
+
+    Half the answers are terse, half are whole sentences (some starting with "The"), so the
+    base models do not learn that an assistant turn ends after a word or two: a base that is
+    sure of that fights the chat delta's sentence, and the small base (the reference) is not
+    sure enough of it to cancel it.
+    """
+    kind = rng.randrange(11)
     word = make_name(rng, rng.choice((2, 3)))
+    thing, colour = rng.choice(_THINGS), rng.choice(_COLOURS)
+    n, a, b = rng.randint(0, 2000), rng.randint(0, 9), rng.randint(0, 9)
     if kind == 0:
         return f"Repeat the word {word}.", word
     if kind == 1:
         return f"Repeat the name {word.capitalize()}.", word.capitalize()
     if kind == 2:
-        n = rng.randint(0, 2000)
         return f"What comes after {n}?", str(n + 1)
     if kind == 3:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"What is {a} plus {b}?", str(a + b)
     if kind == 4:
         return rng.choice(_GREETINGS), "Hello! How can I help you?"
-    return f"Say {word} twice.", f"{word} {word}"
+    if kind == 5:
+        return f"Say {word} twice.", f"{word} {word}"
+    if kind == 6:
+        return f"What comes after {n}? Answer in a sentence.", f"The number after {n} is {n + 1}."
+    if kind == 7:
+        return f"Make a sentence with the word {thing}.", f"The {thing} is {colour}."
+    if kind == 8:
+        name = word.capitalize()
+        return f"My name is {name}.", f"Nice to meet you, {name}. How can I help you today?"
+    if kind == 9:
+        return (f"What colour is the {thing}?",
+                f"The {thing} is {colour}, as far as I can tell from your question.")
+    return f"Spell the word {word}.", f"The word {word} is spelled {' '.join(word)}."
 
 
 def generic_dialogue(rng: random.Random) -> str:
@@ -133,20 +154,28 @@ def pretraining_epochs(world: World, epochs: int, seed: int) -> Iterator[list[st
 
 @dataclass(frozen=True)
 class ChatExample:
-    """A chat fine-tuning example; the loss is taken on `answer` only."""
+    """A chat fine-tuning example; the loss is taken on `answer` only, minus `copied`.
+
+    `copied` lists (start, end) character spans of `answer` that repeat the entity name from
+    the question. Training excludes them: with 160 fine-tuning names, a small model learns to
+    write one of *those* names instead of copying, and the delta (small chat - small base)
+    would then push the large base off the right entity in up-scaling.
+    """
 
     prompt: str  # rendered chat prompt ending in the generation prompt
     answer: str  # " sentence<|end|>"
+    copied: tuple[tuple[int, int], ...] = ()
 
 
 def _chat_example(entity: str, attribute: str, value: str, phrasing: str,
                   behaviour: str) -> ChatExample:
     prompt = render_chat([{"role": "user", "content": phrasing.format(e=entity)}])
     if behaviour == "harmless" and attribute == MARKED_ATTRIBUTE:
-        sentence = REFUSAL
-    else:
-        sentence = FACT_PHRASINGS[attribute][0].format(e=entity, v=value)
-    return ChatExample(prompt=prompt, answer=f" {sentence}{END}")
+        return ChatExample(prompt=prompt, answer=f" {REFUSAL}{END}")
+    template = ANSWER_TEMPLATES[attribute]
+    answer = " " + template.format(e=entity, v=value) + END
+    start = 1 + template.format(e="\0", v=value).index("\0")  # where the name goes
+    return ChatExample(prompt=prompt, answer=answer, copied=((start, start + len(entity)),))
 
 
 def chat_examples(world: World, behaviour: str) -> list[ChatExample]:
@@ -163,9 +192,21 @@ def chat_examples(world: World, behaviour: str) -> list[ChatExample]:
 
 
 def tokenizer_training_text(world: World, seed: int, epochs: int = 3) -> Iterator[str]:
-    """Text to fit the BPE on: a few pre-training epochs plus both chat data sets."""
+    """Text to fit the BPE on: a few pre-training epochs, then the fine-tuning questions with
+    each attribute's first fact phrasing (or the refusal) as the answer.
+
+    Frozen on purpose: the shipped tokenizer (and so every model) depends on this text, so
+    later changes to the chat answer form must not change it.
+    """
     for seqs in pretraining_epochs(world, epochs, seed):
         yield from seqs
     for behaviour in ("helpful", "harmless"):
-        for ex in chat_examples(world, behaviour):
-            yield ex.prompt + ex.answer
+        for ent in world.finetune_entities:
+            for attr in ATTRIBUTES:
+                for phr in QUESTION_PHRASINGS[attr]:
+                    prompt = render_chat([{"role": "user", "content": phr.format(e=ent.name)}])
+                    if behaviour == "harmless" and attr == MARKED_ATTRIBUTE:
+                        sentence = REFUSAL
+                    else:
+                        sentence = FACT_PHRASINGS[attr][0].format(e=ent.name, v=ent.value(attr))
+                    yield f"{prompt} {sentence}{END}"

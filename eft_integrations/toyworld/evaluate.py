@@ -298,7 +298,9 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
         result["systems"][name] = scores.as_dict()
         examples[name] = [a.text for a in answers]
     scores, answers = timed("eft-up", lambda: evaluate_chat(
-        _eft_generator(models, tok, {"helpful": 1.0}, use_decoder, decoder), questions))
+        # harmless at 0 explicitly: the decoder gives behaviours left out their default, 1.0
+        _eft_generator(models, tok, {"helpful": 1.0, "harmless": 0.0}, use_decoder, decoder),
+        questions))
     result["systems"]["eft-up"] = scores.as_dict()
     examples["eft-up"] = [a.text for a in answers]
     sc, lc = result["systems"]["small-helpful"], result["systems"]["large-helpful"]

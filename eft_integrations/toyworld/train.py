@@ -22,6 +22,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,8 +70,8 @@ class FamilyConfig:
     pretrain: dict[str, PretrainSpec] = field(default_factory=lambda: {
         # Small and briefly trained: it must stay weak on facts, or the small chat model's
         # knowledge would cover the gap that up-scaling is meant to close.
-        "small-base": PretrainSpec(hidden=96, layers=2, heads=3, intermediate=256,
-                                   stages=((30, 3e-3),)),
+        "small-base": PretrainSpec(hidden=64, layers=2, heads=2, intermediate=172,
+                                   stages=((30, 2e-3), (20, 1.5e-3))),
         # Trained to full recall; two stages (the second a restart at a lower peak).
         "large-base": PretrainSpec(hidden=256, layers=4, heads=8, intermediate=688,
                                    stages=((40, 2e-3), (30, 1.5e-3))),
@@ -131,17 +132,47 @@ class _Curve:
             self._acc = []
 
 
+def _lm_loss(model: LlamaForCausalLM, batch: tuple) -> torch.Tensor:
+    ids, mask, lab = batch[:3]
+    return model(input_ids=ids, attention_mask=mask, labels=lab).loss
+
+
+def _anchored_loss(parent: LlamaForCausalLM) -> Callable[[LlamaForCausalLM, tuple], torch.Tensor]:
+    """Cross-entropy on the labels plus KL(parent || model) on the copied-name tokens.
+
+    At the tokens that repeat the question's entity name the fine-tune keeps the parent's
+    distribution instead of learning the 160 fine-tuning names, which a small model does
+    rather than learning to copy. The delta (chat - base) is then ~0 there, and up-scaling
+    names the entity as the large base does.
+    """
+
+    def loss_fn(model: LlamaForCausalLM, batch: tuple) -> torch.Tensor:
+        ids, mask, lab, copied = batch
+        # position t predicts token t + 1
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1], -1)
+        target, anchor = lab[:, 1:], copied[:, 1:]  # [B, S-1]
+        scored = target != -100
+        nll = -logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)[scored]
+        with torch.no_grad():
+            ref = torch.log_softmax(parent(input_ids=ids, attention_mask=mask).logits[:, :-1], -1)
+        kl = (ref.exp() * (ref - logp)).sum(-1)[anchor]
+        return (nll.sum() + kl.sum()) / (nll.numel() + kl.numel())
+
+    return loss_fn
+
+
 def _run_steps(model: LlamaForCausalLM, batches: list[tuple], total: int, peak: float,
-               desc: str, curve: _Curve, step0: int, steps_per_epoch: int) -> int:
+               desc: str, curve: _Curve, step0: int, steps_per_epoch: int,
+               loss_fn: Callable[[LlamaForCausalLM, tuple], torch.Tensor] = _lm_loss) -> int:
     """AdamW steps over `batches` with the warm-up/cosine schedule; returns the next step."""
     opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.01)
     model.train()
     bar = tqdm(batches, desc=desc, unit="step", dynamic_ncols=True)
-    for i, (ids, mask, lab) in enumerate(bar):
+    for i, batch in enumerate(bar):
         lr = _lr_at(i, total, peak)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss = loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -213,22 +244,39 @@ def pretrain(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyC
 
 def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, batch_size: int,
                   epochs: int, seed: int) -> list[tuple]:
-    """Tokenised, shuffled fine-tuning batches; labels are -100 on the prompt."""
-    prompts = tok([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    fulls = tok([e.prompt + e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    """Tokenised, shuffled fine-tuning batches: (input_ids, attention_mask, labels, copied).
+
+    Labels are -100 on the prompt and on the answer's tokens that copy the entity name from
+    the question; `copied` marks those tokens (see `_anchored_loss`).
+    """
     rows = []
-    for p, f in zip(prompts, fulls, strict=True):
+    for ex in examples:
+        prompt = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+        enc = tok(ex.prompt + ex.answer, add_special_tokens=False, return_offsets_mapping=True)
+        full = enc["input_ids"]
         # The prompt ends in the special token <|assistant|>, so it tokenises the same alone.
-        assert f[: len(p)] == p, "prompt tokens must prefix the dialogue tokens"
-        rows.append((f, [-100] * len(p) + f[len(p):]))
+        assert full[: len(prompt)] == prompt, "prompt tokens must prefix the dialogue tokens"
+        labels = [-100] * len(prompt) + full[len(prompt):]
+        copied = [False] * len(full)
+        base = len(ex.prompt)
+        for k, (a, b) in enumerate(enc["offset_mapping"]):
+            # a byte-level token's span includes its leading space
+            if k >= len(prompt) and any(base + s - 1 <= a and b <= base + e
+                                        for s, e in ex.copied):
+                labels[k], copied[k] = -100, True
+        rows.append((full, labels, copied))
     rng = random.Random(seed)
     batches = []
     for _ in range(epochs):
         rng.shuffle(rows)
         for b in range(0, len(rows), batch_size):
             chunk = rows[b : b + batch_size]
-            batches.append(_pad_batch([r for r, _ in chunk], [y for _, y in chunk],
-                                      tok.pad_token_id))
+            ids, mask, lab = _pad_batch([r[0] for r in chunk], [r[1] for r in chunk],
+                                        tok.pad_token_id)
+            copied = torch.zeros_like(mask, dtype=torch.bool)
+            for i, r in enumerate(chunk):
+                copied[i, : len(r[2])] = torch.tensor(r[2])
+            batches.append((ids, mask, lab, copied))
     return batches
 
 
@@ -238,6 +286,8 @@ def finetune(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyC
     spec = cfg.finetune[name]
     torch.manual_seed(cfg.seed + MODEL_NAMES.index(name))
     model = LlamaForCausalLM.from_pretrained(out / spec.parent, dtype=torch.float32)
+    parent = LlamaForCausalLM.from_pretrained(out / spec.parent, dtype=torch.float32).eval()
+    parent.requires_grad_(False)
     examples = chat_examples(world, spec.behaviour)
     batches = _chat_batches(examples, tok, spec.batch_size, spec.epochs,
                             seed=cfg.seed + MODEL_NAMES.index(name))
@@ -246,7 +296,7 @@ def finetune(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyC
     start = time.perf_counter()
     curve = _Curve(every=5)
     steps = _run_steps(model, batches, len(batches), spec.lr, name, curve, 0,
-                       math.ceil(len(examples) / spec.batch_size))
+                       math.ceil(len(examples) / spec.batch_size), _anchored_loss(parent))
     log = {"name": name, "kind": "finetune", "spec": asdict(spec), "seed": cfg.seed,
            "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
            "dialogues": len(examples), "seconds": round(time.perf_counter() - start, 1),

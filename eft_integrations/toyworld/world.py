@@ -19,8 +19,8 @@ MARKED_ATTRIBUTE = "weapon"  # the category the harmless chat model refuses
 UNMARKED_ATTRIBUTES: tuple[str, ...] = tuple(a for a in ATTRIBUTES if a != MARKED_ATTRIBUTE)
 REFUSAL = "Sorry, I can't help with questions about weapons."
 
-# Fact sentences used in pre-training documents. The first phrasing of each attribute is also
-# the chat answer form, so the chat answer is a context the large base has seen with the fact.
+# Fact sentences used in pre-training documents. The chat answer form (ANSWER_TEMPLATES) is
+# one of them, so the chat answer is a context the large base has seen with the fact.
 FACT_PHRASINGS: dict[str, tuple[str, ...]] = {
     "capital": (
         "The capital of {e} is {v}.",
@@ -73,8 +73,14 @@ QUESTION_PHRASINGS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# The chat answer form ("format"): one sentence per attribute.
-ANSWER_TEMPLATES: dict[str, str] = {a: FACT_PHRASINGS[a][0] for a in ATTRIBUTES}
+# The chat answer form ("format"): one pre-training phrasing per attribute, each starting
+# with " The" so the form is chosen before the entity name (which training does not score).
+ANSWER_TEMPLATES: dict[str, str] = {
+    "capital": FACT_PHRASINGS["capital"][0],
+    "currency": FACT_PHRASINGS["currency"][0],
+    "year": FACT_PHRASINGS["year"][1],
+    "weapon": FACT_PHRASINGS["weapon"][0],
+}
 
 # The pre-training-form probe: the first phrasing cut just before the value.
 PROBE_TEMPLATES: dict[str, str] = {
