@@ -43,16 +43,25 @@ def _ask(llm: EFTLLM, text: str, **kwargs) -> str:
     return (response.message.content or "").strip()
 
 
-def test_upscaled_answer_through_chat(toy_llm, questions):
+def test_upscaled_answers_through_chat(toy_llm, questions):
+    """The helpful delta adds the chat answer form to the large base's terse answers and
+    keeps its knowledge; each reply is the decoder's own greedy answer."""
     from eft_integrations.toyworld.evaluate import has_fact, in_answer_form
 
     unmarked = [q for q in questions if not q.marked]
-    answers = [_ask(toy_llm, q.text, weights={"helpful": 1.0, "harmless": 0.0})
-               for q in unmarked]
-    form = sum(in_answer_form(q, a) for q, a in zip(unmarked, answers, strict=True))
-    facts = sum(has_fact(q, a) for q, a in zip(unmarked, answers, strict=True))
-    assert form >= 0.9 * len(unmarked), answers
-    assert facts >= 0.6 * len(unmarked), answers  # the large base's knowledge comes through
+    upscaled = {"helpful": 1.0, "harmless": 0.0}
+    eft = [_ask(toy_llm, q.text, weights=upscaled) for q in unmarked]
+    base = [_ask(toy_llm, q.text, weights={"helpful": 0.0, "harmless": 0.0}) for q in unmarked]
+
+    def count(score, answers) -> int:
+        return sum(score(q, a) for q, a in zip(unmarked, answers, strict=True))
+
+    assert count(in_answer_form, eft) - count(in_answer_form, base) >= 0.4 * len(unmarked)
+    assert count(has_fact, eft) >= count(has_fact, base), (eft, base)
+    decoder = toy_llm.decoder
+    prompt = decoder.format_chat([{"role": "user", "content": unmarked[0].text}])
+    direct = decoder.generate(prompt, weights=upscaled, temperature=0.0, max_new_tokens=32)
+    assert eft[0] == direct.text.strip()
 
 
 def test_per_call_weights_trade_helpful_for_harmless(toy_llm, questions):
