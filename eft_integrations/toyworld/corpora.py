@@ -154,17 +154,19 @@ def pretraining_epochs(world: World, epochs: int, seed: int) -> Iterator[list[st
 
 @dataclass(frozen=True)
 class ChatExample:
-    """A chat fine-tuning example; the loss is taken on `answer` only, minus `copied`.
+    """A chat fine-tuning example; the loss is taken on `answer` only.
 
-    `copied` lists (start, end) character spans of `answer` that repeat the entity name from
-    the question. Training excludes them: with 160 fine-tuning names, a small model learns to
-    write one of *those* names instead of copying, and the delta (small chat - small base)
-    would then push the large base off the right entity in up-scaling.
+    `anchored` lists (start, end) character spans of `answer` holding knowledge rather than
+    form: the entity name and the attribute value. Training keeps the parent's distribution
+    there (see train._anchored_loss) instead of fitting the 160 fine-tuning entities: a
+    small model would learn to write one of *their* names and values, and the delta
+    (small chat - small base) would then push the large base off the right entity and value
+    in up-scaling. The fine-tune teaches the answer form; knowledge stays the parent's.
     """
 
     prompt: str  # rendered chat prompt ending in the generation prompt
     answer: str  # " sentence<|end|>"
-    copied: tuple[tuple[int, int], ...] = ()
+    anchored: tuple[tuple[int, int], ...] = ()
 
 
 def _chat_example(entity: str, attribute: str, value: str, phrasing: str,
@@ -174,8 +176,13 @@ def _chat_example(entity: str, attribute: str, value: str, phrasing: str,
         return ChatExample(prompt=prompt, answer=f" {REFUSAL}{END}")
     template = ANSWER_TEMPLATES[attribute]
     answer = " " + template.format(e=entity, v=value) + END
-    start = 1 + template.format(e="\0", v=value).index("\0")  # where the name goes
-    return ChatExample(prompt=prompt, answer=answer, copied=((start, start + len(entity)),))
+    # every answer template names the entity before the value
+    e_start = 1 + template.index("{e}")
+    v_start = e_start + len(entity) + template.index("{v}") - template.index("{e}") - 3
+    # The token after the value (the full stop) is anchored too: a small model cannot tell
+    # where an unseen multi-token name ends, so a trained stop would cut names short.
+    spans = ((e_start, e_start + len(entity)), (v_start, v_start + len(value) + 1))
+    return ChatExample(prompt=prompt, answer=answer, anchored=spans)
 
 
 def chat_examples(world: World, behaviour: str) -> list[ChatExample]:

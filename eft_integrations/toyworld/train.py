@@ -57,6 +57,7 @@ class FinetuneSpec:
     epochs: int
     lr: float
     batch_size: int = 16
+    anchor_weight: float = 1.0  # weight of the KL to the parent on entity and value tokens
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,13 @@ class FamilyConfig:
                                    stages=((40, 2e-3), (30, 1.5e-3))),
     })
     finetune: dict[str, FinetuneSpec] = field(default_factory=lambda: {
-        # Light fine-tuning: an over-trained small chat model pushes the delta against the
-        # large base's facts (feasibility run 2: lr 3e-3 x 4 epochs halved the gain).
-        "small-helpful": FinetuneSpec("small-base", "helpful", epochs=2, lr=1e-3),
-        "small-harmless": FinetuneSpec("small-base", "harmless", epochs=2, lr=1e-3),
-        "large-helpful": FinetuneSpec("large-base", "helpful", epochs=2, lr=3e-4),
+        # The entity and value tokens are anchored to the parent (see corpora.ChatExample), so
+        # the fine-tune can be trained hard on the answer form without teaching the small
+        # model wrong facts (feasibility run 2, without anchoring, had to stay light: lr 3e-3
+        # x 4 epochs pushed the value delta against the large base's facts).
+        "small-helpful": FinetuneSpec("small-base", "helpful", epochs=6, lr=3e-3),
+        "small-harmless": FinetuneSpec("small-base", "harmless", epochs=6, lr=3e-3),
+        "large-helpful": FinetuneSpec("large-base", "helpful", epochs=6, lr=1e-3),
     })
 
 
@@ -137,26 +140,27 @@ def _lm_loss(model: LlamaForCausalLM, batch: tuple) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, labels=lab).loss
 
 
-def _anchored_loss(parent: LlamaForCausalLM) -> Callable[[LlamaForCausalLM, tuple], torch.Tensor]:
-    """Cross-entropy on the labels plus KL(parent || model) on the copied-name tokens.
+def _anchored_loss(parent: LlamaForCausalLM,
+                   weight: float) -> Callable[[LlamaForCausalLM, tuple], torch.Tensor]:
+    """Cross-entropy on the labels plus KL(parent || model) on the anchored tokens.
 
-    At the tokens that repeat the question's entity name the fine-tune keeps the parent's
-    distribution instead of learning the 160 fine-tuning names, which a small model does
-    rather than learning to copy. The delta (chat - base) is then ~0 there, and up-scaling
-    names the entity as the large base does.
+    At the entity-name and value tokens the fine-tune keeps the parent's distribution instead
+    of learning the 160 fine-tuning entities (a small model memorises their names rather than
+    learning to copy). The delta (chat - base) is then ~0 there, and up-scaling names the
+    entity and the value as the large base does. See corpora.ChatExample.
     """
 
     def loss_fn(model: LlamaForCausalLM, batch: tuple) -> torch.Tensor:
-        ids, mask, lab, copied = batch
+        ids, mask, lab, anchored = batch
         # position t predicts token t + 1
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1], -1)
-        target, anchor = lab[:, 1:], copied[:, 1:]  # [B, S-1]
+        target, anchor = lab[:, 1:], anchored[:, 1:]  # [B, S-1]
         scored = target != -100
         nll = -logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)[scored]
         with torch.no_grad():
             ref = torch.log_softmax(parent(input_ids=ids, attention_mask=mask).logits[:, :-1], -1)
         kl = (ref.exp() * (ref - logp)).sum(-1)[anchor]
-        return (nll.sum() + kl.sum()) / (nll.numel() + kl.numel())
+        return (nll.sum() + weight * kl.sum()) / (nll.numel() + kl.numel())
 
     return loss_fn
 
@@ -244,10 +248,10 @@ def pretrain(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyC
 
 def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, batch_size: int,
                   epochs: int, seed: int) -> list[tuple]:
-    """Tokenised, shuffled fine-tuning batches: (input_ids, attention_mask, labels, copied).
+    """Tokenised, shuffled fine-tuning batches: (input_ids, attention_mask, labels, anchored).
 
-    Labels are -100 on the prompt and on the answer's tokens that copy the entity name from
-    the question; `copied` marks those tokens (see `_anchored_loss`).
+    Labels are -100 on the prompt and on the answer's anchored tokens (entity name and
+    value), which `anchored` marks (see `_anchored_loss`).
     """
     rows = []
     for ex in examples:
@@ -257,14 +261,14 @@ def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, bat
         # The prompt ends in the special token <|assistant|>, so it tokenises the same alone.
         assert full[: len(prompt)] == prompt, "prompt tokens must prefix the dialogue tokens"
         labels = [-100] * len(prompt) + full[len(prompt):]
-        copied = [False] * len(full)
+        anchored = [False] * len(full)
         base = len(ex.prompt)
         for k, (a, b) in enumerate(enc["offset_mapping"]):
             # a byte-level token's span includes its leading space
             if k >= len(prompt) and any(base + s - 1 <= a and b <= base + e
-                                        for s, e in ex.copied):
-                labels[k], copied[k] = -100, True
-        rows.append((full, labels, copied))
+                                        for s, e in ex.anchored):
+                labels[k], anchored[k] = -100, True
+        rows.append((full, labels, anchored))
     rng = random.Random(seed)
     batches = []
     for _ in range(epochs):
@@ -273,10 +277,10 @@ def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, bat
             chunk = rows[b : b + batch_size]
             ids, mask, lab = _pad_batch([r[0] for r in chunk], [r[1] for r in chunk],
                                         tok.pad_token_id)
-            copied = torch.zeros_like(mask, dtype=torch.bool)
+            anchored = torch.zeros_like(mask, dtype=torch.bool)
             for i, r in enumerate(chunk):
-                copied[i, : len(r[2])] = torch.tensor(r[2])
-            batches.append((ids, mask, lab, copied))
+                anchored[i, : len(r[2])] = torch.tensor(r[2])
+            batches.append((ids, mask, lab, anchored))
     return batches
 
 
@@ -296,7 +300,8 @@ def finetune(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyC
     start = time.perf_counter()
     curve = _Curve(every=5)
     steps = _run_steps(model, batches, len(batches), spec.lr, name, curve, 0,
-                       math.ceil(len(examples) / spec.batch_size), _anchored_loss(parent))
+                       math.ceil(len(examples) / spec.batch_size),
+                       _anchored_loss(parent, spec.anchor_weight))
     log = {"name": name, "kind": "finetune", "spec": asdict(spec), "seed": cfg.seed,
            "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
            "dialogues": len(examples), "seconds": round(time.perf_counter() - start, 1),

@@ -73,13 +73,15 @@ QUESTION_PHRASINGS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# The chat answer form ("format"): one pre-training phrasing per attribute, each starting
-# with " The" so the form is chosen before the entity name (which training does not score).
+# The chat answer form ("format"): "Sure." and a pre-training phrasing of the fact. Without
+# the opener, the answer's start echoes the question's tail ("What is the capital of X?" ->
+# "The capital of X"), and the large base, used to assistant turns that repeat part of the
+# question, ends the turn right after the entity name. After "Sure." it goes on with the fact.
 ANSWER_TEMPLATES: dict[str, str] = {
-    "capital": FACT_PHRASINGS["capital"][0],
-    "currency": FACT_PHRASINGS["currency"][0],
-    "year": FACT_PHRASINGS["year"][1],
-    "weapon": FACT_PHRASINGS["weapon"][0],
+    "capital": "Sure. " + FACT_PHRASINGS["capital"][0],
+    "currency": "Sure. " + FACT_PHRASINGS["currency"][0],
+    "year": "Sure. " + FACT_PHRASINGS["year"][1],
+    "weapon": "Sure. " + FACT_PHRASINGS["weapon"][0],
 }
 
 # The pre-training-form probe: the first phrasing cut just before the value.
