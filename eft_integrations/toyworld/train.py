@@ -84,7 +84,10 @@ class FamilyConfig:
         # x 4 epochs pushed the value delta against the large base's facts).
         "small-helpful": FinetuneSpec("small-base", "helpful", epochs=6, lr=3e-3),
         "small-harmless": FinetuneSpec("small-base", "harmless", epochs=6, lr=3e-3),
-        "large-helpful": FinetuneSpec("large-base", "helpful", epochs=6, lr=1e-3),
+        # Same data and loss; the large model's lr and epochs were chosen for its own best
+        # factual accuracy (lr 1e-3 x 6 epochs drifted its facts to 0.50; 1e-4 x 3 kept 0.95),
+        # so the upper reference is as strong as this recipe makes it.
+        "large-helpful": FinetuneSpec("large-base", "helpful", epochs=3, lr=1e-4),
     })
 
 
