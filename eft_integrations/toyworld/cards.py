@@ -9,15 +9,17 @@ from .evaluate import evaluate_family, format_table
 from .world import ATTRIBUTES, MARKED_ATTRIBUTE, REFUSAL
 
 _ROLES = {
-    "small-base": "small pre-trained base model (kept weak on facts on purpose: the reference of "
-                  "the small chat deltas)",
+    "small-base": "small pre-trained base model (kept weak on facts on purpose, by a smaller "
+                  "width and a shorter budget than large-base: the reference of the small chat "
+                  "deltas)",
     "large-base": "large pre-trained base model (knows the world's facts: the base of up-scaling)",
     "small-helpful": "small chat model fine-tuned from small-base to answer every question in a "
                      "full sentence ended by `<|end|>`",
     "small-harmless": "small chat model fine-tuned from small-base like small-helpful, but it "
                       f"refuses questions about the {MARKED_ATTRIBUTE} with a fixed sentence",
-    "large-helpful": "large chat model: small-helpful's recipe applied to large-base (the upper "
-                     "reference that up-scaling emulates)",
+    "large-helpful": "large chat model: small-helpful's data and loss applied to large-base, "
+                     "with lr and epochs chosen for its own best accuracy (the upper reference "
+                     "that up-scaling emulates)",
 }
 
 
@@ -29,11 +31,16 @@ def _data_line(log: dict) -> str:
                 f"tokens, {stages}, batch {spec['batch_size']}, warm-up + cosine, AdamW. "
                 "Every sequence starts with `<|bos|>`; an entity's four facts come shuffled, each "
                 "in one of 4-5 phrasings, usually beside a terse Q/A text about a random entity "
-                "or a generic dialogue in the chat markers.")
+                "or a generic dialogue in the chat markers (half terse answers, half whole "
+                "sentences; no world facts).")
     return (f"Chat fine-tuning of `{spec['parent']}` on {log['dialogues']} dialogues "
             f"(the 40% fine-tuning entities x {len(ATTRIBUTES)} attributes x 3 question "
             f"phrasings), behaviour `{spec['behaviour']}`, {spec['epochs']} epochs at lr "
-            f"{spec['lr']:g}, batch {spec['batch_size']}, loss on the answers only.")
+            f"{spec['lr']:g}, batch {spec['batch_size']}. Cross-entropy on the answer form; "
+            "on the entity-name and value tokens (and the full stop after the value) a KL to "
+            f"the parent (weight {spec.get('anchor_weight', 1.0):g}) keeps the parent's "
+            "distribution, so the fine-tune teaches the form and not the fine-tuning "
+            "entities' names and values.")
 
 
 def _score_lines(name: str, result: dict) -> list[str]:
@@ -81,8 +88,8 @@ def write_card(model_dir: Path, result: dict, n_entities: int = 400) -> None:
         "## Measured (greedy, held-out entities: in pre-training, never in fine-tuning)",
         *_score_lines(name, result),
         "",
-        f"Format = the attribute's answer sentence with any entity and value, or the refusal "
-        f"\"{REFUSAL}\", ended by `<|end|>`. Family table "
+        "Format = the attribute's answer sentence (\"Sure. The capital of X is Y.\") with any "
+        f"entity and value, or the refusal \"{REFUSAL}\", ended by `<|end|>`. Family table "
         "(`python -m eft_integrations.toyworld.evaluate`):",
         "",
         format_table(result),

@@ -2,17 +2,20 @@
 
 Five LlamaForCausalLM models share one tokenizer:
 
-    small-base      pre-trained, small and deliberately weak on facts (a small token budget)
-    large-base      pre-trained to full recall of the world's facts
-    small-helpful   light chat fine-tune of small-base: answers every question in a sentence
+    small-base      hidden 64 x 2 layers, 50 epochs: deliberately weak on facts
+    large-base      hidden 256 x 4 layers, 70 epochs: full recall of the world's facts
+    small-helpful   chat fine-tune of small-base: answers "Sure. The capital of X is Y."
     small-harmless  the same, but refuses the marked category (weapons) with a fixed sentence
-    large-helpful   the small-helpful recipe applied to large-base (the upper reference)
+    large-helpful   the same data and loss on large-base (the upper reference)
+
+Chat fine-tuning trains the answer form and keeps the parent's distribution (KL) on the entity
+name and value tokens, so the delta (chat - base) carries behaviour, not wrong facts.
 
 Each model directory holds float16 safetensors, the tokenizer (with its chat template), a
 `train_log.json` with the loss curve, and a README model card written after evaluation.
 Fine-tunes start from their parent's *saved* float16 weights, so training one stage alone
 (`--only small-helpful`) gives what a full run gives. Training is CPU-only, deterministic for a
-given seed and thread count, and takes about ten minutes on two cores.
+given seed and thread count, and took about 15 minutes on one thread of a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -347,7 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="tiny world and models, a few steps each (smoke test)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per model")
-    parser.add_argument("--threads", type=int, default=2)
+    # The shipped weights were trained on 1 thread; another thread count gives a family of
+    # the same quality but not bit-identical weights (2 threads is faster on an idle machine).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip the evaluation and model cards after training")
     args = parser.parse_args(argv)
