@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -250,8 +251,10 @@ class EFTDecoder:
 
     @property
     def model_name(self) -> str:
-        """A readable name for the composition, e.g. `base + chat(ft - ref)`."""
-        names = self.model_names
+        """A readable name for the composition, e.g. `base + chat(ft - ref)`; local paths are
+        shortened to their last folder."""
+        names = [os.path.basename(n.rstrip("/")) if os.path.isabs(n) else n
+                 for n in self.model_names]
         parts = [names[self._base]]
         parts += [f"{b}({names[f]} - {names[r]})"
                   for b, (f, r) in zip(self.behavior_names, self._pairs, strict=True)]
