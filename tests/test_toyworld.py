@@ -19,6 +19,14 @@ from eft_integrations.toyworld.corpora import render_chat
 from eft_integrations.toyworld.evaluate import Answer, score_answer, score_chat, score_recall
 from eft_integrations.toyworld.world import REFUSAL, Question, World
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # the trainer, the demo and the toy fixture set torch's thread count; give it back
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- generator ------------------------------------------------------------------------------
 
 
@@ -145,7 +153,6 @@ def test_trainer_runs_tiny_config(tmp_path):
 
     from eft_integrations.toyworld.train import main
 
-    torch.set_num_threads(1)
     main(["--tiny", "--out", str(tmp_path), "--no-eval", "--threads", "1"])
     for name in paths.MODEL_NAMES:
         model_dir = tmp_path / name
@@ -173,10 +180,15 @@ def toy_result():
         paths.model_dir("large-base")
     except FileNotFoundError:
         pytest.skip("toy-world weights not shipped")
-    torch.set_num_threads(2)
-    return evaluate.evaluate_family(
-        paths.weights_dir(), limit_entities=TOY_ENTITIES,
-        singles=("small-helpful", "large-helpful"), log=lambda _: None)
+    # one thread: on a shared 2-core machine, two threads stall whenever another job runs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate.evaluate_family(
+            paths.weights_dir(), limit_entities=TOY_ENTITIES,
+            singles=("small-helpful", "large-helpful"), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.toy
@@ -215,3 +227,28 @@ def test_load_decoder_answers_heldout_questions():
     right = [o.text.strip() == f"Sure. The founding year of {e.name} is {e.year}."
              for e, o in zip(entities, outs, strict=True)]
     assert sum(right) >= 6, [o.text for o in outs]
+
+
+@pytest.mark.toy
+def test_demo_prints_table_sweep_and_examples(capsys):
+    from eft_integrations.toyworld.demo import main
+
+    assert main(["--entities", "5", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "EFT up-scaled (helpful)" in out and "normalised gain (fact)" in out
+    assert "| 0.50 |" in out and "Example answers" in out
+
+
+@pytest.mark.toy
+def test_demo_hub_flags_build_a_decoder_over_any_checkpoints(capsys):
+    from eft_integrations.toyworld.demo import main
+
+    args = ["--base", str(paths.model_dir("large-base")),
+            "--chat", str(paths.model_dir("small-helpful")),
+            "--chat-base", str(paths.model_dir("small-base")),
+            "--prompt", "When was Zedrai founded?", "--dtype", "float32",
+            "--max-new-tokens", "24"]
+    assert main(args) == 0
+    assert "Sure. The founding year of Zedrai is 1114." in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--base", "x"])  # the three flags go together
