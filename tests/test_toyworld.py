@@ -19,6 +19,7 @@ from eft_integrations.toyworld.corpora import render_chat
 from eft_integrations.toyworld.evaluate import Answer, score_answer, score_chat, score_recall
 from eft_integrations.toyworld.world import REFUSAL, Question, World
 
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     # the trainer, the demo and the toy fixture set torch's thread count; give it back
