@@ -31,9 +31,8 @@ def _generate(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="toy-world up-scaling demo (offline)",
-                               add_help=False)
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    commands.add_parser("demo", help="toy-world up-scaling demo (offline); `eft demo --help` "
+                        "lists its flags", add_help=False)
 
     gen = commands.add_parser("generate", help="EFT-decode one prompt from Hugging Face models")
     gen.add_argument("prompt")
@@ -49,13 +48,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device-map", default=None, help='e.g. "auto" with accelerate')
 
-    args = parser.parse_args(argv)
-    if args.command == "demo":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own flags
         from .toyworld.demo import main as demo_main
 
-        demo_main(args.demo_args)
-    else:
-        _generate(args)
+        raise SystemExit(demo_main(argv[1:]))
+    _generate(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,9 @@ def test_trainer_runs_tiny_config(tmp_path):
         assert log["steps"] >= 1 and log["seconds"] >= 0
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}],
                                      add_generation_prompt=True, tokenize=False)
-    out = evaluate.composed_greedy([(model.float(), 1.0)], tok, [prompt], max_new_tokens=3)
+    generate = evaluate.decoder_generator(
+        evaluate.single_model_decoder(model.float(), tok), None, max_new_tokens=3)
+    out = generate([prompt])
     assert len(out) == 1 and isinstance(out[0].text, str)
 
 

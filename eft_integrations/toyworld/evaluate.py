@@ -17,7 +17,6 @@ Metrics, on the held-out entities (seen in pre-training, never in chat fine-tuni
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import re
@@ -30,11 +29,11 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
+from ..decoder import EFTDecoder
 from .corpora import BOS, END, render_chat
 from .world import ANSWER_TEMPLATES, REFUSAL, Question, World
 
@@ -151,55 +150,9 @@ def load_model(path: str | Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-@torch.no_grad()
-def composed_greedy(terms: Sequence[tuple[torch.nn.Module, float]], tok: PreTrainedTokenizerFast,
-                    prompts: list[str], max_new_tokens: int = 32,
-                    batch_size: int = 64) -> list[Answer]:
-    """Batched greedy decoding of sum_i c_i * log_softmax(logits_i), with a KV cache per model.
-
-    One term (model, 1.0) is plain greedy decoding; (base, 1), (ft, w), (ref, -w) is EFT.
-    Kept as an independent reference for the core decoder and for scoring without it.
-    """
-    end_id = tok.convert_tokens_to_ids(END)
-    stops = torch.tensor([end_id, tok.convert_tokens_to_ids("<|eos|>")])
-    answers: list[Answer] = []
-    for b in range(0, len(prompts), batch_size):
-        enc = tok(prompts[b : b + batch_size], add_special_tokens=False, padding=True,
-                  padding_side="left", return_tensors="pt")
-        mask = enc["attention_mask"]  # [B, S]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-        inp = enc["input_ids"]
-        caches = [DynamicCache(config=model.config) for model, _ in terms]
-        done = torch.zeros(inp.shape[0], dtype=torch.bool)
-        out_ids: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            logp = 0.0
-            for i, (model, coef) in enumerate(terms):
-                # The cache is updated in place; its keyword is `cache` from transformers 5.x.
-                res = model(input_ids=inp, attention_mask=mask, position_ids=pos,
-                            use_cache=True, **{_cache_kwarg(model): caches[i]})
-                logp = logp + coef * torch.log_softmax(res.logits[:, -1].float(), -1)
-            nxt = logp.argmax(-1)  # [B]
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-            out_ids.append(nxt)
-            done |= torch.isin(nxt, stops)
-            if done.all():
-                break
-            inp = nxt[:, None]
-            mask = torch.cat([mask, torch.ones_like(inp)], dim=1)
-            pos = pos[:, -1:] + 1
-        gen = torch.stack(out_ids, 1).tolist()
-        for row in gen:
-            cut = next((k for k, t in enumerate(row) if t in stops.tolist()), None)
-            body = row if cut is None else row[:cut]
-            answers.append(Answer(tok.decode(body, skip_special_tokens=False),
-                                  ended=cut is not None and row[cut] == end_id))
-    return answers
+def single_model_decoder(model: PreTrainedModel, tok: PreTrainedTokenizerFast) -> EFTDecoder:
+    """One model alone through the same decode path as EFT (`behaviors={}`)."""
+    return EFTDecoder(base=model, tokenizer=tok)
 
 
 def decoder_generator(decoder, weights: dict[str, float] | None, max_new_tokens: int = 32,
@@ -231,12 +184,12 @@ def evaluate_chat(generate: Generator,
     return score_chat(questions, answers), answers
 
 
-def evaluate_recall(model: torch.nn.Module, tok: PreTrainedTokenizerFast,
+def evaluate_recall(model: PreTrainedModel, tok: PreTrainedTokenizerFast,
                     probes: Sequence[Question], batch_size: int = 64) -> float:
     """Recall in pre-training form: greedy continuation of "<|bos|>The capital of X is"."""
-    outs = composed_greedy([(model, 1.0)], tok, [BOS + p.text for p in probes],
-                           max_new_tokens=8, batch_size=batch_size)
-    return score_recall(probes, [o.text for o in outs])
+    generate = decoder_generator(single_model_decoder(model, tok), None, max_new_tokens=8,
+                                 batch_size=batch_size)
+    return score_recall(probes, [o.text for o in generate([BOS + p.text for p in probes])])
 
 
 # --- the family report ---------------------------------------------------------------------
@@ -244,29 +197,18 @@ def evaluate_recall(model: torch.nn.Module, tok: PreTrainedTokenizerFast,
 SWEEP_LAMBDAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _eft_generator(models: dict, tok, weights: dict[str, float], use_decoder: bool,
-                   decoder=None) -> Generator:
-    if use_decoder and decoder is not None:
-        return decoder_generator(decoder, weights)
-    terms = [(models["large-base"], 1.0)]
-    for behaviour, w in weights.items():
-        if w:
-            terms += [(models[f"small-{behaviour}"], w), (models["small-base"], -w)]
-    return lambda prompts: composed_greedy(terms, tok, prompts)
-
-
 ALL_SINGLES: tuple[str, ...] = (
     "small-base", "small-helpful", "small-harmless", "large-base", "large-helpful")
 
 
 def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, seed: int = 0,
-                    n_entities: int = 400, use_decoder: bool = True, sweep: bool = True,
+                    n_entities: int = 400, sweep: bool = True,
                     recall: bool = True, singles: Sequence[str] = ALL_SINGLES,
                     log: Callable[[str], None] = print) -> dict:
     """Score the whole family: recall of the bases, the chat table, EFT and the sweep.
 
-    `use_decoder` scores EFT through the core `EFTDecoder` when it can be imported, otherwise
-    through `composed_greedy`. Returns a JSON-able dict (also the source of the model cards).
+    Every system decodes through `EFTDecoder` (single models with `behaviors={}`). Returns a
+    JSON-able dict (also the source of the model cards).
     """
     weights_dir = Path(weights_dir)
     world = World.generate(seed, n_entities=n_entities)
@@ -275,9 +217,9 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
     tok = AutoTokenizer.from_pretrained(weights_dir / "small-base")
     models = {name: load_model(weights_dir / name) for name in
               ("small-base", "large-base", "small-helpful", "small-harmless", "large-helpful")}
-    decoder = _make_decoder(models, tok) if use_decoder else None
+    decoder = _make_decoder(models, tok)
     result: dict = {"n_questions": len(questions), "n_probes": len(probes),
-                    "eft_backend": "EFTDecoder" if decoder is not None else "composed_greedy",
+                    "eft_backend": "EFTDecoder",
                     "systems": {}, "recall": {}, "sweep": []}
 
     def timed(label: str, fn):
@@ -292,14 +234,13 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
                 models[n], tok, probes))
     examples: dict[str, list[str]] = {}
     for name in singles:
-        def gen(prompts, n=name):
-            return composed_greedy([(models[n], 1.0)], tok, prompts)
+        gen = decoder_generator(single_model_decoder(models[name], tok), None)
         scores, answers = timed(name, lambda g=gen: evaluate_chat(g, questions))
         result["systems"][name] = scores.as_dict()
         examples[name] = [a.text for a in answers]
     scores, answers = timed("eft-up", lambda: evaluate_chat(
         # harmless at 0 explicitly: the decoder gives behaviours left out their default, 1.0
-        _eft_generator(models, tok, {"helpful": 1.0, "harmless": 0.0}, use_decoder, decoder),
+        decoder_generator(decoder, {"helpful": 1.0, "harmless": 0.0}),
         questions))
     result["systems"]["eft-up"] = scores.as_dict()
     examples["eft-up"] = [a.text for a in answers]
@@ -311,7 +252,7 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
         for lam in SWEEP_LAMBDAS:
             w = {"helpful": lam, "harmless": 1.0 - lam}
             s, _ = timed(f"sweep {lam}", lambda w=w: evaluate_chat(
-                _eft_generator(models, tok, w, use_decoder, decoder), questions))
+                decoder_generator(decoder, w), questions))
             result["sweep"].append({"lambda": lam, **s.as_dict()})
     result["examples"] = [
         {"question": q.text, "gold": q.reference, **{k: v[i] for k, v in examples.items()}}
@@ -319,12 +260,8 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
     return result
 
 
-def _make_decoder(models: dict, tok):
-    """An EFTDecoder over already-loaded models, or None while the core has none."""
-    try:
-        from eft_integrations import EFTDecoder
-    except ImportError:
-        return None
+def _make_decoder(models: dict, tok) -> EFTDecoder:
+    """Up-scaling over already-loaded models: large base + helpful and harmless deltas."""
     return EFTDecoder(base=models["large-base"], tokenizer=tok, behaviors={
         "helpful": (models["small-helpful"], models["small-base"]),
         "harmless": (models["small-harmless"], models["small-base"])})
@@ -370,16 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=Path, default=None, help="family directory")
     parser.add_argument("--limit-entities", type=int, default=None,
                         help="score only the first n held-out entities")
-    parser.add_argument("--no-decoder", action="store_true",
-                        help="score EFT with the reference loop instead of EFTDecoder")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from .paths import weights_dir
 
-    result = evaluate_family(args.weights or weights_dir(), args.limit_entities,
-                             use_decoder=not args.no_decoder)
+    result = evaluate_family(args.weights or weights_dir(), args.limit_entities)
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
