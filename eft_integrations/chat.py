@@ -18,8 +18,9 @@ call that validates against the tool's schema whatever the model; with "auto" th
 writes freely until it opens `<tool_call>`, and the rest is constrained to a valid call;
 `response_format` constrains the whole answer to JSON (a schema, or any object).
 Unbounded strings are capped (`tool_calls.DEFAULT_MAX_STRING_LENGTH`, or the
-`max_string_length` argument) and the last tokens of the budget run in a closing mode, so
-constrained output closes within `max_new_tokens` whenever its shortest form fits.
+`max_string_length` argument) and, once the tokens left are what the shortest closing of the
+answer so far needs, decoding runs in a closing mode, so constrained output closes within
+`max_new_tokens` whenever its shortest form fits.
 
 The grammar engine is llguidance, not xgrammar: one small self-contained wheel (xgrammar
 pulls triton, ~1 GB), masks in microseconds on CPU, and a Lark dialect that embeds JSON
@@ -47,10 +48,7 @@ from .tool_calls import (
     ToolCall,
     ToolCallParser,
     cast_arguments,
-    closing_reserve,
     json_grammar,
-    minimal_call_text,
-    minimal_instance,
     new_call_id,
     normalize_tools,
     tool_call_grammar,
@@ -133,8 +131,6 @@ class ChatRequest:
     parse_tools: bool
     grammar: str | None
     eos_token_ids: list[int]
-    reserve: int = 0
-    """Tokens the grammar's shortest answer needs: closing mode starts this far from the end."""
     arm_after: str | None = None
     """Closing mode waits for this text (free text before a tool call is not cut short)."""
 
@@ -145,7 +141,7 @@ class ChatRequest:
             return None
         return GrammarConstraint.from_lark(
             decoder.tokenizer, self.grammar, eos_token_ids=self.eos_token_ids,
-            vocab_size=decoder.vocab_size, budget=budget, reserve=self.reserve,
+            vocab_size=decoder.vocab_size, budget=budget,
             arm_after=self.arm_after,
         )
 
@@ -268,7 +264,6 @@ def prepare_chat(
     use_tools = bool(tools) and tool_choice != "none"
     native = _native_messages(messages)
     grammar = None
-    shortest: list[str] = []
     arm_after: str | None = None
 
     if use_tools and template_supports_tools(decoder):
@@ -289,7 +284,6 @@ def prepare_chat(
             rendered_messages, STRUCTURED_OUTPUT_PROMPT.format(schema=hint)
         )
         grammar = json_grammar(schema, max_string_length)
-        shortest = [json.dumps(minimal_instance(schema or {"type": "object"}))]
         arm_after = None
     if use_tools:
         forced = tool_choice in FORCED_CHOICES or tool_choice in names
@@ -299,7 +293,6 @@ def prepare_chat(
                 chosen, forced=forced, parallel=parallel_tool_calls,
                 max_string_length=max_string_length,
             )
-            shortest = [minimal_call_text(t) for t in chosen]
             arm_after = None if forced else TOOL_CALL_OPEN
     prompt = _render(decoder, rendered_messages, template_tools)
     return ChatRequest(
@@ -308,7 +301,6 @@ def prepare_chat(
         parse_tools=use_tools,
         grammar=grammar,
         eos_token_ids=sorted(decoder.eos_token_ids),
-        reserve=closing_reserve(decoder.tokenizer, shortest) if grammar else 0,
         arm_after=arm_after if grammar else None,
     )
 

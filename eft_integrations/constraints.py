@@ -13,7 +13,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["GrammarConstraint", "TokenConstraint"]
+__all__ = ["CLOSING_MARGIN", "GrammarConstraint", "TokenConstraint"]
+
+CLOSING_MARGIN = 4
+"""Spare tokens closing mode keeps beyond the shortest closing of the current state: the model
+may take a longer closing token path than the shortest, or open something in its last free
+step."""
 
 
 @runtime_checkable
@@ -58,7 +63,7 @@ class GrammarConstraint:
         eos_token_ids: Sequence[int],
         *,
         budget: int | None = None,
-        reserve: int = 0,
+        margin: int = CLOSING_MARGIN,
         closing_tokens: Sequence[torch.Tensor] = (),
         arm_after: bytes | None = None,
         token_bytes: Any = None,
@@ -71,10 +76,13 @@ class GrammarConstraint:
         words = (vocab_size + 31) // 32
         self._bitmask = torch.zeros(words, dtype=torch.int32)  # [W] filled by llguidance
         self._shifts = torch.arange(32, dtype=torch.int32)  # [32]
-        # closing mode: within `reserve` tokens of `budget`, prefer tokens that end things
+        # closing mode: once the tokens left in `budget` are only what the shortest closing of
+        # the current state needs (plus `margin`), prefer tokens that end things
         self._budget = budget
-        self._reserve = reserve
+        self._margin = margin
         self._closing = list(closing_tokens)
+        self._closing_now = False
+        self._next_check = 0  # step at which the closing length is simulated again
         self._arm_after = arm_after
         self._armed = arm_after is None
         self._token_bytes = token_bytes
@@ -90,17 +98,19 @@ class GrammarConstraint:
         eos_token_ids: Sequence[int],
         vocab_size: int | None = None,
         budget: int | None = None,
-        reserve: int = 0,
+        margin: int = CLOSING_MARGIN,
         arm_after: str | None = None,
     ) -> GrammarConstraint:
         """Compile a llguidance Lark grammar (it may embed `%json {schema}`) for `tokenizer`.
 
-        With `budget` (the most tokens the decoder will sample), the last `reserve` tokens
-        run in closing mode: among the tokens the grammar allows, end-of-sequence is preferred,
-        then tokens that close a string, then brackets, then separators, then digits, so a
-        weak model still closes its JSON in time; text the grammar dictates (keys, tags) is
-        then spelled with the longest allowed tokens. `arm_after` delays closing mode until that
-        text has been generated (e.g. `<tool_call>` when free text comes first).
+        With `budget` (the most tokens the decoder will sample), decoding switches to closing
+        mode once the tokens left are what closing mode needs to finish from the current state,
+        plus `margin`: among the tokens the grammar allows, end-of-sequence is preferred, then
+        tokens that close a string, then brackets, then separators, then digits, so a weak model
+        still closes its JSON in time; text the grammar dictates (keys, tags) is then spelled
+        with the longest allowed tokens. Until then the model writes freely (its own digits,
+        its own words). `arm_after` delays closing mode until that text has been generated
+        (e.g. `<tool_call>` when free text comes first).
         """
         import llguidance
 
@@ -111,13 +121,20 @@ class GrammarConstraint:
         )
         closing = _closing_tokens(tokenizer, vocab_size) if budget is not None else ()
         return cls(
-            matcher, vocab_size, eos_token_ids, budget=budget, reserve=reserve,
+            matcher, vocab_size, eos_token_ids, budget=budget, margin=margin,
             closing_tokens=closing, token_bytes=ll_tokenizer,
             arm_after=arm_after.encode() if arm_after else None,
         )
 
     def allowed_mask(self, vocab_size: int) -> torch.Tensor | None:
-        self._matcher.unsafe_compute_mask_ptr(
+        allowed = self._mask(self._matcher, vocab_size)
+        if self._in_closing_mode(vocab_size):
+            return self._closing_mask(allowed, self._matcher)
+        return allowed
+
+    def _mask(self, matcher: Any, vocab_size: int) -> torch.Tensor:
+        """The grammar's allowed tokens [vocab_size] in `matcher`'s state."""
+        matcher.unsafe_compute_mask_ptr(
             self._bitmask.data_ptr(), self._bitmask.numel() * self._bitmask.element_size()
         )
         # bit j of word w allows token 32 w + j
@@ -127,20 +144,77 @@ class GrammarConstraint:
             allowed = torch.cat([allowed, allowed.new_zeros(vocab_size - allowed.shape[0])])
         if not bool(allowed.any()):  # a broken state must not leave nothing to sample
             allowed[self._eos] = True
-        if self._armed and self._budget is not None and (
-            self._budget - self._steps <= self._reserve
-        ):
-            eos = torch.zeros_like(allowed)
-            eos[self._eos] = True
-            *tiers, lengths = self._closing
-            for preferred in (eos, *tiers):
-                narrowed = allowed & preferred[: allowed.shape[0]]
-                if bool(narrowed.any()):
-                    return narrowed
-            # text the grammar dictates: the longest tokens spell it in the fewest steps
-            allowed_lengths = torch.where(allowed, lengths[: allowed.shape[0]], -1)
-            return allowed_lengths == allowed_lengths.max()
         return allowed
+
+    def _closing_mask(self, allowed: torch.Tensor, lookahead: Any = None) -> torch.Tensor:
+        """The tokens closing mode allows: the first tier with an allowed token, else the
+        longest allowed tokens (text the grammar dictates, in the fewest steps). Where the
+        grammar offers a choice there (an optional key, an enum value, a branch of anyOf),
+        the `lookahead` parser keeps the choices that close soonest."""
+        eos = torch.zeros_like(allowed)
+        eos[self._eos] = True
+        *tiers, lengths = self._closing
+        for preferred in (eos, *tiers):
+            narrowed = allowed & preferred[: allowed.shape[0]]
+            if bool(narrowed.any()):
+                return narrowed
+        allowed_lengths = torch.where(allowed, lengths[: allowed.shape[0]], -1)
+        longest = allowed_lengths == allowed_lengths.max()
+        candidates = longest.nonzero().flatten().tolist()
+        if lookahead is None or len(candidates) < 2:
+            return longest
+        limit = self._budget - self._steps if self._budget is not None else 0
+        needs = {}
+        for token in candidates:
+            after = lookahead.deep_copy()
+            after.consume_token(token)
+            needs[token] = self._closing_length(after, allowed.shape[0], limit)
+        shortest = torch.zeros_like(allowed)
+        shortest[[t for t in candidates if needs[t] == min(needs.values())]] = True
+        return shortest
+
+    def _in_closing_mode(self, vocab_size: int) -> bool:
+        """Whether the tokens left are down to the closing length plus the margin. Once on,
+        it stays on. The closing length is simulated again when half the spare tokens (those
+        beyond it and the margin) are spent, and at every step once none are left. Where the
+        answer could end, going on (another parallel call) must fit too, or it ends."""
+        if self._closing_now or not self._armed or self._budget is None:
+            return self._closing_now
+        left = self._budget - self._steps
+        if self._matcher.is_accepting():
+            going_on = self._closing_length(self._matcher, vocab_size, left, ending=False)
+            self._closing_now = left - going_on - self._margin <= 0
+            return self._closing_now
+        if self._steps < self._next_check:
+            return False
+        spare = left - self._closing_length(self._matcher, vocab_size, left) - self._margin
+        self._closing_now = spare <= 0
+        self._next_check = self._steps + max(1, spare // 2)
+        return self._closing_now
+
+    def _closing_length(
+        self, matcher: Any, vocab_size: int, limit: int, *, ending: bool = True
+    ) -> int:
+        """Tokens closing mode takes to finish from `matcher`'s state (end-of-sequence
+        included), counted on a copy of it; more than `limit` when it does not fit. Within a
+        tier the shortest token is taken (the model may pick it), so this errs long.
+        ending=False: the first token is not end-of-sequence (the answer goes on)."""
+        matcher = matcher.deep_copy()
+        lengths = self._closing[-1]
+        for steps in range(limit + 1):
+            if matcher.is_stopped() or matcher.is_error():
+                return steps  # the decoder ends the sequence without sampling
+            allowed = self._mask(matcher, vocab_size)
+            if not ending and steps == 0:
+                allowed[self._eos] = False
+                if not bool(allowed.any()):
+                    return limit + 1
+            candidates = self._closing_mask(allowed).nonzero().flatten()  # [n]
+            token = int(candidates[lengths[candidates].argmin()])
+            if token in self._eos:
+                return steps + 1
+            matcher.consume_token(token)
+        return limit + 1
 
     def advance(self, token_id: int) -> None:
         self._matcher.consume_token(token_id)

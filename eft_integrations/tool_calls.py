@@ -32,10 +32,7 @@ __all__ = [
     "ToolCallParser",
     "bounded_schema",
     "cast_arguments",
-    "closing_reserve",
     "json_grammar",
-    "minimal_call_text",
-    "minimal_instance",
     "new_call_id",
     "normalize_tools",
     "parse_call",
@@ -408,55 +405,3 @@ def _safe_length(text: str) -> int:
             end -= n
             break
     return len(text[:end].rstrip())
-
-
-# ------------------------------------------------------------------------------ budgets
-
-
-def minimal_instance(schema: Any, root: Any = None) -> Any:
-    """The smallest value of `schema` (required keys only, empty strings, zeros): its token
-    count is the reserve that closing mode needs to finish an answer."""
-    if not isinstance(schema, Mapping):
-        return None
-    root = schema if root is None else root
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, Mapping) else {}
-        return minimal_instance(target, root)
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return min(schema["enum"], key=lambda v: len(json.dumps(v)))
-    for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return minimal_instance(schema[key][0], root)
-    kind = schema.get("type")
-    kind = kind[0] if isinstance(kind, list) and kind else kind
-    if kind == "object" or "properties" in schema:
-        properties = schema.get("properties") or {}
-        return {k: minimal_instance(properties.get(k, {}), root)
-                for k in schema.get("required", [])}
-    if kind == "array":
-        return [minimal_instance(schema.get("items", {}), root)] * int(schema.get("minItems", 0))
-    if kind == "string":
-        return "a" * int(schema.get("minLength", 0))
-    if kind in ("integer", "number"):
-        return schema.get("minimum", 0)
-    if kind == "boolean":
-        return False
-    return None
-
-
-def closing_reserve(tokenizer: Any, texts: Sequence[str]) -> int:
-    """Tokens to keep for closing mode: the longest minimal answer, plus slack."""
-    longest = max((len(tokenizer.encode(t, add_special_tokens=False)) for t in texts), default=0)
-    return longest + 4
-
-
-def minimal_call_text(tool: Mapping[str, Any]) -> str:
-    """The shortest call of a normalized tool, as the grammar writes it."""
-    function = tool["function"]
-    payload = {"name": function["name"], "arguments": minimal_instance(function["parameters"])}
-    return f"{TOOL_CALL_OPEN}\n{json.dumps(payload)}\n{TOOL_CALL_CLOSE}"

@@ -58,3 +58,24 @@ def test_gguf_loading_matches_a_direct_transformers_load(smollm2_decoder):
     expected = direct(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
     torch.testing.assert_close(smollm2_decoder.next_token_logprobs(ids), expected,
                                atol=1e-4, rtol=0)
+
+
+MULTIPLY = {"type": "function", "function": {
+    "name": "multiply", "description": "Multiply two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                    "b": {"type": "integer"}},
+                   "required": ["a", "b"]},
+}}
+
+
+@pytest.mark.parametrize("max_new_tokens", [48, 200])
+def test_a_forced_call_with_room_keeps_the_models_own_digits(smollm2_decoder, max_new_tokens):
+    # closing mode starts only when the tokens left are what closing needs from where the
+    # call is; a fixed share of the budget used to cut 12 to 1 at 48 tokens
+    from eft_integrations import chat as core
+
+    question = [{"role": "user", "content": "What is 12 times 7?"}]
+    result = core.chat(smollm2_decoder, question, tools=[MULTIPLY], tool_choice="multiply",
+                       temperature=0.0, max_new_tokens=max_new_tokens)
+    assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls, result
+    assert [c.arguments for c in result.tool_calls][:1] == [{"a": 12, "b": 7}]
