@@ -23,6 +23,7 @@ tokenizer (tiktoken by default); for exact packing set
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -391,7 +392,7 @@ class EFTLLM(FunctionCallingLLM):
         deltas = core_chat.stream_chat(self.decoder, **request)
 
         def gen() -> Iterator[ChatResponse]:
-            reply = _StreamedReply(weights, request.get("tools") or ())
+            reply = _StreamedReply(weights)
             for delta in deltas:
                 yield reply.add(delta)
 
@@ -414,7 +415,7 @@ class EFTLLM(FunctionCallingLLM):
         weights = self._resolved_weights(request["weights"])
 
         async def gen() -> AsyncIterator[ChatResponse]:
-            reply = _StreamedReply(weights, request.get("tools") or ())
+            reply = _StreamedReply(weights)
             async for delta in core_chat.astream_chat(decoder, **request):
                 yield reply.add(delta)
 
@@ -762,37 +763,29 @@ def _chat_response(result: core_chat.ChatResult) -> ChatResponse:
 class _StreamedReply:
     """Accumulates the core's `ChatDelta`s into cumulative LlamaIndex `ChatResponse`s.
 
-    The core streams each tool call as one complete chunk, and an unreadable call too (its
-    raw text as arguments): a call whose tool is unknown or whose arguments are not a JSON
-    object is reported in `additional_kwargs["invalid_tool_calls"]`, as `chat` does.
+    The core streams each tool call as one complete chunk, and an unreadable call too, with
+    its `error` set: those are reported in `additional_kwargs["invalid_tool_calls"]`, as
+    `chat` does. The arguments of a readable call are the core's JSON of its cast arguments.
     """
 
-    def __init__(self, weights: Mapping[str, float], tools: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, weights: Mapping[str, float]) -> None:
         self.weights = weights
-        self.tool_names = {t["function"]["name"] for t in tools}
         self.content = ""
-        self.calls: dict[int, list[Any]] = {}  # index -> [id, name, arguments text]
+        self.calls: dict[int, core_chat.ToolCallChunk] = {}  # chunks with one index merge
 
     def add(self, delta: core_chat.ChatDelta) -> ChatResponse:
         self.content += delta.content or ""
         for chunk in delta.tool_call_chunks or ():
-            call = self.calls.setdefault(chunk.index, [None, "", ""])
-            call[0] = chunk.id or call[0]
-            call[1] = chunk.name or call[1]
-            call[2] += chunk.arguments or ""
-        valid, invalid = [], []
-        for call_id, name, text in self.calls.values():
-            try:
-                arguments = json.loads(text) if text.strip() else {}
-            except json.JSONDecodeError as error:
-                invalid.append(core_chat.InvalidToolCall(call_id, name, text, f"not JSON: {error}"))
-                continue
-            if name not in self.tool_names or not isinstance(arguments, dict):
-                invalid.append(core_chat.InvalidToolCall(
-                    call_id, name, text, "unknown tool or arguments that are not an object"
-                ))
-            else:
-                valid.append((call_id, name, arguments))
+            seen = self.calls.get(chunk.index)
+            self.calls[chunk.index] = chunk if seen is None else dataclasses.replace(
+                seen, arguments=(seen.arguments or "") + (chunk.arguments or ""),
+                error=chunk.error or seen.error,
+            )
+        calls = list(self.calls.values())
+        valid = [(c.id, c.name, json.loads(c.arguments or "{}"))
+                 for c in calls if c.error is None]
+        invalid = [core_chat.InvalidToolCall(c.id, c.name, c.arguments, c.error)
+                   for c in calls if c.error is not None]
         return ChatResponse(
             message=_assistant_message(self.content, valid, invalid),
             delta=delta.content or "",

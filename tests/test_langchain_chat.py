@@ -189,6 +189,20 @@ def test_streamed_tool_calls_arrive_as_chunks():
     assert full.response_metadata["finish_reason"] == "tool_calls"
 
 
+def test_a_call_the_core_could_not_read_stays_invalid():
+    """Cut by max_tokens, a forced call is an InvalidToolCall in the core; LangChain's lenient
+    parse of the streamed arguments must not turn it into a call with guessed arguments."""
+    options = {"tools": [convert_to_openai_tool(add)], "tool_choice": "add",
+               "temperature": 0.0, "max_new_tokens": 12}
+    expected = core.chat(chat_decoder(), [{"role": "user", "content": "add 2 and 3"}], **options)
+    assert expected.invalid_tool_calls and not expected.tool_calls
+    message = _chat(max_tokens=12).bind_tools([add], tool_choice="add").invoke("add 2 and 3")
+    assert not message.tool_calls
+    assert [c["error"] for c in message.invalid_tool_calls] == [
+        c.error for c in expected.invalid_tool_calls
+    ]
+
+
 def test_lazy_loading_shares_one_decoder():
     first = ChatEFT(**from_pretrained_args(), temperature=0.0, max_tokens=4)
     second = ChatEFT(**from_pretrained_args(), temperature=0.0, max_tokens=4)

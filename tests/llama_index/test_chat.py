@@ -202,23 +202,28 @@ async def test_structured_llm_astream(llm):
     assert all(not isinstance(p, Place) for p in partial)  # partial objects precede it
 
 
-def test_streamed_calls_that_cannot_be_read_are_reported_invalid():
-    """The core streams each call as one chunk, unreadable ones too (raw text)."""
+def test_streamed_calls_the_core_could_not_read_are_reported_invalid():
+    """The core streams each call as one chunk, unreadable ones too (raw text, `error` set):
+    the adapter reports what the core decided, with the core's error, and reads nothing."""
     from eft_integrations.llama_index import _StreamedReply
 
-    reply = _StreamedReply({"chat": 1.0}, [WEATHER.metadata.to_openai_tool()])
+    reply = _StreamedReply({"chat": 1.0})
     reply.add(core_chat.ChatDelta("Checking.", [
         core_chat.ToolCallChunk(0, "call_1", "get_weather", '{"city": "Rome"}'),
     ]))
     last = reply.add(core_chat.ChatDelta("", [
-        core_chat.ToolCallChunk(1, "call_2", "get_weather", '{"city": '),
-        core_chat.ToolCallChunk(2, "call_3", "launch_rocket", "{}"),
+        core_chat.ToolCallChunk(1, "call_2", "get_weather", '{"city": ', "not valid JSON"),
+        core_chat.ToolCallChunk(2, "call_3", "launch_rocket", "{}", "unknown tool"),
+        # readable JSON, yet the core found the call invalid: it stays invalid
+        core_chat.ToolCallChunk(3, "call_4", "get_weather", '{"city": "Rome"}', "bad call"),
     ], finish_reason="tool_calls", usage=None))
     assert last.message.content == "Checking."
     calls = [b for b in last.message.blocks if isinstance(b, ToolCallBlock)]
     assert [(c.tool_call_id, c.tool_kwargs) for c in calls] == [("call_1", {"city": "Rome"})]
     invalid = last.message.additional_kwargs["invalid_tool_calls"]
-    assert [c["id"] for c in invalid] == ["call_2", "call_3"]
+    assert [(c["id"], c["error"]) for c in invalid] == [
+        ("call_2", "not valid JSON"), ("call_3", "unknown tool"), ("call_4", "bad call"),
+    ]
 
 
 def test_speculative_llm_chats_and_calls_tools(llm):
