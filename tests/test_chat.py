@@ -250,6 +250,27 @@ def test_a_tight_budget_still_closes_the_call():
     _validate_call(result.tool_calls[0])
 
 
+def test_closing_mode_waits_for_the_closing_of_the_answer_so_far():
+    # after `{"a": 1` the answer closes with `}` alone (nothing may follow it: the decoder
+    # stops). With the margin of 4 the model writes its own digits while 6 or more tokens are
+    # left; a fixed share (the shortest whole answer plus 4) used to cut the number there.
+    decoder = chat_decoder()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    request = prepare_chat(decoder, USER, response_format={"type": "json_schema",
+                                                           "schema": schema})
+    written = decoder.tokenizer('{"a": 1', add_special_tokens=False)["input_ids"]
+    digits = decoder.tokenizer("2", add_special_tokens=False)["input_ids"]
+    close = decoder.tokenizer("}", add_special_tokens=False)["input_ids"]
+    assert len(digits) == len(close) == 1
+    for left, closing in ((6, False), (5, True)):
+        constraint = request.constraint(decoder, budget=len(written) + left)
+        for token in written:
+            constraint.advance(token)
+        mask = constraint.allowed_mask(decoder.vocab_size)
+        assert bool(mask[close[0]])
+        assert bool(mask[digits[0]]) is not closing, left
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_response_format_constrains_the_whole_answer(seed):
     decoder = chat_decoder()
