@@ -1,8 +1,9 @@
 """Tiny random chat models with room for tool prompts, shared by the chat and adapter tests.
 
 The family of `tiny_models.save_family` has 96-128 position windows; tool listings and
-structured-output instructions need more, so this one uses 4096 positions. Built once per
-process into a temporary folder and loaded back through `from_pretrained`.
+structured-output instructions need more, so this one uses 4096 positions (the LlamaIndex
+tests build it with 3072). Built once per process into a temporary folder and loaded back
+through `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ TOOLS_TEMPLATE = (
 """A template with tool support in the Hermes / Qwen style (the tiny default has none)."""
 
 
-@functools.lru_cache(maxsize=1)
-def chat_family_paths() -> dict[str, str]:
-    """base (Llama), chat and safe fine-tunes (Llama), one GPT-2 reference; saved once."""
+@functools.lru_cache(maxsize=2)
+def chat_family_paths(window: int = WINDOW, base_layers: int = 2) -> dict[str, str]:
+    """base (Llama), chat and safe fine-tunes (Llama), one GPT-2 reference, every model with
+    `window` positions; saved once per (window, base_layers)."""
     root = Path(tempfile.mkdtemp(prefix="eft-chat-family-"))
     tokenizer = build_tokenizer()
     vocab = len(tokenizer)
     made = {
-        "base": llama(vocab, seed=11, hidden=48, layers=2, window=WINDOW),
-        "chat": llama(vocab, seed=12, window=WINDOW),
-        "safe": llama(vocab, seed=13, window=WINDOW),
-        "ref": gpt2(vocab, seed=14, window=WINDOW),
+        "base": llama(vocab, seed=11, hidden=48, layers=base_layers, window=window),
+        "chat": llama(vocab, seed=12, window=window),
+        "safe": llama(vocab, seed=13, window=window),
+        "ref": gpt2(vocab, seed=14, window=window),
     }
     paths = {}
     for name, model in made.items():
@@ -56,9 +58,10 @@ def chat_family_paths() -> dict[str, str]:
     return paths
 
 
-def from_pretrained_args(tools_template: bool = False) -> dict:
-    """Keyword arguments of `EFTDecoder.from_pretrained` for the family."""
-    paths = chat_family_paths()
+def from_pretrained_args(tools_template: bool = False, **family: int) -> dict:
+    """Keyword arguments of `EFTDecoder.from_pretrained` for the family (`family`: the
+    window and base_layers of `chat_family_paths`)."""
+    paths = chat_family_paths(**family)
     args = {
         "base": paths["base"],
         "behaviors": {"chat": (paths["chat"], paths["ref"]), "safe": (paths["safe"], paths["ref"])},

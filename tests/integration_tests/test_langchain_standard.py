@@ -13,9 +13,8 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from eft_integrations.langchain import ChatEFT
-
 from ..chat_family import chat_decoder
+from ..langchain_standard_params import ChatEFTStandardParams
 
 NEEDS_UNDERSTANDING = (
     "a tiny random model cannot read the question: the call is forced and schema-valid, but "
@@ -23,11 +22,7 @@ NEEDS_UNDERSTANDING = (
 )
 
 
-class TestChatEFTIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatEFT]:
-        return ChatEFT
-
+class TestChatEFTIntegration(ChatEFTStandardParams, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
         return {
@@ -36,26 +31,6 @@ class TestChatEFTIntegration(ChatModelIntegrationTests):
             "max_tokens": 80,
             "weights": {"chat": 1.0, "safe": 0.5},
         }
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # the models are fixed when the decoder is built
 
     @pytest.mark.xfail(reason=NEEDS_UNDERSTANDING)
     def test_tool_calling(self, model: BaseChatModel) -> None:

@@ -9,12 +9,13 @@ from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from eft_integrations import EFTDecoder
-from eft_integrations.langchain import ChatEFT
+
+from ..langchain_standard_params import ChatEFTStandardParams
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 
-class TestChatEFTSmolLM2(ChatModelIntegrationTests):
+class TestChatEFTSmolLM2(ChatEFTStandardParams, ChatModelIntegrationTests):
     decoder: EFTDecoder
 
     @pytest.fixture(autouse=True)
@@ -23,32 +24,8 @@ class TestChatEFTSmolLM2(ChatModelIntegrationTests):
         type(self).decoder = smollm2_decoder
 
     @property
-    def chat_model_class(self) -> type[ChatEFT]:
-        return ChatEFT
-
-    @property
     def chat_model_params(self) -> dict:
         return {"decoder": self.decoder, "temperature": 0.0, "max_tokens": 64}
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # the models are fixed when the decoder is built
 
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
     @pytest.mark.xfail(reason="SmolLM2-135M-Instruct has no tool-use training: with tool_choice "

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from llama_index.core import Settings
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
@@ -22,47 +21,26 @@ from llama_index.core.instrumentation.events.llm import LLMChatEndEvent
 
 from eft_integrations import EFTDecoder
 
-from ..tiny_models import build_tokenizer, gpt2, llama
+from ..chat_family import chat_family_paths, from_pretrained_args
 
 WINDOW = 3072
 """Context window of every model of the family: room for RAG, tool and ReAct prompts
 (the tiny tokenizer spends about one token per two characters)."""
 
+RAG_FAMILY = {"window": WINDOW, "base_layers": 3}
+"""The chat family of `tests/chat_family.py`, with this window and a 3-layer base."""
 
-def save_rag_family(root: Path) -> dict[str, Path]:
+
+@pytest.fixture(scope="session")
+def rag_paths() -> dict[str, Path]:
     """base (Llama) + chat and safe fine-tunes (Llama) over a shared GPT-2 reference."""
-    tokenizer = build_tokenizer()
-    vocab = len(tokenizer)
-    made = {
-        "base": llama(vocab, seed=11, hidden=48, layers=3, window=WINDOW),
-        "chat": llama(vocab, seed=12, window=WINDOW),
-        "safe": llama(vocab, seed=13, window=WINDOW),
-        "ref": gpt2(vocab, seed=14, window=WINDOW),
-    }
-    paths = {}
-    for name, model in made.items():
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        paths[name] = root / name
-    return paths
+    return {name: Path(path) for name, path in chat_family_paths(**RAG_FAMILY).items()}
 
 
 @pytest.fixture(scope="session")
-def rag_paths(tmp_path_factory) -> dict[str, Path]:
-    return save_rag_family(tmp_path_factory.mktemp("rag_family"))
-
-
-@pytest.fixture(scope="session")
-def rag_decoder(rag_paths) -> EFTDecoder:
+def rag_decoder() -> EFTDecoder:
     """base + chat(chat - ref) + safe(safe - ref), loaded through from_pretrained."""
-    return EFTDecoder.from_pretrained(
-        base=rag_paths["base"],
-        behaviors={
-            "chat": (rag_paths["chat"], rag_paths["ref"]),
-            "safe": (rag_paths["safe"], rag_paths["ref"]),
-        },
-        dtype=torch.float32,
-    )
+    return EFTDecoder.from_pretrained(**from_pretrained_args(**RAG_FAMILY))
 
 
 @pytest.fixture(scope="session")
