@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import jsonschema
 import pytest
@@ -29,6 +28,7 @@ from eft_integrations.tool_calls import (
 )
 
 from .chat_family import chat_decoder
+from .event_loop import run_beside_ticker
 
 WEATHER = {
     "type": "function",
@@ -342,27 +342,20 @@ def test_chat_batch_is_one_batched_decode():
 
 async def test_async_chat_does_not_block_the_event_loop():
     decoder = chat_decoder()
-    ticks = 0
-    done = asyncio.Event()
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
-            await asyncio.sleep(0.005)
+    async def turns():
+        result = await core.achat(decoder, USER, tools=TOOLS, tool_choice="ping",
+                                  temperature=0.0, max_new_tokens=60)
+        deltas = [d async for d in core.astream_chat(decoder, USER, temperature=0.0,
+                                                     max_new_tokens=30)]
+        return result, deltas
 
-    task = asyncio.create_task(ticker())
-    start = time.perf_counter()
-    result = await core.achat(decoder, USER, tools=TOOLS, tool_choice="ping",
-                              temperature=0.0, max_new_tokens=60)
-    deltas = [d async for d in core.astream_chat(decoder, USER, temperature=0.0,
-                                                 max_new_tokens=30)]
-    elapsed = time.perf_counter() - start
-    done.set()
-    await task
+    probe = await run_beside_ticker(turns)
+    result, deltas = probe.result
     assert result.tool_calls[0].name == "ping"
     assert deltas[-1].finish_reason is not None
-    assert ticks >= max(3, int(elapsed / 0.005 * 0.2))  # the loop kept running meanwhile
+    # the loop kept running meanwhile
+    assert probe.ticks >= max(3, int(probe.elapsed / 0.005 * 0.2))
 
 
 async def test_closing_the_async_stream_stops_decoding():

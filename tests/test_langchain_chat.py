@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, TypedDict
 
@@ -23,6 +22,7 @@ from eft_integrations import chat as core
 from eft_integrations.langchain import ChatEFT, _to_core_messages
 
 from .chat_family import chat_decoder, chat_family_paths, from_pretrained_args
+from .event_loop import run_beside_ticker
 
 HELLO = [HumanMessage("Hello there")]
 
@@ -101,27 +101,19 @@ def test_batch_is_one_batched_decode_equal_to_invokes():
 
 async def test_abatch_and_ainvoke_do_not_block_the_loop():
     chat = _chat(max_tokens=24)
-    ticks = 0
-    done = asyncio.Event()
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
-            await asyncio.sleep(0.005)
+    async def calls():
+        single = await chat.ainvoke(HELLO)
+        several = await chat.abatch(["Hi", "Hello there"])
+        chunks = [c async for c in chat.astream(HELLO)]
+        return single, several, chunks
 
-    task = asyncio.create_task(ticker())
-    start = time.perf_counter()
-    single = await chat.ainvoke(HELLO)
-    several = await chat.abatch(["Hi", "Hello there"])
-    chunks = [c async for c in chat.astream(HELLO)]
-    elapsed = time.perf_counter() - start
-    done.set()
-    await task
+    probe = await run_beside_ticker(calls)
+    single, several, chunks = probe.result
     assert single.content == chat.invoke(HELLO).content
     assert len(several) == 2
     assert "".join(c.content for c in chunks) == single.content
-    assert ticks >= max(3, int(elapsed / 0.005 * 0.2))
+    assert probe.ticks >= max(3, int(probe.elapsed / 0.005 * 0.2))
 
 
 def test_concurrent_invokes_equal_serial_invokes():

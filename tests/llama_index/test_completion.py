@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from eft_integrations import EFTDecoder
 from eft_integrations.llama_index import EFTLLM
 
+from ..event_loop import run_beside_ticker
 from .conftest import WINDOW
 
 PROMPT = "The capital of Veloria is"
@@ -156,30 +156,6 @@ def test_token_counting_handler_sees_the_decoder_usage(rag_decoder):
     assert counter.prompt_llm_token_count == 2 * response.raw["usage"]["prompt_tokens"]
 
 
-async def _max_gap_while(coro_factory, tick: float = 0.002) -> tuple[float, int, object]:
-    """Run a coroutine while a ticker sleeps `tick` in a loop; the longest gap between
-    ticks is how long the event loop was blocked."""
-    gaps: list[float] = []
-    done = asyncio.Event()
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not done.is_set():
-            await asyncio.sleep(tick)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    try:
-        result = await coro_factory()
-    finally:
-        done.set()
-        await task
-    return max(gaps), len(gaps), result
-
-
 async def test_async_methods_keep_the_event_loop_responsive(rag_decoder):
     llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=64,
                  stop=["never-appears"])
@@ -189,7 +165,8 @@ async def test_async_methods_keep_the_event_loop_responsive(rag_decoder):
     async def blocking():  # the anti-pattern: the sync call inside a coroutine
         return llm.complete(prompt)
 
-    blocked_gap, _, blocked = await _max_gap_while(blocking)
+    blocked_probe = await run_beside_ticker(blocking, tick=0.002)
+    blocked_gap, blocked = blocked_probe.max_gap, blocked_probe.result
     assert blocked.raw["usage"]["completion_tokens"] > 8
 
     async def streamed_completion():
@@ -205,7 +182,8 @@ async def test_async_methods_keep_the_event_loop_responsive(rag_decoder):
         "astream_chat": streamed_chat,
     }
     for name, call in calls.items():
-        gap, ticks, _ = await _max_gap_while(call)
+        probe = await run_beside_ticker(call, tick=0.002)
+        gap, ticks = probe.max_gap, probe.ticks
         print(f"{name}: longest event-loop stall {gap * 1000:.1f} ms over {ticks} ticks "
               f"(sync complete inside a coroutine: {blocked_gap * 1000:.1f} ms)")
         assert ticks >= 5
