@@ -1,44 +1,38 @@
-"""The EFT decoder: several Hugging Face causal LMs composed per token, with KV caches.
+"""EFTDecoder: the public facade of the EFT engine.
 
 Reference: Mitchell et al., "An Emulator for Fine-Tuning Large Language Models using Small
 Language Models", ICLR 2024. Each step composes
 
     log p_eft = log p_base + sum_b w_b (log p_finetuned_b - log p_reference_b), renormalised
 
-(see `composition.py`). The loop is written as named phases, after gpt-fast:
+(see `composition.py`). The pieces, each in a module named for it:
 
-    prefill       every distinct model reads its own left-padded view of the prompts
-    compose       per-model logits -> EFT log-probs [B, V], then constraints
-    sample        greedy or seeded sampling after temperature / top-k / top-p
-    stop check    end-of-turn tokens, stop strings across token boundaries, length limits
-    decode step   the sampled tokens go to every model's KV cache
+    ensemble.py     the distinct models, their roles, one forward per model per step
+    kv_state.py     per-model KV cache, mask and positions for the rows in flight
+    stopping.py     per-row tokens, text, stop strings, budget, finish reason
+    scheduler.py    the engine loop: admits requests, steps the batch, retires rows
+    speculative.py  draft, verify, accept, roll back
 
-A model used in several roles (one reference shared by two behaviors) is run once per step.
+Every call (`generate`, `stream`, `agenerate`, `astream`, from any thread or coroutine)
+becomes a request to the decoder's one engine, which batches concurrent requests step by step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import inspect
 import os
-import secrets
+import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .async_bridge import iterate_in_thread
-from .composition import (
-    compose_logprobs,
-    finetuning_scale_logprobs,
-    sample_tokens,
-    sampling_logprobs,
-)
 from .constraints import TokenConstraint
+from .ensemble import Ensemble
 from .loading import (
     Behavior,
     ModelRef,
@@ -47,48 +41,21 @@ from .loading import (
     load_model,
     load_tokenizer,
     model_context_window,
-    model_device,
 )
 from .options import (
     GenerationOptions,
     GenerationResult,
     StreamChunk,
-    Usage,
     WeightsArg,
     resolve_weights,
 )
-from .speculative import accept_draft, crop_cache
-from .text import CompletionText
+from .scheduler import Engine, Request
+from .stopping import RowText
 
 __all__ = ["EFTDecoder"]
 
 Prompt = str | Sequence[int]
 """A string (tokenized with the shared tokenizer) or token ids (used as given)."""
-
-
-@dataclass
-class _ModelState:
-    """One distinct model's side of a batched decode: its mask, positions and KV cache."""
-
-    attention_mask: torch.Tensor  # [B, L] 1 = real token, 0 = left padding
-    next_position: torch.Tensor  # [B] position id of the next token fed
-    cache: Any
-
-
-@dataclass
-class _Row:
-    """One sequence of the batch: its text, limits and (optional) constraint."""
-
-    text: CompletionText
-    prompt_tokens: int
-    token_budget: int  # max_new_tokens, cut to what the smallest context window leaves
-    constraint: TokenConstraint | None = None
-    finish_reason: str | None = None
-    new_token_ids: list[int] = field(default_factory=list)  # since the last stream chunk
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 class EFTDecoder:
@@ -97,6 +64,10 @@ class EFTDecoder:
     Build it with `EFTDecoder.from_pretrained(base=..., behaviors=...)`, or from loaded models:
     `EFTDecoder(base=model, behaviors={"chat": (finetuned_model, reference_model)},
     tokenizer=tok)`. With `behaviors={}` it decodes the base model alone through the same path.
+
+    A decoder is an engine: call it from any number of threads and coroutines at once; the
+    calls are batched together step by step (`max_batch_size` rows, `max_tokens_in_flight`
+    cache positions at most; beyond that requests wait in a FIFO queue).
     """
 
     def __init__(
@@ -108,6 +79,8 @@ class EFTDecoder:
         *,
         chat_template: str | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        max_batch_size: int = 32,
+        max_tokens_in_flight: int = 131_072,
     ) -> None:
         if tokenizer is None:
             raise ValueError(
@@ -115,39 +88,22 @@ class EFTDecoder:
                 "EFTDecoder.from_pretrained(...), which loads it"
             )
         behaviors = {name: Behavior.coerce(name, b) for name, b in (behaviors or {}).items()}
+        for name, b in behaviors.items():
+            for role, model in (("finetuned", b.finetuned), ("reference", b.reference)):
+                _check_loaded(model, f"behavior {name!r} {role}")
+        _check_loaded(base, "base")
         self.tokenizer = tokenizer
         self._chat_template = chat_template
-
-        # distinct models by identity: a model in several roles is run once per step
-        self._models: list[PreTrainedModel] = []
-        self._is_finetuned: list[bool] = []
-
-        def index_of(model: Any, role: str, finetuned: bool) -> int:
-            if not isinstance(model, PreTrainedModel):
-                raise ValueError(
-                    f"{role} must be a loaded transformers model here, got "
-                    f"{type(model).__name__}; use EFTDecoder.from_pretrained for paths"
-                )
-            for i, seen in enumerate(self._models):
-                if seen is model:
-                    self._is_finetuned[i] = self._is_finetuned[i] or finetuned
-                    return i
-            self._models.append(model.eval())
-            self._is_finetuned.append(finetuned)
-            return len(self._models) - 1
-
-        self._base = index_of(base, "base", finetuned=False)
-        self._pairs: list[tuple[int, int]] = [
-            (index_of(b.finetuned, f"behavior {n!r} finetuned", True),
-             index_of(b.reference, f"behavior {n!r} reference", False))
-            for n, b in behaviors.items()
-        ]
+        self.vocab_size = len(tokenizer)
+        self._ensemble = Ensemble(
+            base, [(b.finetuned, b.reference) for b in behaviors.values()], self.vocab_size,
+            pad_id=0,  # set below, once the end-of-turn tokens are known
+        )
         self.behavior_names: list[str] = list(behaviors)
         self.default_weights: dict[str, float] = {n: 1.0 for n in self.behavior_names}
         if default_weights is not None:
             self.default_weights = resolve_weights(default_weights, self.default_weights, 1)[0][0]
 
-        self.vocab_size = len(tokenizer)
         for i, model in enumerate(self._models):
             rows = model.get_output_embeddings().weight.shape[0]
             if rows < self.vocab_size:
@@ -161,18 +117,42 @@ class EFTDecoder:
         self.eos_token_ids = frozenset(
             eos_token_ids if eos_token_ids is not None else self._end_of_turn_tokens()
         )
-        self._device = model_device(self._models[self._base])
-        self._cache_kwarg = [
-            "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
-            for m in self._models
-        ]
-        self._keeps_last_logits = [
-            "logits_to_keep" in inspect.signature(m.forward).parameters for m in self._models
-        ]
-        # one decode at a time: the models' modules are shared between calls
-        self._lock = threading.RLock()
-        self.forward_calls = 0
+        pad = tokenizer.pad_token_id
+        self._ensemble.pad_id = pad if pad is not None else min(self.eos_token_ids, default=0)
+        self.engine = Engine(self._ensemble, max_batch_size, max_tokens_in_flight)
+        """The decode loop every call goes through; `engine.stats` has its diagnostics."""
+
+    # the models are never copied: a deep copy (e.g. of a ChatEFT) shares the decoder
+    def __deepcopy__(self, memo: dict[int, Any]) -> EFTDecoder:
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        engine = state.pop("engine")
+        state["_engine_limits"] = (engine.max_batch_size, engine.max_tokens_in_flight)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        limits = state.pop("_engine_limits")
+        self.__dict__.update(state)
+        self.engine = Engine(self._ensemble, *limits)
+
+    @property
+    def forward_calls(self) -> int:
         """Model forwards run so far (all models); a model in several roles counts once."""
+        return self._ensemble.forward_calls
+
+    @property
+    def _models(self) -> list[PreTrainedModel]:
+        return self._ensemble.models
+
+    @property
+    def _base(self) -> int:
+        return self._ensemble.base
+
+    @property
+    def _pairs(self) -> list[tuple[int, int]]:
+        return self._ensemble.pairs
 
     # ------------------------------------------------------------------ construction
 
@@ -265,7 +245,7 @@ class EFTDecoder:
         ids: set[int] = set()
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
-        speakers = [i for i, ft in enumerate(self._is_finetuned) if ft] or [self._base]
+        speakers = [i for i, ft in enumerate(self._ensemble.reads_chat_view) if ft] or [self._base]
         for i in speakers:
             config = getattr(self._models[i], "generation_config", None)
             eos = getattr(config, "eos_token_id", None)
@@ -340,12 +320,19 @@ class EFTDecoder:
             return list(prompt), True
         return [prompt], False  # token ids (or an empty list, rejected by encode)
 
-    def _prepare(
+    def _requests(
         self,
         prompt: Prompt | Sequence[Prompt],
         base_prompt: Prompt | Sequence[Prompt] | None,
         weights: WeightsArg,
-    ) -> tuple[list[list[int]], list[list[int]], list[dict[str, float]], torch.Tensor, bool]:
+        options: GenerationOptions,
+        constraints: Sequence[TokenConstraint | None] | None,
+        speculative_k: int | None,
+        cancel: threading.Event | None,
+        streaming: bool,
+        sinks: Callable[[], Callable[[object], None]],
+    ) -> tuple[list[Request], bool]:
+        """Validate a call in the caller's thread and build one request per prompt."""
         prompts, is_batch = self._as_batch(prompt)
         chat_ids = [self.encode(p) for p in prompts]
         if base_prompt is None:
@@ -360,163 +347,44 @@ class EFTDecoder:
             base_ids = [self.encode(p) for p in base_prompts]
         if not is_batch and isinstance(weights, Sequence) and not isinstance(weights, str):
             raise ValueError("a list of weight dicts needs a list of prompts")
-        weight_rows, weight_tensor = resolve_weights(
-            weights, self.default_weights, len(prompts)
-        )
-        return chat_ids, base_ids, weight_rows, weight_tensor.to(self._device), is_batch
-
-    # ------------------------------------------------------------------ phases
-
-    def _forward(self, i: int, state: _ModelState, input_ids: torch.Tensor,
-                 position_ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
-        """One forward of model i over new tokens; logits of the last `keep` positions
-        [B, keep, V] (float32, on the composing device)."""
-        model = self._models[i]
-        device = model_device(model)
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids.to(device),
-            "attention_mask": state.attention_mask.to(device),
-            "position_ids": position_ids.to(device),
-            "use_cache": True,
-            self._cache_kwarg[i]: state.cache,
-        }
-        if self._keeps_last_logits[i]:
-            kwargs["logits_to_keep"] = keep
-        self.forward_calls += 1
-        logits = model(**kwargs).logits[:, -keep:, : self.vocab_size]
-        return logits.to(self._device)
-
-    def _feed(self, i: int, state: _ModelState, tokens: torch.Tensor, keep: int = 1
-              ) -> torch.Tensor:
-        """Append tokens [B, n] to model i's context; logits [B, keep, V] at the last positions."""
-        n = tokens.shape[1]
-        ones = torch.ones_like(state.attention_mask[:, :1]).expand(-1, n)
-        state.attention_mask = torch.cat([state.attention_mask, ones], dim=-1)
-        offsets = torch.arange(n, device=state.next_position.device)
-        positions = state.next_position[:, None] + offsets  # [B, n]
-        logits = self._forward(i, state, tokens, positions, keep)
-        state.next_position = state.next_position + n
-        return logits
-
-    def _rewind(self, state: _ModelState, tokens_to_remove: int) -> None:
-        """Forget the last tokens of a context (rejected speculative drafts)."""
-        if tokens_to_remove <= 0:
-            return
-        crop_cache(state.cache, tokens_to_remove)
-        state.attention_mask = state.attention_mask[:, :-tokens_to_remove]
-        state.next_position = state.next_position - tokens_to_remove
-
-    def _new_cache(self, i: int) -> Any:
-        try:
-            return DynamicCache(config=self._models[i].config)
-        except TypeError:  # transformers < 4.56 builds it without a config
-            return DynamicCache()
-
-    def _prefill(
-        self, chat_ids: list[list[int]], base_ids: list[list[int]]
-    ) -> tuple[list[_ModelState], list[torch.Tensor]]:
-        """Every distinct model reads its view of the prompts, left-padded; logits [B, V]."""
-        states, logits = [], []
-        for i, finetuned in enumerate(self._is_finetuned):
-            input_ids, mask = self._left_pad(chat_ids if finetuned else base_ids)
-            # positions count real tokens only, so left padding does not shift them
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-            state = _ModelState(mask, mask.sum(-1), self._new_cache(i))
-            logits.append(self._forward(i, state, input_ids, positions)[:, -1])
-            states.append(state)
-        return states, logits
-
-    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = min(self.eos_token_ids, default=0)
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), pad, dtype=torch.long)  # [B, S]
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, S]
-        for row, seq in enumerate(sequences):
-            input_ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, length - len(seq):] = 1
-        return input_ids, mask
-
-    def _decode_step(self, states: list[_ModelState], tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Feed one token per row [B] to every distinct model; logits [B, V] per model."""
-        return [self._feed(i, state, tokens[:, None])[:, -1] for i, state in enumerate(states)]
-
-    def _compose(self, logits: list[torch.Tensor], weights: torch.Tensor,
-                 conservative_top_p: float | None) -> torch.Tensor:
-        """Per-model logits -> EFT log-probs [B, V]."""
-        return compose_logprobs(
-            logits[self._base],
-            [logits[f] for f, _ in self._pairs],
-            [logits[r] for _, r in self._pairs],
-            weights,
-            conservative_top_p,
-        )
-
-    @staticmethod
-    def _constrain(logprobs: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """Mask tokens each row's constraint forbids, and renormalise."""
-        masks = []
-        for row in rows:
-            mask = None
-            if row.constraint is not None and not row.finished:
-                mask = row.constraint.allowed_mask(logprobs.shape[-1])
-            masks.append(mask)
-        if all(m is None for m in masks):
-            return logprobs
-        allowed = torch.ones_like(logprobs, dtype=torch.bool)
-        for b, mask in enumerate(masks):
-            if mask is not None:
-                allowed[b] = mask.to(device=logprobs.device, dtype=torch.bool)
-        return torch.log_softmax(logprobs.masked_fill(~allowed, float("-inf")), dim=-1)
-
-    def _stop_check(self, row: _Row, token: int) -> None:
-        """Record one sampled token and decide whether the row is done."""
-        row.new_token_ids.append(token)
-        if token in self.eos_token_ids:
-            row.text.append_end_token(token)
-            row.finish_reason = "stop"
-            return
-        row.text.append(token)
-        if row.constraint is not None:
-            row.constraint.advance(token)
-            if row.constraint.is_finished():
-                row.finish_reason = "stop"
-        if row.text.stopped:
-            row.finish_reason = "stop"
-        elif row.finish_reason is None and len(row.text.token_ids) >= row.token_budget:
-            row.finish_reason = "length"
-
-    # ------------------------------------------------------------------ the loop
-
-    def _new_rows(
-        self,
-        chat_ids: list[list[int]],
-        base_ids: list[list[int]],
-        options: GenerationOptions,
-        constraints: Sequence[TokenConstraint | None] | None,
-    ) -> list[_Row]:
+        weight_rows, weight_tensor = resolve_weights(weights, self.default_weights, len(prompts))
         if constraints is not None and len(constraints) != len(chat_ids):
             raise ValueError(f"got {len(constraints)} constraints for {len(chat_ids)} prompts")
-        rows = []
+        self._check_speculative(speculative_k, constraints)
+        requests = []
         for b, (chat, base) in enumerate(zip(chat_ids, base_ids, strict=True)):
-            room = options.max_new_tokens
-            if self.context_window is not None:
-                room = min(room, self.context_window - max(len(chat), len(base)))
-            if room < 1:
-                raise ValueError(
-                    f"prompt {b} fills the smallest context window ({self.context_window} "
-                    "tokens): no room to generate; shorten the prompt"
-                )
-            rows.append(_Row(
-                text=CompletionText(self.tokenizer, options.stop),
-                prompt_tokens=len(chat),
-                token_budget=room,
-                constraint=constraints[b] if constraints is not None else None,
+            requests.append(Request(
+                chat_ids=chat,
+                base_ids=base,
+                weights=weight_rows[b],
+                weight_row=weight_tensor[b : b + 1],
+                options=options,
+                row=RowText(self.tokenizer, options.stop, self.eos_token_ids, len(chat),
+                            self.token_budget(max(len(chat), len(base)), options.max_new_tokens,
+                                              b),
+                            constraints[b] if constraints is not None else None),
+                sink=sinks(),
+                cancel_event=cancel if cancel is not None else threading.Event(),
+                streaming=streaming,
+                speculative_k=speculative_k,
             ))
-        return rows
+        return requests, is_batch
 
-    def _check_speculative(self, speculative_k: int | None, rows: list[_Row]) -> None:
+    def token_budget(self, prompt_tokens: int, max_new_tokens: int, index: int = 0) -> int:
+        """Tokens a prompt of `prompt_tokens` may generate: max_new_tokens, cut to what the
+        smallest context window leaves (ValueError if it leaves nothing)."""
+        room = max_new_tokens
+        if self.context_window is not None:
+            room = min(room, self.context_window - prompt_tokens)
+        if room < 1:
+            raise ValueError(
+                f"prompt {index} has {prompt_tokens} tokens and fills the smallest context "
+                f"window ({self.context_window} tokens): no room to generate; shorten the prompt"
+            )
+        return room
+
+    def _check_speculative(self, speculative_k: int | None,
+                           constraints: Sequence[TokenConstraint | None] | None) -> None:
         if speculative_k is None:
             return
         if isinstance(speculative_k, bool) or not isinstance(speculative_k, int) \
@@ -528,139 +396,9 @@ class EFTDecoder:
         if any(self._base in pair for pair in self._pairs):
             raise ValueError("speculative decoding needs a base model that is not also a "
                              "fine-tuned or reference model; leave speculative_k=None")
-        if len(rows) != 1:
-            raise ValueError("speculative decoding takes one prompt at a time; call generate "
-                             "per prompt or leave speculative_k=None for a batch")
-        if rows[0].constraint is not None:
+        if constraints is not None and any(c is not None for c in constraints):
             raise ValueError("speculative decoding does not combine with constraints; leave "
                              "speculative_k=None")
-
-    def _decode_loop(
-        self,
-        chat_ids: list[list[int]],
-        base_ids: list[list[int]],
-        weights: torch.Tensor,
-        options: GenerationOptions,
-        constraints: Sequence[TokenConstraint | None] | None,
-        cancel: threading.Event | None = None,
-        speculative_k: int | None = None,
-    ) -> Iterator[list[_Row]]:
-        """Yield the batch's rows after every step, until all rows finish."""
-        rows = self._new_rows(chat_ids, base_ids, options, constraints)
-        self._check_speculative(speculative_k, rows)
-        generator = torch.Generator(device=self._device)
-        generator.manual_seed(options.seed if options.seed is not None else secrets.randbits(63))
-        fill_token = min(self.eos_token_ids, default=0)
-        with self._lock, torch.inference_mode():
-            states, logits = self._prefill(chat_ids, base_ids)
-            try:
-                if speculative_k is not None:
-                    yield from self._speculative_rounds(
-                        rows[0], states, logits, weights, options, speculative_k, generator,
-                        cancel,
-                    )
-                    return
-                while True:
-                    logprobs = self._compose(logits, weights, options.conservative_top_p)
-                    logprobs = self._constrain(logprobs, rows)
-                    tokens = sample_tokens(
-                        logprobs, options.temperature, options.top_k, options.top_p, generator
-                    )  # [B]
-                    for row, token in zip(rows, tokens.tolist(), strict=True):
-                        if not row.finished:
-                            self._stop_check(row, token)
-                    yield rows
-                    if all(r.finished for r in rows) or (cancel is not None and cancel.is_set()):
-                        return
-                    # finished rows keep decoding a filler token whose output is ignored
-                    done = torch.tensor([r.finished for r in rows], device=tokens.device)
-                    tokens = tokens.masked_fill(done, fill_token)
-                    logits = self._decode_step(states, tokens)
-            finally:
-                del states, logits  # free the KV caches now, even when the consumer stops
-
-    def _draft_logprobs(self, logits: Mapping[int, torch.Tensor], weights: torch.Tensor
-                        ) -> torch.Tensor:
-        """The fine-tuning-scale distribution [1, V] from the behaviors' models alone."""
-        lp = {i: torch.log_softmax(x.float(), dim=-1) for i, x in logits.items()}
-        return finetuning_scale_logprobs(
-            [lp[f] for f, _ in self._pairs], [lp[r] for _, r in self._pairs], weights
-        )
-
-    def _speculative_rounds(
-        self,
-        row: _Row,
-        states: list[_ModelState],
-        logits: list[torch.Tensor],
-        weights: torch.Tensor,
-        options: GenerationOptions,
-        k: int,
-        generator: torch.Generator,
-        cancel: threading.Event | None,
-    ) -> Iterator[list[_Row]]:
-        """Draft k tokens with the small models, verify them with one base forward, repeat.
-
-        Invariant between rounds: every small model has read all emitted tokens and holds
-        next-position logits; the base has read all but `pending`, which it reads together
-        with the next round's drafts (one base forward per round).
-        """
-        greedy = options.temperature == 0.0
-
-        def transform(lp: torch.Tensor) -> torch.Tensor:
-            if greedy:
-                return lp
-            return sampling_logprobs(lp, options.temperature, options.top_k, options.top_p)
-
-        small = sorted({i for pair in self._pairs for i in pair})
-        small_logits = {i: logits[i] for i in small}  # each [1, V]
-        base_logits: torch.Tensor | None = logits[self._base]  # valid while nothing is pending
-        pending: int | None = None
-        while True:
-            k_round = max(0, min(k, row.token_budget - len(row.text.token_ids) - 1))
-            # draft: the fine-tuning-scale models propose k_round tokens, one at a time
-            history = [small_logits]
-            drafts: list[int] = []
-            draft_lps = []
-            for _ in range(k_round):
-                q = transform(self._draft_logprobs(history[-1], weights))  # [1, V]
-                token = int(sample_tokens(q, 0.0 if greedy else 1.0, generator=generator))
-                drafts.append(token)
-                draft_lps.append(q[0])
-                step = torch.tensor([[token]])
-                history.append({i: self._feed(i, states[i], step)[:, -1] for i in small})
-            # verify: the base scores pending + drafts in one forward
-            base_inputs = ([pending] if pending is not None else []) + drafts
-            base_rows = [] if base_logits is None else [base_logits]
-            if base_inputs:
-                out = self._feed(self._base, states[self._base], torch.tensor([base_inputs]),
-                                 keep=len(base_inputs))  # [1, n, V]
-                base_rows += [out[:, j] for j in range(out.shape[1])]
-            targets = torch.cat([
-                transform(compose_logprobs(
-                    base_rows[j],
-                    [history[j][f] for f, _ in self._pairs],
-                    [history[j][r] for _, r in self._pairs],
-                    weights,
-                    options.conservative_top_p,
-                ))
-                for j in range(k_round + 1)
-            ])  # [k_round + 1, V]
-            draft_stack = torch.stack(draft_lps) if draft_lps else targets[:0]
-            emitted = accept_draft(targets, draft_stack, drafts, greedy, generator)
-            rejected = k_round - (len(emitted) - 1)
-            for i in [*small, self._base]:  # roll every context back to the accepted prefix
-                self._rewind(states[i], rejected)
-            for token in emitted:
-                self._stop_check(row, token)
-                if row.finished:
-                    break
-            yield [row]
-            if row.finished or (cancel is not None and cancel.is_set()):
-                return
-            pending = emitted[-1]
-            base_logits = None
-            step = torch.tensor([[pending]])
-            small_logits = {i: self._feed(i, states[i], step)[:, -1] for i in small}
 
     # ------------------------------------------------------------------ public API
 
@@ -690,29 +428,31 @@ class EFTDecoder:
         `constraints` restricts tokens per prompt (see `constraints.TokenConstraint`).
         `speculative_k=k` drafts k tokens per round with the behaviors' (small) models and
         verifies them with one base forward; the output distribution is exactly EFT's (greedy:
-        the same tokens). One prompt at a time, without constraints.
-        Setting `cancel` stops decoding after the current token.
+        the same tokens). Not with constraints.
+        Each prompt is its own request to the engine, batched with every other call running
+        now; a seeded or greedy result equals the same call made alone. Setting `cancel`
+        stops decoding after the current step.
         """
         options = GenerationOptions(max_new_tokens, temperature, top_p, top_k,
                                     conservative_top_p, stop or (), seed)
-        chat_ids, base_ids, weight_rows, weight_tensor, is_batch = self._prepare(
-            prompt, base_prompt, weights
+        outboxes: list[queue.SimpleQueue[object]] = []
+
+        def sink() -> Callable[[object], None]:
+            outboxes.append(queue.SimpleQueue())
+            return outboxes[-1].put
+
+        requests, is_batch = self._requests(
+            prompt, base_prompt, weights, options,
+            _per_row(constraints, len(self._as_batch(prompt)[0])), speculative_k, cancel,
+            streaming=False, sinks=sink,
         )
-        rows: list[_Row] = []
-        for step_rows in self._decode_loop(chat_ids, base_ids, weight_tensor, options,
-                                           _per_row(constraints, len(chat_ids)), cancel,
-                                           speculative_k):
-            rows = step_rows
-        results = [
-            GenerationResult(
-                text=row.text.text,
-                token_ids=list(row.text.token_ids),
-                finish_reason=row.finish_reason or "stop",
-                usage=Usage(row.prompt_tokens, len(row.text.token_ids)),
-                weights=w,
-            )
-            for row, w in zip(rows, weight_rows, strict=True)
-        ]
+        for request in requests:
+            self.engine.submit(request)
+        try:
+            results = [_await_result(outbox) for outbox in outboxes]
+        finally:
+            for request in requests:  # one failed: the others stop too
+                request.cancel()
         return results if is_batch else results[0]
 
     def stream(
@@ -734,49 +474,100 @@ class EFTDecoder:
     ) -> Iterator[StreamChunk]:
         """Yield text increments of one completion; they never split a multi-byte character,
         and joined they equal `generate`'s text for the same arguments and seed. The last
-        chunk carries `finish_reason` and `usage`. Setting `cancel` stops decoding."""
+        chunk carries `finish_reason`, `usage` and `stats`.
+
+        The stream is a handle on a request: read it from any thread; closing it (or dropping
+        it) cancels the request, and leaving it half-read blocks nobody."""
         options = GenerationOptions(max_new_tokens, temperature, top_p, top_k,
                                     conservative_top_p, stop or (), seed)
         if not isinstance(prompt, str) and self._as_batch(prompt)[1]:
             raise ValueError("stream() takes one prompt; use generate() for a list")
-        chat_ids, base_ids, _, weight_tensor, _ = self._prepare(prompt, base_prompt, weights)
-        loop = self._decode_loop(chat_ids, base_ids, weight_tensor, options,
-                                 [constraint] if constraint is not None else None, cancel,
-                                 speculative_k)
-        with contextlib.closing(loop):
-            for (row,) in loop:
-                if row.finished:
-                    yield StreamChunk(
-                        text=row.text.delta(final=True),
-                        token_ids=row.new_token_ids,
-                        finish_reason=row.finish_reason,
-                        usage=Usage(row.prompt_tokens, len(row.text.token_ids)),
-                    )
-                    return
-                piece = row.text.delta()
-                if piece:
-                    yield StreamChunk(text=piece, token_ids=row.new_token_ids)
-                    row.new_token_ids = []
-                if cancel is not None and cancel.is_set():
-                    return
+        outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        (request,), _ = self._requests(
+            prompt, base_prompt, weights, options,
+            [constraint] if constraint is not None else None, speculative_k, cancel,
+            streaming=True, sinks=lambda: outbox.put,
+        )
+        self.engine.submit(request)
+        try:
+            while True:
+                item = outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, StreamChunk):
+                    yield item
+                    if item.finish_reason is not None:
+                        return
+        finally:
+            request.cancel()
 
     async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[StreamChunk]:
-        """`stream` on a worker thread: the event loop stays free while tokens are decoded.
-        Closing or cancelling the consumer stops decoding and frees the caches."""
-        async for chunk in iterate_in_thread(
-            lambda cancel: self.stream(prompt, cancel=cancel, **kwargs)
-        ):
-            yield chunk
+        """`stream` for asyncio: the event loop stays free while tokens are decoded, and
+        closing or cancelling the consumer removes the request from the batch."""
+        if not isinstance(prompt, str) and self._as_batch(prompt)[1]:
+            raise ValueError("astream() takes one prompt; use agenerate() for a list")
+        kwargs = dict(kwargs)
+        constraint = kwargs.pop("constraint", None)
+        base_prompt = kwargs.pop("base_prompt", None)
+        speculative_k = kwargs.pop("speculative_k", None)
+        weights = kwargs.pop("weights", None)
+        cancel = kwargs.pop("cancel", None)
+        options = _options(kwargs)
+        outbox: asyncio.Queue[object] = asyncio.Queue()
+        (request,), _ = self._requests(
+            prompt, base_prompt, weights, options,
+            [constraint] if constraint is not None else None, speculative_k, cancel,
+            streaming=True, sinks=lambda: _loop_sink(outbox),
+        )
+        self.engine.submit(request)
+        try:
+            while True:
+                item = await outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, StreamChunk):
+                    yield item
+                    if item.finish_reason is not None:
+                        return
+        finally:
+            request.cancel()
 
     async def agenerate(
         self, prompt: Prompt | Sequence[Prompt], **kwargs: Any
     ) -> GenerationResult | list[GenerationResult]:
-        """`generate` on a worker thread, so the event loop stays responsive."""
-        async for result in iterate_in_thread(
-            lambda cancel: iter([self.generate(prompt, cancel=cancel, **kwargs)])
-        ):
-            return result
-        raise RuntimeError("generation produced no result")
+        """`generate` for asyncio: awaits the engine without blocking the event loop;
+        cancelling the task removes its requests from the batch."""
+        kwargs = dict(kwargs)
+        constraints = kwargs.pop("constraints", None)
+        base_prompt = kwargs.pop("base_prompt", None)
+        speculative_k = kwargs.pop("speculative_k", None)
+        weights = kwargs.pop("weights", None)
+        cancel = kwargs.pop("cancel", None)
+        options = _options(kwargs)
+        outboxes: list[asyncio.Queue[object]] = []
+
+        def sink() -> Callable[[object], None]:
+            outboxes.append(asyncio.Queue())
+            return _loop_sink(outboxes[-1])
+
+        requests, is_batch = self._requests(
+            prompt, base_prompt, weights, options,
+            _per_row(constraints, len(self._as_batch(prompt)[0])), speculative_k, cancel,
+            streaming=False, sinks=sink,
+        )
+        for request in requests:
+            self.engine.submit(request)
+        try:
+            results = []
+            for outbox in outboxes:
+                item = await outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                results.append(item)
+        finally:
+            for request in requests:
+                request.cancel()
+        return results if is_batch else results[0]
 
     def next_token_logprobs(
         self,
@@ -789,13 +580,68 @@ class EFTDecoder:
         """Composed next-token log-probs: [V] for one prompt, [B, V] for a list."""
         if conservative_top_p is not None:
             GenerationOptions(conservative_top_p=conservative_top_p)  # validates it
-        chat_ids, base_ids, _, weight_tensor, is_batch = self._prepare(
-            prompt, base_prompt, weights
-        )
-        with self._lock, torch.inference_mode():
-            _, logits = self._prefill(chat_ids, base_ids)
-            logprobs = self._compose(logits, weight_tensor, conservative_top_p)
+        prompts, is_batch = self._as_batch(prompt)
+        chat_ids = [self.encode(p) for p in prompts]
+        base_ids = chat_ids if base_prompt is None else [
+            self.encode(p) for p in self._as_batch(base_prompt)[0]
+        ]
+        if len(base_ids) != len(chat_ids):
+            raise ValueError(f"base_prompt has {len(base_ids)} prompts for {len(chat_ids)} "
+                             "prompts; give one base view per prompt")
+        if not is_batch and isinstance(weights, Sequence) and not isinstance(weights, str):
+            raise ValueError("a list of weight dicts needs a list of prompts")
+        _, weight_tensor = resolve_weights(weights, self.default_weights, len(prompts))
+
+        def compose() -> torch.Tensor:
+            _, logits = self._ensemble.prefill(chat_ids, base_ids)
+            return self._ensemble.compose(logits, weight_tensor.to(self._ensemble.device),
+                                          [conservative_top_p] * len(chat_ids))
+
+        logprobs = self.engine.call(compose).clone()  # a normal tensor, not an inference one
         return logprobs if is_batch else logprobs[0]
+
+
+def _check_loaded(model: Any, role: str) -> None:
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"{role} must be a loaded transformers model here, got {type(model).__name__}; "
+            "use EFTDecoder.from_pretrained for paths"
+        )
+
+
+_OPTION_NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "conservative_top_p",
+                 "stop", "seed")
+
+
+def _options(kwargs: Mapping[str, Any]) -> GenerationOptions:
+    """GenerationOptions from keyword arguments (the async entry points take **kwargs)."""
+    unknown = sorted(set(kwargs) - set(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; accepted: "
+                        f"{[*_OPTION_NAMES, 'weights', 'base_prompt', 'speculative_k', 'cancel']}")
+    given = dict(kwargs)
+    given["stop"] = given.get("stop") or ()
+    return GenerationOptions(**given)
+
+
+def _loop_sink(outbox: asyncio.Queue[object]) -> Callable[[object], None]:
+    """A sink that hands items from the engine thread to an asyncio queue on this loop."""
+    loop = asyncio.get_running_loop()
+
+    def put(item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(outbox.put_nowait, item)
+
+    return put
+
+
+def _await_result(outbox: queue.SimpleQueue[object]) -> GenerationResult:
+    while True:
+        item = outbox.get()
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, GenerationResult):
+            return item
 
 
 def _per_row(

@@ -12,6 +12,7 @@ import torch
 __all__ = [
     "GenerationOptions",
     "GenerationResult",
+    "RequestStats",
     "StreamChunk",
     "Usage",
     "resolve_weights",
@@ -86,6 +87,30 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class RequestStats:
+    """How one request went through the engine (seconds, measured on the engine's clock)."""
+
+    queue_time: float
+    """From submission to admission into the running batch."""
+    time_to_first_token: float | None
+    """From submission to the first generated token (None if none was generated)."""
+    tokens_per_second: float
+    """Completion tokens per second of decoding (from admission to the end)."""
+    speculative_rounds: int | None = None
+    """Draft-and-verify rounds, for speculative requests (None otherwise)."""
+    drafted_tokens: int | None = None
+    """Tokens the drafting models proposed (speculative requests)."""
+    accepted_tokens: int | None = None
+    """Drafted tokens the verification accepted (speculative requests)."""
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        if not self.drafted_tokens:
+            return None
+        return (self.accepted_tokens or 0) / self.drafted_tokens
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """The completion of one prompt."""
 
@@ -98,6 +123,8 @@ class GenerationResult:
     usage: Usage
     weights: dict[str, float] = field(default_factory=dict)
     """The behavior weights this completion was decoded with."""
+    stats: RequestStats | None = None
+    """Queue time, time to first token, speed (and speculative drafting figures)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +135,8 @@ class StreamChunk:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    stats: RequestStats | None = None
+    """On the last chunk: how the request went (see `GenerationResult.stats`)."""
 
 
 WeightsArg = Mapping[str, float] | Sequence[Mapping[str, float]] | None

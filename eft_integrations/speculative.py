@@ -12,9 +12,15 @@ instead; this one is exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-__all__ = ["accept_draft", "crop_cache"]
+from .composition import sample_tokens, sampling_logprobs
+from .ensemble import Ensemble
+from .kv_state import KVState
+
+__all__ = ["SpeculativeRun", "accept_draft"]
 
 
 def accept_draft(
@@ -62,10 +68,93 @@ def _sample(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
 
 
-def crop_cache(cache: object, tokens_to_remove: int) -> None:
-    """Drop the last tokens of a transformers KV cache (rejected drafts).
+@dataclass
+class SpeculativeStats:
+    """Drafting statistics of one request."""
 
-    `crop(-n)` removes n tokens in transformers 4.x (max_length < 0) and 5.x alike.
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class SpeculativeRun:
+    """One request decoded in speculative rounds, on its own single-row caches.
+
+    Invariant between rounds: every drafting model has read all emitted tokens but `pending`
+    (the last one), and the base has read all but `pending`; the next round feeds `pending`
+    to the drafting models, and to the base together with the new drafts (one base forward
+    per round).
     """
-    if tokens_to_remove > 0:
-        cache.crop(-tokens_to_remove)  # type: ignore[attr-defined]
+
+    ensemble: Ensemble
+    states: list[KVState]  # one single-row state per distinct model
+    logits: list[torch.Tensor]  # next-token logits [1, V] per model, right after prefill
+    weights: torch.Tensor  # [1, n_behaviors]
+    conservative_top_p: float | None
+    temperature: float
+    top_k: int
+    top_p: float
+    k: int
+    generator: torch.Generator
+    pending: int | None = None
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+
+    def _transform(self, lp: torch.Tensor) -> torch.Tensor:
+        """The sampling transforms, applied alike to the target p and the draft q."""
+        if self.temperature == 0.0:
+            return lp
+        return sampling_logprobs(lp, self.temperature, self.top_k, self.top_p)
+
+    def round(self, tokens_left: int) -> list[int]:
+        """Draft up to k tokens, verify them with one base forward; the emitted tokens."""
+        ens, states = self.ensemble, self.states
+        greedy = self.temperature == 0.0
+        drafting = ens.drafting_models
+        if self.pending is None:
+            draft_logits = {i: self.logits[i] for i in drafting}  # each [1, V]
+            base_rows = [self.logits[ens.base]]
+        else:
+            step = torch.tensor([[self.pending]])
+            draft_logits = {i: ens.feed(i, states[i], step)[:, -1] for i in drafting}
+            base_rows = []
+        k_round = max(0, min(self.k, tokens_left - 1))
+        # draft: the fine-tuning-scale models propose k_round tokens, one at a time
+        history = [draft_logits]
+        drafts: list[int] = []
+        draft_lps = []
+        for _ in range(k_round):
+            q = self._transform(ens.finetuning_scale(history[-1], self.weights))  # [1, V]
+            token = int(sample_tokens(q, 0.0 if greedy else 1.0, generator=self.generator))
+            drafts.append(token)
+            draft_lps.append(q[0])
+            step = torch.tensor([[token]])
+            history.append({i: ens.feed(i, states[i], step)[:, -1] for i in drafting})
+        # verify: the base scores pending + drafts in one forward
+        base_inputs = ([self.pending] if self.pending is not None else []) + drafts
+        if base_inputs:
+            out = ens.feed(ens.base, states[ens.base], torch.tensor([base_inputs]),
+                           keep=len(base_inputs))  # [1, n, V]
+            base_rows += [out[:, j] for j in range(out.shape[1])]
+        targets = torch.cat([
+            self._transform(ens.compose(
+                [base_rows[j] if i == ens.base else history[j].get(i)
+                 for i in range(len(ens.models))],
+                self.weights, [self.conservative_top_p],
+            ))
+            for j in range(k_round + 1)
+        ])  # [k_round + 1, V]
+        draft_stack = torch.stack(draft_lps) if draft_lps else targets[:0]
+        emitted = accept_draft(targets, draft_stack, drafts, greedy, self.generator)
+        rejected = k_round - (len(emitted) - 1)
+        for i in [*drafting, ens.base]:  # roll every context back to the accepted prefix
+            states[i].rewind(rejected)
+        self.stats.rounds += 1
+        self.stats.drafted += k_round
+        self.stats.accepted += len(emitted) - 1
+        self.pending = emitted[-1]
+        return emitted

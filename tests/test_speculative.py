@@ -92,7 +92,6 @@ def test_accept_draft_greedy():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"prompt": PROMPTS, "speculative_k": 2}, "one prompt at a time"),
     ({"prompt": PROMPTS[0], "speculative_k": 0}, "speculative_k must be an int >= 1"),
     ({"prompt": PROMPTS[0], "speculative_k": 2, "constraints": [object()]},
      "does not combine with constraints"),

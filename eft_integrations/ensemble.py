@@ -1,0 +1,145 @@
+"""The distinct models of an EFT decoder, their roles, and one forward per model per step.
+
+A model used in several roles (one reference shared by two behaviors) appears once and runs
+once per step. Fine-tuned models read the chat view of a prompt; the base and the references
+read the base view (see `EFTDecoder.generate(base_prompt=...)`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from transformers import PreTrainedModel
+
+from .composition import compose_logprobs, finetuning_scale_logprobs
+from .kv_state import KVState
+from .loading import model_device
+
+__all__ = ["BehaviorPair", "Ensemble"]
+
+
+class BehaviorPair(NamedTuple):
+    """Indices of one behavior's models in `Ensemble.models`."""
+
+    finetuned: int
+    reference: int
+
+
+class Ensemble:
+    """Distinct models with their roles; runs forwards and composes their logits."""
+
+    def __init__(self, base: PreTrainedModel,
+                 pairs: Sequence[tuple[PreTrainedModel, PreTrainedModel]],
+                 vocab_size: int, pad_id: int) -> None:
+        self.models: list[PreTrainedModel] = []
+        self.reads_chat_view: list[bool] = []  # fine-tuned models read the chat view
+        self.base = self._index_of(base, finetuned=False)
+        self.pairs = [BehaviorPair(self._index_of(ft, finetuned=True),
+                                   self._index_of(ref, finetuned=False)) for ft, ref in pairs]
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.device = model_device(self.models[self.base])  # where composition runs
+        self._devices = [model_device(m) for m in self.models]
+        # transformers 5.24 renamed `past_key_values` to `cache` on some models
+        self._cache_kwarg = [
+            "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+            for m in self.models
+        ]
+        self._keeps_last_logits = [
+            "logits_to_keep" in inspect.signature(m.forward).parameters for m in self.models
+        ]
+        self.forward_calls = 0
+        """Model forwards run so far (all models); a model in several roles counts once."""
+
+    def _index_of(self, model: PreTrainedModel, finetuned: bool) -> int:
+        for i, seen in enumerate(self.models):
+            if seen is model:
+                self.reads_chat_view[i] = self.reads_chat_view[i] or finetuned
+                return i
+        self.models.append(model.eval())
+        self.reads_chat_view.append(finetuned)
+        return len(self.models) - 1
+
+    @property
+    def drafting_models(self) -> list[int]:
+        """The fine-tuning-scale models (every behavior's fine-tuned and reference model)."""
+        return sorted({i for pair in self.pairs for i in pair})
+
+    # ------------------------------------------------------------------ forwards
+
+    def forward(self, i: int, state: KVState, input_ids: torch.Tensor,
+                position_ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """One forward of model i over new tokens [B, n] already counted in `state`'s mask;
+        float logits of the last `keep` positions [B, keep, V] on the composing device."""
+        device = self._devices[i]
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(device, non_blocking=True),
+            "attention_mask": state.attention_mask,
+            "position_ids": position_ids,
+            "use_cache": True,
+            self._cache_kwarg[i]: state.cache,
+        }
+        if self._keeps_last_logits[i]:
+            kwargs["logits_to_keep"] = keep
+        self.forward_calls += 1
+        logits = self.models[i](**kwargs).logits[:, -keep:, : self.vocab_size]
+        return logits.to(self.device, non_blocking=True)
+
+    def feed(self, i: int, state: KVState, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Append tokens [B, n] to model i's context; logits [B, keep, V] at the last positions."""
+        positions = state.append(tokens.shape[1])
+        return self.forward(i, state, tokens, positions, keep)
+
+    def prefill(self, chat_ids: list[list[int]], base_ids: list[list[int]]
+                ) -> tuple[list[KVState], list[torch.Tensor]]:
+        """Every distinct model reads its view of the prompts, left-padded: per model a new
+        state and next-token logits [B, V]."""
+        states, logits = [], []
+        for i, chat_view in enumerate(self.reads_chat_view):
+            state, input_ids, positions = KVState.for_prompts(
+                chat_ids if chat_view else base_ids, self.pad_id, self._devices[i]
+            )
+            logits.append(self.forward(i, state, input_ids, positions)[:, -1])
+            states.append(state)
+        return states, logits
+
+    def step(self, states: list[KVState], tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Feed one token per row [B] to every distinct model; logits [B, V] per model."""
+        return [self.feed(i, state, tokens[:, None])[:, -1] for i, state in enumerate(states)]
+
+    # ------------------------------------------------------------------ composition
+
+    def compose(self, logits: Sequence[torch.Tensor], weights: torch.Tensor,
+                conservative_top_p: Sequence[float | None]) -> torch.Tensor:
+        """Per-model logits [B, V] -> EFT log-probs [B, V]; `weights` [B, n_behaviors] and
+        `conservative_top_p` (one value per row) are per row."""
+        composed = self._compose_rows(logits, weights, None)
+        for p in {p for p in conservative_top_p if p is not None}:
+            rows = torch.tensor([i for i, q in enumerate(conservative_top_p) if q == p],
+                                device=composed.device)
+            subset = [x.index_select(0, rows) for x in logits]
+            composed = composed.index_copy(
+                0, rows, self._compose_rows(subset, weights.index_select(0, rows), p)
+            )
+        return composed
+
+    def _compose_rows(self, logits: Sequence[torch.Tensor], weights: torch.Tensor,
+                      conservative_top_p: float | None) -> torch.Tensor:
+        return compose_logprobs(
+            logits[self.base],
+            [logits[p.finetuned] for p in self.pairs],
+            [logits[p.reference] for p in self.pairs],
+            weights,
+            conservative_top_p,
+        )
+
+    def finetuning_scale(self, logits: Sequence[torch.Tensor] | dict[int, torch.Tensor],
+                         weights: torch.Tensor) -> torch.Tensor:
+        """The fine-tuning-scale distribution [B, V] from the behaviors' models alone."""
+        lp = {i: torch.log_softmax(logits[i].float(), dim=-1) for i in self.drafting_models}
+        return finetuning_scale_logprobs(
+            [lp[p.finetuned] for p in self.pairs], [lp[p.reference] for p in self.pairs], weights
+        )
