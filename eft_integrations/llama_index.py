@@ -58,7 +58,7 @@ from llama_index.core.types import PydanticProgramMode
 
 from . import chat as core_chat
 from .decoder import EFTDecoder
-from .options import GenerationOptions, Usage
+from .options import GenerationOptions, Usage, resolve_weights
 from .tool_calls import DEFAULT_MAX_STRING_LENGTH
 
 if TYPE_CHECKING:
@@ -95,6 +95,14 @@ class _LazyDecoder:
     @property
     def loaded(self) -> bool:
         return self._decoder is not None
+
+    @property
+    def behavior_names(self) -> list[str]:
+        """The behaviors weights may name: the loaded decoder's, else those of the load
+        arguments (nothing is loaded to find them)."""
+        if self._decoder is not None:
+            return list(self._decoder.behavior_names)
+        return list(self._load_args.get("behaviors") or {})
 
     def get(self) -> EFTDecoder:
         if self._decoder is None:
@@ -203,6 +211,7 @@ class EFTLLM(FunctionCallingLLM):
             raise ValueError(f"decoder must be an EFTDecoder, got {type(decoder).__name__}")
         load_args = {"base": self.base, "behaviors": self.behaviors, **self.load_kwargs}
         self._holder = _LazyDecoder(decoder, load_args)
+        self._check_weights()
         if decoder is not None and not self.model_name:
             self.model_name = decoder.model_name
 
@@ -238,6 +247,7 @@ class EFTLLM(FunctionCallingLLM):
         copy = self.model_copy()
         for name, value in options.items():
             type(self).__pydantic_validator__.validate_assignment(copy, name, value)
+        copy._check_weights()
         return copy
 
     def with_weights(self, weights: Mapping[str, float]) -> EFTLLM:
@@ -247,6 +257,13 @@ class EFTLLM(FunctionCallingLLM):
         `index.as_query_engine(llm=llm.with_weights({"chat": 1.5}))`.
         """
         return self.with_options(weights={**(self.weights or {}), **weights})
+
+    def _check_weights(self) -> None:
+        """Fail now, naming the known behaviors, on weights the decoder would reject later:
+        inside a query engine a failing call only shows as an empty answer."""
+        if self.weights is not None:
+            known = self._holder.behavior_names
+            resolve_weights(self.weights, dict.fromkeys(known, 1.0), 1)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -270,10 +287,10 @@ class EFTLLM(FunctionCallingLLM):
         if "max_tokens" in call:  # the name most LlamaIndex LLMs use
             call["max_new_tokens"] = call.pop("max_tokens")
         unknown = sorted(set(call) - set(_GENERATION_OPTIONS))
-        if unknown:
-            raise TypeError(
-                f"unknown EFTLLM call options {unknown}; known: "
-                f"{[*_GENERATION_OPTIONS, *_CHAT_OPTIONS]}"
+        if unknown:  # a ValueError, as in ChatEFT and the core
+            raise ValueError(
+                f"unknown EFTLLM call options {unknown}; accepted: "
+                f"{[*_GENERATION_OPTIONS, 'max_tokens', *_CHAT_OPTIONS]}"
             )
         options = {name: getattr(self, name) for name in _GENERATION_OPTIONS}
         options.update(call)

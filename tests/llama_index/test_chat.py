@@ -251,7 +251,7 @@ def test_function_program_mode_forces_a_schema_valid_tool_call(llm):
 def test_bad_options_fail_at_call_time(llm):
     with pytest.raises(ValueError, match="known behaviors"):
         llm.stream_chat(MESSAGES, weights={"helpful": 1.0})
-    with pytest.raises(TypeError, match="unknown EFTLLM call options"):
+    with pytest.raises(ValueError, match=r"options \['temprature'\]; accepted: .*'tools'"):
         llm.chat(MESSAGES, temprature=0.2)
     with pytest.raises(ValueError, match="tool_choice"):
         llm.chat_with_tools([WEATHER], user_msg="Weather?", tool_choice="launch_rocket")

@@ -73,7 +73,8 @@ def test_call_options_override_fields_and_unknown_ones_fail(llm):
     assert llm.complete(PROMPT, max_tokens=2).raw["usage"]["completion_tokens"] <= 2
     sampled = [llm.complete(PROMPT, temperature=1.0, seed=7).text for _ in range(2)]
     assert sampled[0] == sampled[1]  # seeded sampling is deterministic
-    with pytest.raises(TypeError, match="unknown EFTLLM call options"):
+    # a ValueError naming the keyword and the accepted ones, as in ChatEFT
+    with pytest.raises(ValueError, match=r"options \['temprature'\]; accepted: .*'temperature'"):
         llm.complete(PROMPT, temprature=0.5)
     with pytest.raises(ValueError, match="known behaviors"):
         llm.complete(PROMPT, weights={"helpful": 1.0})
@@ -126,6 +127,36 @@ def test_with_weights_fixes_weights_and_shares_the_decoder(llm):
         llm.with_options(temperature=-1.0)
     with pytest.raises(ValueError, match="unknown EFTLLM options"):
         llm.with_options(temprature=0.5)
+
+
+def test_unknown_behaviors_fail_when_the_llm_is_made(llm, rag_decoder):
+    """Weights fixed on an LLM are checked when it is made, not at its first call: inside a
+    query engine a failing call only shows as an "Empty Response"."""
+    known = r"known behaviors: \['chat', 'safe'\]"
+    with pytest.raises(ValueError, match=rf"unknown behavior 'unknown'.*{known}"):
+        llm.with_weights({"unknown": 1.0})
+    with pytest.raises(ValueError, match=known):
+        llm.with_options(weights={"chat": 1.0, "unknown": 1.0})
+    with pytest.raises(ValueError, match=known):
+        EFTLLM(decoder=rag_decoder, weights={"unknown": 1.0})
+    with pytest.raises(ValueError, match=r"finite.*" + known):
+        llm.with_weights({"chat": float("nan")})
+    assert llm.with_weights({"safe": 0.0}).weights == {"safe": 0.0}
+
+
+def test_unknown_behaviors_fail_before_a_lazy_llm_loads(rag_paths):
+    """A lazily built LLM checks its weights against the behaviors it was given, unloaded."""
+    lazy = {"base": str(rag_paths["base"]),
+            "behaviors": {"chat": (str(rag_paths["chat"]), str(rag_paths["ref"]))}}
+    with pytest.raises(ValueError, match=r"known behaviors: \['chat'\]"):
+        EFTLLM(**lazy, weights={"safe": 1.0})
+    llm = EFTLLM(**lazy, weights={"chat": 0.5})
+    with pytest.raises(ValueError, match=r"unknown behavior 'safe'"):
+        llm.with_weights({"safe": 1.0})
+    with pytest.raises(ValueError, match=r"known behaviors: \[\]"):
+        EFTLLM(base=lazy["base"], behaviors={}, weights={"chat": 1.0})
+    assert llm.with_weights({"chat": 2.0}).weights == {"chat": 2.0}
+    assert not llm._holder.loaded
 
 
 def test_lazy_loading_from_model_paths(rag_paths):
