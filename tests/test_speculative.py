@@ -99,7 +99,13 @@ def test_accept_draft_greedy():
 def test_speculative_bad_input(decoder, kwargs, message):
     with pytest.raises(ValueError, match=message):
         decoder.generate(**kwargs)
-    assert decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=3, speculative_k=2)
+    # the decoder still works after the refusal: the same tokens as plain greedy decoding
+    fast = decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=3, speculative_k=2)
+    plain = decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=3)
+    assert 1 <= len(fast.token_ids) <= 3
+    assert (fast.token_ids, fast.text, fast.finish_reason) == \
+        (plain.token_ids, plain.text, plain.finish_reason)
+    assert fast.usage.completion_tokens == len(fast.token_ids)
 
 
 def test_speculative_needs_behaviors(tiny_paths):
