@@ -9,7 +9,8 @@ are fine, since composition runs over the tokenizer's vocabulary only.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -19,6 +20,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 __all__ = [
     "Behavior",
+    "LazyDecoder",
     "ModelRef",
     "ModelSpec",
     "check_same_vocabulary",
@@ -151,3 +153,141 @@ def model_context_window(model: PreTrainedModel) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+class LazyDecoder:
+    """An `EFTDecoder` loaded on first use from the arguments of `EFTDecoder.from_pretrained`.
+
+    Holding one is cheap: nothing loads until `get()` is called (the models load once, in
+    whichever thread asks first; others wait for that load). `tokenizer` and `format_chat` load
+    the shared tokenizer alone, so prompts can be rendered and tokens counted before any model
+    is needed. Copies (`copy.copy`, `copy.deepcopy`) are this same holder, so copies of an
+    adapter share one set of models; a pickle keeps only the arguments, and the models load
+    again where it is unpickled. Drop every reference and the models are freed.
+
+        lazy = LazyDecoder(base="gpt2-large", behaviors={"chat": ("my/chat", "gpt2")})
+        lazy.tokenizer("Hello")      # the tokenizer only
+        decoder = lazy.get()         # the EFTDecoder, loaded once
+    """
+
+    def __init__(
+        self,
+        base: ModelRef,
+        behaviors: Mapping[str, Behavior | tuple[ModelRef, ModelRef]] | None = None,
+        **load_args: Any,
+    ) -> None:
+        self.load_args: dict[str, Any] = {
+            "base": base, "behaviors": dict(behaviors or {}), **load_args,
+        }
+        """Keyword arguments for `EFTDecoder.from_pretrained`."""
+        self._decoder: Any = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._chat_template: str | None = None
+        # one lock per load: counting tokens does not wait for the models to load
+        self._decoder_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the models are loaded."""
+        return self._decoder is not None
+
+    def get(self) -> Any:
+        """The `EFTDecoder`, loaded on the first call."""
+        if self._decoder is None:
+            with self._decoder_lock:
+                if self._decoder is None:
+                    from .decoder import EFTDecoder  # here: decoder.py imports this module
+
+                    self._decoder = EFTDecoder.from_pretrained(**self.load_args)
+        return self._decoder
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The shared tokenizer: the decoder's once loaded, else loaded alone (no model)."""
+        if self._decoder is not None:
+            return self._decoder.tokenizer
+        return self._load_tokenizer()[0]
+
+    def format_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """`EFTDecoder.format_chat`, without loading a model when none is loaded yet."""
+        if self._decoder is not None:
+            return self._decoder.format_chat(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                **template_kwargs,
+            )
+        tokenizer, template = self._load_tokenizer()
+        if not template:
+            raise ValueError(
+                "no chat template: none of the models' tokenizers has one; pass "
+                "chat_template=... to EFTDecoder or EFTDecoder.from_pretrained"
+            )
+        return tokenizer.apply_chat_template(
+            list(messages),
+            tools=list(tools) if tools else None,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **template_kwargs,
+        )
+
+    def _load_tokenizer(self) -> tuple[PreTrainedTokenizerBase, str | None]:
+        """The tokenizer and chat template that `from_pretrained` would pick: the first
+        tokenizer among base, fine-tuned and reference models; the template given, else the
+        first fine-tuned model's, else the tokenizer's own."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                args = self.load_args
+                trust = bool(args.get("trust_remote_code", False))
+                behaviors = [Behavior.coerce(n, b) for n, b in args["behaviors"].items()]
+                found: dict[tuple[Any, ...], PreTrainedTokenizerBase] = {}
+
+                def tokenizer_of(ref: ModelRef) -> PreTrainedTokenizerBase | None:
+                    if isinstance(ref, PreTrainedModel):
+                        return None  # a loaded model carries no tokenizer
+                    spec = ref if isinstance(ref, ModelSpec) else ModelSpec(ref)
+                    if spec.key() not in found:
+                        found[spec.key()] = load_tokenizer(spec, trust)
+                    return found[spec.key()]
+
+                template = args.get("chat_template")
+                if template is None:
+                    for behavior in behaviors:
+                        candidate = tokenizer_of(behavior.finetuned)
+                        if candidate is not None and getattr(candidate, "chat_template", None):
+                            template = candidate.chat_template
+                            break
+                tokenizer = args.get("tokenizer")
+                if tokenizer is None:
+                    refs = [args["base"]]
+                    refs += [r for b in behaviors for r in (b.finetuned, b.reference)]
+                    tokenizer = next((t for r in refs if (t := tokenizer_of(r)) is not None), None)
+                if tokenizer is None:
+                    raise ValueError(
+                        "no tokenizer: pass tokenizer=... when every model is loaded"
+                    )
+                self._chat_template = template or getattr(tokenizer, "chat_template", None)
+                self._tokenizer = tokenizer
+            return self._tokenizer, self._chat_template
+
+    def __copy__(self) -> LazyDecoder:
+        return self  # a copy shares the models
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LazyDecoder:
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"load_args": self.load_args}  # the arguments only: models load again
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["load_args"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        base, behaviors = self.load_args["base"], list(self.load_args["behaviors"])
+        return f"LazyDecoder(base={base!r}, behaviors={behaviors}, loaded={self.loaded})"
