@@ -69,7 +69,12 @@ __all__ = ["ChatEFT"]
 
 # per-call options that go to the decoder, with the field they default to
 _SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "seed", "conservative_top_p", "speculative_k",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "conservative_top_p",
+    "speculative_k",
 )
 _CHAT_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
@@ -190,9 +195,12 @@ class ChatEFT(BaseChatModel):
                 "to load one with EFTDecoder.from_pretrained"
             )
         args = {
-            "base": self.base, "behaviors": self.behaviors or {},
-            "default_weights": self.default_weights, "dtype": self.dtype,
-            "device_map": self.device_map, "chat_template": self.chat_template,
+            "base": self.base,
+            "behaviors": self.behaviors or {},
+            "default_weights": self.default_weights,
+            "dtype": self.dtype,
+            "device_map": self.device_map,
+            "chat_template": self.chat_template,
         }
         # copies made by bind / configurable_fields share the models: one load per arguments
         key = repr(sorted(args.items()))
@@ -368,9 +376,12 @@ class ChatEFT(BaseChatModel):
         for index, (cfg, messages) in enumerate(zip(configs, conversations, strict=True)):
             call_kwargs = {**kwargs, "weights": row_weights[index]} if per_row else kwargs
             manager = CallbackManager.configure(
-                cfg.get("callbacks"), self.callbacks, self.verbose, cfg.get("tags"),
-                self.tags, {**(cfg.get("metadata") or {}),
-                            **self._get_ls_params(stop=stop, **call_kwargs)},
+                cfg.get("callbacks"),
+                self.callbacks,
+                self.verbose,
+                cfg.get("tags"),
+                self.tags,
+                {**(cfg.get("metadata") or {}), **self._get_ls_params(stop=stop, **call_kwargs)},
                 self.metadata,
             )
             options = {"stop": stop}
@@ -380,9 +391,12 @@ class ChatEFT(BaseChatModel):
                     "schema": convert_to_json_schema(structured["schema"]),
                 }
             (run_manager,) = manager.on_chat_model_start(
-                self._serialized, [messages],
+                self._serialized,
+                [messages],
                 invocation_params=self._get_invocation_params(stop=stop, **call_kwargs),
-                options=options, name=cfg.get("run_name"), run_id=cfg.get("run_id"),
+                options=options,
+                name=cfg.get("run_name"),
+                run_id=cfg.get("run_id"),
                 batch_size=len(inputs),
             )
             run_managers.append(run_manager)
@@ -426,13 +440,19 @@ class ChatEFT(BaseChatModel):
                 for c in result.tool_calls
             ],
             invalid_tool_calls=[
-                {"name": c.name, "args": c.arguments, "id": c.id, "error": c.error,
-                 "type": "invalid_tool_call"}
+                {
+                    "name": c.name,
+                    "args": c.arguments,
+                    "id": c.id,
+                    "error": c.error,
+                    "type": "invalid_tool_call",
+                }
                 for c in result.invalid_tool_calls
             ],
             usage_metadata=_usage(result.usage),
             response_metadata={
-                **self._metadata(options, result.finish_reason), "weights": result.weights
+                **self._metadata(options, result.finish_reason),
+                "weights": result.weights,
             },
         )
 
@@ -455,8 +475,7 @@ class ChatEFT(BaseChatModel):
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [t["function"]["name"] for t in formatted]
         if isinstance(tool_choice, dict):
-            tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get(
-                "name")
+            tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
         if tool_choice is True:
             tool_choice = "any"
         if tool_choice is False:
@@ -498,8 +517,12 @@ class ChatEFT(BaseChatModel):
         if method == "function_calling":
             tool = convert_to_openai_tool(schema)
             name = tool["function"]["name"]
-            llm = self.bind_tools([schema], tool_choice=name, parallel_tool_calls=False,
-                                  ls_structured_output_format=structured)
+            llm = self.bind_tools(
+                [schema],
+                tool_choice=name,
+                parallel_tool_calls=False,
+                ls_structured_output_format=structured,
+            )
             parser: Runnable = (
                 PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
                 if is_pydantic
@@ -509,8 +532,7 @@ class ChatEFT(BaseChatModel):
             # json_mode promises a JSON object; the schema is known here, so it constrains
             # that object too (a weak model would otherwise miss the keys the parser needs)
             response_format = {"type": "json_schema", "schema": convert_to_json_schema(schema)}
-            llm = self.bind(response_format=response_format,
-                            ls_structured_output_format=structured)
+            llm = self.bind(response_format=response_format, ls_structured_output_format=structured)
             parser = (
                 PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
                 if is_pydantic
@@ -546,16 +568,23 @@ def _mark_invalid(result: ChatResult) -> ChatResult:
         return result
     message = generation.message
     keep = [c for c in message.tool_calls if c.get("id") not in errors]
-    invalid = [
-        c for c in message.invalid_tool_calls if c.get("id") not in errors
-    ] + [
-        {"name": c.get("name"), "args": _raw_args(c), "id": c.get("id"),
-         "error": errors[c.get("id")], "type": "invalid_tool_call"}
-        for c in [*message.tool_calls, *message.invalid_tool_calls] if c.get("id") in errors
+    invalid = [c for c in message.invalid_tool_calls if c.get("id") not in errors] + [
+        {
+            "name": c.get("name"),
+            "args": _raw_args(c),
+            "id": c.get("id"),
+            "error": errors[c.get("id")],
+            "type": "invalid_tool_call",
+        }
+        for c in [*message.tool_calls, *message.invalid_tool_calls]
+        if c.get("id") in errors
     ]
     generation.message = AIMessage(
-        content=message.content, tool_calls=keep, invalid_tool_calls=invalid,
-        usage_metadata=message.usage_metadata, response_metadata=message.response_metadata,
+        content=message.content,
+        tool_calls=keep,
+        invalid_tool_calls=invalid,
+        usage_metadata=message.usage_metadata,
+        response_metadata=message.response_metadata,
         id=message.id,
     )
     return result
@@ -586,11 +615,14 @@ def _text(content: Any) -> str:
             parts.append(str(block.get("text", "")))
         elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
             continue  # rendered from message.tool_calls
-        elif isinstance(block, dict) and block.get("type") in ("image", "image_url", "audio",
-                                                               "file", "video"):
-            raise ValueError(
-                f"ChatEFT reads text only; got a {block['type']!r} content block"
-            )
+        elif isinstance(block, dict) and block.get("type") in (
+            "image",
+            "image_url",
+            "audio",
+            "file",
+            "video",
+        ):
+            raise ValueError(f"ChatEFT reads text only; got a {block['type']!r} content block")
         else:
             parts.append(json.dumps(block, ensure_ascii=False))
     return "".join(parts)
@@ -608,8 +640,11 @@ def _to_core_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
             item = {"role": "assistant", "content": _text(message.content)}
             if message.tool_calls:
                 item["tool_calls"] = [
-                    {"id": call.get("id"), "type": "function",
-                     "function": {"name": call["name"], "arguments": call.get("args", {})}}
+                    {
+                        "id": call.get("id"),
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": call.get("args", {})},
+                    }
                     for call in message.tool_calls
                 ]
         elif isinstance(message, ToolMessage):

@@ -39,12 +39,16 @@ def test_lcel_chain_with_per_call_weights():
     for w in (0.0, 1.0, 3.0):
         weights = {"chat": w, "safe": 0.0}
         texts[w] = chain.invoke({"question": "Hi"}, config={"configurable": {"weights": weights}})
-        expected = core.chat(chat_decoder(), [{"role": "system", "content": "Be brief."},
-                                              {"role": "user", "content": "Hi"}],
-                             weights=weights, temperature=0.0, max_new_tokens=16)
+        expected = core.chat(
+            chat_decoder(),
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            weights=weights,
+            temperature=0.0,
+            max_new_tokens=16,
+        )
         assert texts[w] == expected.content
     assert len(set(texts.values())) > 1  # the weights change the greedy answer
-    bound = (prompt | _chat().bind(weights={"chat": 3.0, "safe": 0.0}) | StrOutputParser())
+    bound = prompt | _chat().bind(weights={"chat": 3.0, "safe": 0.0}) | StrOutputParser()
     assert bound.invoke({"question": "Hi"}) == texts[3.0]
 
 
@@ -71,8 +75,11 @@ def test_greedy_first_token_follows_the_eft_formula():
     with torch.no_grad():
         logp = {
             name: torch.log_softmax(
-                AutoModelForCausalLM.from_pretrained(paths[name], dtype=torch.float32)(ids)
-                .logits[0, -1, : decoder.vocab_size], -1)
+                AutoModelForCausalLM.from_pretrained(paths[name], dtype=torch.float32)(ids).logits[
+                    0, -1, : decoder.vocab_size
+                ],
+                -1,
+            )
             for name in ("base", "chat", "ref")
         }
     answers = set()
@@ -162,8 +169,11 @@ def test_tool_histories_render_through_the_template():
         AIMessage("", tool_calls=[{"name": "add", "args": {"a": "x", "b": 2}, "id": "c2"}]),
         ToolMessage("bad input", tool_call_id="c2", status="error"),
     ]
-    prompt = core.prepare_chat(chat_decoder(tools_template=True), _to_core_messages(history),
-                               tools=[convert_to_openai_tool(add)]).prompt
+    prompt = core.prepare_chat(
+        chat_decoder(tools_template=True),
+        _to_core_messages(history),
+        tools=[convert_to_openai_tool(add)],
+    ).prompt
     assert '{"name": "add", "arguments": {"a": 1, "b": 2}}' in prompt
     assert "<tool_response>\n3\n</tool_response>" in prompt
     assert "Error: bad input" in prompt
@@ -184,8 +194,12 @@ def test_streamed_tool_calls_arrive_as_chunks():
 def test_a_call_the_core_could_not_read_stays_invalid():
     """Cut by max_tokens, a forced call is an InvalidToolCall in the core; LangChain's lenient
     parse of the streamed arguments must not turn it into a call with guessed arguments."""
-    options = {"tools": [convert_to_openai_tool(add)], "tool_choice": "add",
-               "temperature": 0.0, "max_new_tokens": 12}
+    options = {
+        "tools": [convert_to_openai_tool(add)],
+        "tool_choice": "add",
+        "temperature": 0.0,
+        "max_new_tokens": 12,
+    }
     expected = core.chat(chat_decoder(), [{"role": "user", "content": "add 2 and 3"}], **options)
     assert expected.invalid_tool_calls and not expected.tool_calls
     message = _chat(max_tokens=12).bind_tools([add], tool_choice="add").invoke("add 2 and 3")
@@ -233,12 +247,12 @@ class Joke(TypedDict):
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
 def test_structured_output_include_raw_and_streaming(method):
-    structured = _chat(max_tokens=120).with_structured_output(Joke, method=method,
-                                                               include_raw=True)
+    structured = _chat(max_tokens=120).with_structured_output(Joke, method=method, include_raw=True)
     out = structured.invoke("Tell me a joke")
     assert out["parsing_error"] is None
     assert set(out["parsed"]) == {"setup", "punchline"}
     assert isinstance(out["raw"], AIMessage)
-    partials = list(_chat(max_tokens=120).with_structured_output(Joke, method=method)
-                    .stream("Tell me a joke"))
+    partials = list(
+        _chat(max_tokens=120).with_structured_output(Joke, method=method).stream("Tell me a joke")
+    )
     assert partials and set(partials[-1]) == {"setup", "punchline"}

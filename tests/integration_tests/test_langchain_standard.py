@@ -41,13 +41,17 @@ class TestChatEFTIntegration(ChatEFTStandardParams, ChatModelIntegrationTests):
         await super().test_tool_calling_async(model)
 
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
-    @pytest.mark.xfail(reason="with tool_choice auto a tiny random model never decides to open "
-                       "<tool_call>: calling is the model's choice there")
+    @pytest.mark.xfail(
+        reason="with tool_choice auto a tiny random model never decides to open "
+        "<tool_call>: calling is the model's choice there"
+    )
     def test_agent_loop(self, model: BaseChatModel) -> None:
         super().test_agent_loop(model)
 
-    @pytest.mark.xfail(reason="the shortest valid call of this two-string tool is ~100 tokens in "
-                       "the tiny byte-level vocabulary, more than max_tokens=80, so it is cut "
-                       "(an InvalidToolCall); and a random model could not copy the name anyway")
+    @pytest.mark.xfail(
+        reason="the shortest valid call of this two-string tool is ~100 tokens in "
+        "the tiny byte-level vocabulary, more than max_tokens=80, so it is cut "
+        "(an InvalidToolCall); and a random model could not copy the name anyway"
+    )
     def test_unicode_tool_call_integration(self, model: BaseChatModel) -> None:
         super().test_unicode_tool_call_integration(model)
