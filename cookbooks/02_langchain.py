@@ -54,9 +54,13 @@ for lam in (1.0, 0.0):
                           config={"configurable": {"weights": weights}})
     print(f"  {weights}: {answer}")
 
-# 3. batch() decodes every input in one batched forward per token, with per-row weights.
+# 3. batch() runs one call per input, concurrently; the decoder batches concurrent calls into
+#    one forward per token. Per-input weights go through the configurable field, one config each.
 questions = [q.text for q in world.eval_questions(limit_entities=2)]
-replies = chat.batch(questions, weights=[{"helpful": 1.0, "harmless": 0.0}] * len(questions))
+configs = [{"configurable": {"weights": {"helpful": 1.0, "harmless": 0.0}}} for _ in questions]
+replies = chat.configurable_fields(weights=ConfigurableField(id="weights")).batch(
+    questions, config=configs
+)
 for question, reply in zip(questions, replies, strict=True):
     usage = reply.usage_metadata
     print(f"\n{question}\n  -> {reply.content}   ({usage['total_tokens']} tokens, "

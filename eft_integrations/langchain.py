@@ -9,7 +9,10 @@
 The adapter only translates LangChain messages and tools to the plain dicts of
 `eft_integrations.chat` and back; decoding, tool-call grammars and parsing live in the core.
 `_stream` is the one decoding path (`_generate` aggregates it); the async twins run the
-decoder on a worker thread; `batch` / `abatch` decode all inputs as one batch.
+decoder on a worker thread. `batch` / `abatch` are LangChain's: one call per input, run
+concurrently, and the decoder batches concurrent calls itself (an input that fails fails
+alone). Token counts use the decoder's tokenizer and chat template; a ChatEFT built from model
+paths loads only the tokenizer for them.
 """
 
 from __future__ import annotations
@@ -21,12 +24,9 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Literal
 
-from langchain_core.callbacks import (
-    AsyncCallbackManagerForLLMRun,
-    CallbackManager,
-    CallbackManagerForLLMRun,
-)
-from langchain_core.language_models import LanguageModelInput
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
+from langchain_core.language_models import LanguageModelInput, ModelProfile
 from langchain_core.language_models.chat_models import (
     BaseChatModel,
     agenerate_from_stream,
@@ -49,21 +49,21 @@ from langchain_core.output_parsers import (
     PydanticOutputParser,
     PydanticToolsParser,
 )
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import (
     Runnable,
-    RunnableConfig,
+    RunnableGenerator,
     RunnableMap,
     RunnablePassthrough,
 )
-from langchain_core.runnables.config import get_config_list
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from . import chat as core
 from .decoder import EFTDecoder
+from .loading import LazyDecoder
 
 __all__ = ["ChatEFT"]
 
@@ -78,24 +78,24 @@ _SAMPLING_FIELDS = (
 )
 _CHAT_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
-# decoders loaded from from_pretrained arguments, shared by every ChatEFT built with them
-_LOADED: dict[str, EFTDecoder] = {}
-_LOAD_LOCK = threading.Lock()
-
 
 class ChatEFT(BaseChatModel):
     """Chat with an emulated fine-tuned model (EFT): base + weighted behavior deltas.
 
     Give a shared `decoder` (loaded once, reused by many chat models), or the arguments of
     `EFTDecoder.from_pretrained` (`base`, `behaviors`, ...): the models then load lazily on
-    first use, so building a `ChatEFT` is cheap. Every sampling field, and `weights`, can be
-    given per call (`invoke(..., weights=...)`, `bind(...)`, `configurable_fields`).
+    first use, so building a `ChatEFT` is cheap. Copies (`bind`, `configurable_fields`,
+    `copy.deepcopy`) share the decoder; models are never copied. Every sampling field, and
+    `weights`, can be given per call (`invoke(..., weights=...)`, `bind(...)`,
+    `configurable_fields`).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
 
-    decoder: EFTDecoder | None = Field(default=None, exclude=True)
-    """A loaded `EFTDecoder` to share; when None, one is loaded from `base` / `behaviors`."""
+    decoder: EFTDecoder | LazyDecoder | None = Field(default=None, exclude=True)
+    """The decoder to share: a loaded `EFTDecoder`, or a `LazyDecoder` that loads it on first
+    use. When None and `base` is given, a `LazyDecoder` of the from_pretrained fields below is
+    built here (and shared by this model's copies)."""
     base: Any = None
     """Base model for `EFTDecoder.from_pretrained` (hub id, path, ModelSpec or model)."""
     behaviors: dict[str, Any] | None = None
@@ -137,7 +137,24 @@ class ChatEFT(BaseChatModel):
     """Cap on free strings inside constrained tool calls and structured output, so that
     forced JSON always closes within `max_tokens` (None: no cap)."""
 
-    _loaded: EFTDecoder | None = PrivateAttr(default=None)
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # a string is one stop sequence
+
+    @model_validator(mode="after")
+    def _lazy_decoder(self) -> ChatEFT:
+        """From model paths, hold a `LazyDecoder`: building stays cheap, copies share it."""
+        if self.decoder is None and self.base is not None:
+            self.decoder = LazyDecoder(
+                base=self.base,
+                behaviors=self.behaviors,
+                default_weights=self.default_weights,
+                dtype=self.dtype,
+                device_map=self.device_map,
+                chat_template=self.chat_template,
+            )
+        return self
 
     # ------------------------------------------------------------------ identity
 
@@ -162,9 +179,36 @@ class ChatEFT(BaseChatModel):
     def _reported_model_name(self) -> str:
         if self.model_name:
             return self.model_name
-        if self.decoder is not None or self._loaded is not None:
-            return self._get_decoder().model_name
-        return str(self.base) if self.base is not None else "eft"
+        if isinstance(self.decoder, EFTDecoder):
+            return self.decoder.model_name
+        if isinstance(self.decoder, LazyDecoder):  # named without loading the models
+            return (
+                self.decoder.get().model_name
+                if self.decoder.loaded
+                else str(self.decoder.load_args["base"])
+            )
+        return "eft"
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """What LangChain may rely on (create_agent reads `structured_output` to constrain the
+        answer itself instead of forcing a tool call every turn): tools, tool choice and
+        structured output are grammar-constrained over the composed distribution."""
+        profile = ModelProfile(
+            text_inputs=True,
+            image_inputs=False,
+            audio_inputs=False,
+            video_inputs=False,
+            pdf_inputs=False,
+            text_outputs=True,
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=True,
+            structured_output=True,
+            temperature=True,
+        )
+        if isinstance(self.decoder, EFTDecoder) and self.decoder.context_window is not None:
+            profile["max_input_tokens"] = self.decoder.context_window
+        return profile
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -184,35 +228,48 @@ class ChatEFT(BaseChatModel):
     # ------------------------------------------------------------------ decoder
 
     def _get_decoder(self) -> EFTDecoder:
-        """The shared decoder, or one loaded on first use from the from_pretrained args."""
-        if self.decoder is not None:
-            return self.decoder
-        if self._loaded is not None:
-            return self._loaded
-        if self.base is None:
+        """The shared decoder (a lazy one loads its models on the first call)."""
+        renderer = self._renderer()
+        return renderer.get() if isinstance(renderer, LazyDecoder) else renderer
+
+    def _renderer(self) -> EFTDecoder | LazyDecoder:
+        """The decoder as given: it renders prompts and holds the tokenizer, and a lazy one
+        renders them without loading the models."""
+        if self.decoder is None:
             raise ValueError(
                 "ChatEFT needs decoder=EFTDecoder(...) or base=... (and behaviors=...) "
                 "to load one with EFTDecoder.from_pretrained"
             )
-        args = {
-            "base": self.base,
-            "behaviors": self.behaviors or {},
-            "default_weights": self.default_weights,
-            "dtype": self.dtype,
-            "device_map": self.device_map,
-            "chat_template": self.chat_template,
-        }
-        # copies made by bind / configurable_fields share the models: one load per arguments
-        key = repr(sorted(args.items()))
-        with _LOAD_LOCK:
-            if key not in _LOADED:
-                _LOADED[key] = EFTDecoder.from_pretrained(**args)
-            self._loaded = _LOADED[key]
-        return self._loaded
+        return self.decoder
+
+    # ------------------------------------------------------------------ token counts
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` in the decoder's tokenizer (no special tokens added)."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return list(self._renderer().tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Tokens of the prompt these messages (and tools) render to through the decoder's
+        chat template, generation prompt included: what a call with them reads."""
+        renderer = self._renderer()
+        prompt = renderer.format_chat(
+            _to_core_messages(messages),
+            tools=[convert_to_openai_tool(t) for t in tools] if tools else None,
+        )
+        tokenizer = renderer.tokenizer
+        bos = tokenizer.bos_token  # special tokens as the decoder encodes a rendered prompt
+        special = not (bos and prompt.startswith(bos))
+        return len(tokenizer(prompt, add_special_tokens=special)["input_ids"])
 
     # ------------------------------------------------------------------ options
 
-    def _stops(self, stop: Sequence[str] | None) -> list[str]:
+    def _stops(self, stop: str | Sequence[str] | None) -> list[str]:
+        if isinstance(stop, str):
+            stop = [stop]  # a string is one stop sequence, not one per character
         return [*(self.stop or []), *(stop or [])]
 
     def _call_options(self, stop: Sequence[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -246,9 +303,12 @@ class ChatEFT(BaseChatModel):
 
     def _weights(self, call_weights: Any) -> Any:
         """Per-call weights over the instance's: names the call leaves out keep the
-        instance's weight (then the decoder's default). A list gives one dict per row."""
+        instance's weight (then the decoder's default)."""
         if isinstance(call_weights, Sequence) and not isinstance(call_weights, (str, Mapping)):
-            return [self._weights(w) for w in call_weights]
+            raise ValueError(
+                "weights is one dict per call; for different weights per input of a batch, "
+                "make weights configurable (configurable_fields) and give one config per input"
+            )
         if call_weights is not None and not isinstance(call_weights, Mapping):
             return call_weights  # the decoder names the error
         if self.weights is None and call_weights is None:
@@ -346,116 +406,6 @@ class ChatEFT(BaseChatModel):
             await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         )
 
-    # ------------------------------------------------------------------ batching
-
-    def batch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[Any]:
-        """Answer every input in ONE batched decode (not one decode per input).
-
-        `weights` may be a list of dicts, one per input (per-row weights)."""
-        if not inputs:
-            return []
-        configs = get_config_list(config, len(inputs))
-        conversations = [self._convert_input(i).to_messages() for i in inputs]
-        stop = kwargs.pop("stop", None)
-        structured = kwargs.pop("ls_structured_output_format", None)
-        row_weights = self._weights(kwargs.get("weights"))
-        per_row = isinstance(row_weights, list)
-        if per_row and len(row_weights) != len(inputs):
-            raise ValueError(
-                f"got {len(row_weights)} weight dicts for {len(inputs)} inputs; give one per "
-                "input, or a single dict for all"
-            )
-        run_managers = []
-        for index, (cfg, messages) in enumerate(zip(configs, conversations, strict=True)):
-            call_kwargs = {**kwargs, "weights": row_weights[index]} if per_row else kwargs
-            manager = CallbackManager.configure(
-                cfg.get("callbacks"),
-                self.callbacks,
-                self.verbose,
-                cfg.get("tags"),
-                self.tags,
-                {**(cfg.get("metadata") or {}), **self._get_ls_params(stop=stop, **call_kwargs)},
-                self.metadata,
-            )
-            options = {"stop": stop}
-            if structured:
-                options["ls_structured_output_format"] = {
-                    "kwargs": structured.get("kwargs", {}),
-                    "schema": convert_to_json_schema(structured["schema"]),
-                }
-            (run_manager,) = manager.on_chat_model_start(
-                self._serialized,
-                [messages],
-                invocation_params=self._get_invocation_params(stop=stop, **call_kwargs),
-                options=options,
-                name=cfg.get("run_name"),
-                run_id=cfg.get("run_id"),
-                batch_size=len(inputs),
-            )
-            run_managers.append(run_manager)
-        try:
-            options = self._call_options(stop, kwargs)
-            results = core.chat_batch(
-                self._get_decoder(), [_to_core_messages(m) for m in conversations], **options
-            )
-        except Exception as error:
-            for run_manager in run_managers:
-                run_manager.on_llm_error(error)
-            if return_exceptions:
-                return [error] * len(inputs)
-            raise
-        messages_out = []
-        for index, (result, run_manager) in enumerate(zip(results, run_managers, strict=True)):
-            row = {**options, "weights": row_weights[index]} if per_row else options
-            message = self._message(result, row)
-            run_manager.on_llm_end(LLMResult(generations=[[ChatGeneration(message=message)]]))
-            messages_out.append(message)
-        return messages_out
-
-    async def abatch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[Any]:
-        """`batch` on a worker thread: one batched decode, the event loop stays free."""
-        return await asyncio.to_thread(
-            self.batch, inputs, config, return_exceptions=return_exceptions, **kwargs
-        )
-
-    def _message(self, result: core.ChatResult, options: Mapping[str, Any]) -> AIMessage:
-        return AIMessage(
-            content=result.content,
-            tool_calls=[
-                {"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"}
-                for c in result.tool_calls
-            ],
-            invalid_tool_calls=[
-                {
-                    "name": c.name,
-                    "args": c.arguments,
-                    "id": c.id,
-                    "error": c.error,
-                    "type": "invalid_tool_call",
-                }
-                for c in result.invalid_tool_calls
-            ],
-            usage_metadata=_usage(result.usage),
-            response_metadata={
-                **self._metadata(options, result.finish_reason),
-                "weights": result.weights,
-            },
-        )
-
     # ------------------------------------------------------------------ tools
 
     def bind_tools(
@@ -508,7 +458,8 @@ class ChatEFT(BaseChatModel):
         json_schema: the whole answer is constrained to the schema. function_calling: a forced
         tool call whose arguments follow the schema. json_mode: a JSON object, also
         constrained to the schema (it is known here). Also works when streaming (partial
-        objects)."""
+        objects). An answer cut by `max_tokens` is an OutputParserException that says so
+        (with include_raw: `parsing_error`, next to the raw message)."""
         kwargs.pop("strict", None)  # constrained decoding is always strict
         if kwargs:
             raise ValueError(f"unexpected arguments {sorted(kwargs)}")
@@ -523,6 +474,7 @@ class ChatEFT(BaseChatModel):
                 parallel_tool_calls=False,
                 ls_structured_output_format=structured,
             )
+            complete: Callable[[BaseMessage], bool] = _has_tool_call
             parser: Runnable = (
                 PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
                 if is_pydantic
@@ -533,6 +485,7 @@ class ChatEFT(BaseChatModel):
             # that object too (a weak model would otherwise miss the keys the parser needs)
             response_format = {"type": "json_schema", "schema": convert_to_json_schema(schema)}
             llm = self.bind(response_format=response_format, ls_structured_output_format=structured)
+            complete = _is_json
             parser = (
                 PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
                 if is_pydantic
@@ -542,15 +495,66 @@ class ChatEFT(BaseChatModel):
             raise ValueError(
                 f"method must be json_schema, function_calling or json_mode, got {method!r}"
             )
+        parser = _budget_check(complete) | parser
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(
             parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
         ).with_fallbacks(
-            [RunnablePassthrough.assign(parsed=lambda _: None, parsing_error=lambda x: None)],
+            # the fallback's input carries the parser's exception under "parsing_error"
+            [RunnablePassthrough.assign(parsed=lambda _: None)],
             exception_key="parsing_error",
         )
         return RunnableMap(raw=llm) | parsed
+
+
+def _budget_check(complete: Callable[[BaseMessage], bool]) -> RunnableGenerator:
+    """Passes the model's message (or its chunks) on unchanged; an answer the token budget
+    cut (finish_reason "length") before it was `complete` raises an error that names the
+    budget, where the parser would say only that it failed (or read a partial object)."""
+
+    def check(chunks: Iterator[BaseMessage]) -> Iterator[BaseMessage]:
+        message = None
+        for chunk in chunks:
+            message = chunk if message is None else message + chunk
+            yield chunk
+        _raise_if_cut(message, complete)
+
+    async def acheck(chunks: AsyncIterator[BaseMessage]) -> AsyncIterator[BaseMessage]:
+        message = None
+        async for chunk in chunks:
+            message = chunk if message is None else message + chunk
+            yield chunk
+        _raise_if_cut(message, complete)
+
+    return RunnableGenerator(check, acheck, name="budget_check")
+
+
+def _raise_if_cut(message: BaseMessage | None, complete: Callable[[BaseMessage], bool]) -> None:
+    if message is None or message.response_metadata.get("finish_reason") != "length":
+        return
+    if complete(message):  # it closed just at the budget
+        return
+    used = (getattr(message, "usage_metadata", None) or {}).get("output_tokens")
+    raise OutputParserException(
+        "the structured answer is incomplete: the token budget ran out (finish_reason "
+        f"'length'{f', {used} tokens generated' if used is not None else ''}) before it "
+        "closed. Raise max_tokens (ChatEFT(max_tokens=...) or .bind(max_tokens=...)) so the "
+        "answer fits; a lower max_string_length shortens its free strings.",
+        llm_output=_text(message.content),
+    )
+
+
+def _has_tool_call(message: BaseMessage) -> bool:
+    return bool(getattr(message, "tool_calls", None))
+
+
+def _is_json(message: BaseMessage) -> bool:
+    try:
+        json.loads(_text(message.content))
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- translation

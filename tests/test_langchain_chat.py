@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, TypedDict
 
@@ -10,16 +12,26 @@ import pytest
 import torch
 from langchain.agents import create_agent
 from langchain.agents.middleware import wrap_model_call
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import (
+    AIMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    trim_messages,
+)
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import ConfigurableField
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM
 
+from eft_integrations import EFTDecoder, loading
 from eft_integrations import chat as core
 from eft_integrations.langchain import ChatEFT, _to_core_messages
+from eft_integrations.loading import LazyDecoder
 
 from .chat_family import chat_decoder, chat_family_paths, from_pretrained_args
 from .event_loop import run_beside_ticker
@@ -92,18 +104,30 @@ def test_greedy_first_token_follows_the_eft_formula():
     assert len(answers) > 1
 
 
-def test_batch_is_one_batched_decode_equal_to_invokes():
-    decoder = chat_decoder()
-    chat = _chat()
+def test_batch_equals_invokes_with_weights_per_input_by_config():
+    chat = _chat().configurable_fields(weights=ConfigurableField(id="weights"))
     inputs = ["Hi", "Hello there", [SystemMessage("Be brief."), HumanMessage("Yo")]]
     weights = [{"chat": 0.0}, {"chat": 1.0}, {"chat": 2.0}]
-    before = decoder.forward_calls
-    batched = chat.batch(inputs, weights=weights)
-    forwards = decoder.forward_calls - before
-    assert forwards <= 4 * 16  # 4 distinct models x (prefill + 15 steps), shared by all rows
-    singles = [chat.invoke(i, weights=w) for i, w in zip(inputs, weights, strict=True)]
+    configs = [{"configurable": {"weights": w}} for w in weights]
+    batched = chat.batch(inputs, config=configs)
+    singles = [_chat().invoke(i, weights=w) for i, w in zip(inputs, weights, strict=True)]
     assert [m.content for m in batched] == [m.content for m in singles]
     assert [m.response_metadata["weights"]["chat"] for m in batched] == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="one dict per call"):
+        _chat().invoke("Hi", weights=weights)
+
+
+def test_batch_fails_only_the_input_that_is_bad():
+    chat = _chat(max_tokens=8)
+    bad = [HumanMessage([{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}])]
+    results = chat.batch(["Hi", bad, "Hello there"], return_exceptions=True)
+    assert isinstance(results[1], ValueError) and "text only" in str(results[1])
+    assert [r.content for r in (results[0], results[2])] == [
+        chat.invoke("Hi").content,
+        chat.invoke("Hello there").content,
+    ]
+    with pytest.raises(ValueError, match="text only"):
+        chat.batch(["Hi", bad])
 
 
 async def test_abatch_and_ainvoke_do_not_block_the_loop():
@@ -209,12 +233,20 @@ def test_a_call_the_core_could_not_read_stays_invalid():
     ]
 
 
-def test_lazy_loading_shares_one_decoder():
-    first = ChatEFT(**from_pretrained_args(), temperature=0.0, max_tokens=4)
-    second = ChatEFT(**from_pretrained_args(), temperature=0.0, max_tokens=4)
-    assert first._loaded is None  # building is cheap: nothing loaded yet
-    assert first.invoke("Hi").content == second.invoke("Hi").content
-    assert first._loaded is second._loaded is not None
+def test_lazy_loading_loads_once_and_copies_share_it():
+    chat = ChatEFT(**from_pretrained_args(), temperature=0.0, max_tokens=4)
+    assert isinstance(chat.decoder, LazyDecoder) and not chat.decoder.loaded  # cheap to build
+    configurable = chat.configurable_fields(weights=ConfigurableField(id="weights"))
+    copies = [chat.bind(weights={"chat": 2.0}), configurable, copy.deepcopy(chat)]
+    answers = [c.invoke("Hi", config={"configurable": {"weights": {"chat": 0.5}}}) for c in copies]
+    assert chat.decoder.loaded
+    assert copy.deepcopy(chat).decoder is chat.decoder
+    assert answers[0].content == _chat(max_tokens=4).invoke("Hi", weights={"chat": 2.0}).content
+    assert answers[1].content == _chat(max_tokens=4).invoke("Hi", weights={"chat": 0.5}).content
+    # a LazyDecoder given to several chat models is one set of models
+    lazy = LazyDecoder(**from_pretrained_args())
+    first, second = ChatEFT(decoder=lazy), ChatEFT(decoder=lazy, weights={"chat": 0.0})
+    assert first._get_decoder() is second._get_decoder()
 
 
 def test_speculative_decoding_gives_the_same_greedy_answer():
@@ -256,3 +288,109 @@ def test_structured_output_include_raw_and_streaming(method):
         _chat(max_tokens=120).with_structured_output(Joke, method=method).stream("Tell me a joke")
     )
     assert partials and set(partials[-1]) == {"setup", "punchline"}
+
+
+def test_a_stop_string_is_one_stop_sequence():
+    chat = _chat()
+    full = chat.invoke(HELLO).content
+    never = full.strip()[-1] + "\u2603"  # its first character occurs, the pair does not
+    assert chat.invoke(HELLO, stop=never).content == full
+    assert chat.bind(stop=never).invoke(HELLO).content == full
+    cut = full[4:6]
+    assert chat.invoke(HELLO, stop=cut).content == full[: full.index(cut)]
+    assert ChatEFT(decoder=chat_decoder(), stop_sequences=never).stop == [never]
+    assert chat._get_ls_params(stop=never)["ls_stop"] == [never]
+
+
+def test_token_counts_use_the_decoders_tokenizer_without_loading_models(monkeypatch):
+    decoder = chat_decoder()
+    history = [
+        SystemMessage("Be brief."),
+        HumanMessage("Hello there"),
+        AIMessage("Hi!"),
+        HumanMessage("How are you today?"),
+    ]
+    expected = _chat(max_tokens=1).invoke(history).usage_metadata["input_tokens"]
+    expected_text = len(decoder.tokenizer("Hello there", add_special_tokens=False)["input_ids"])
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("counting tokens must not load a model")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", no_models)
+    lazy = ChatEFT(**from_pretrained_args())
+    for chat in (lazy, _chat()):
+        assert chat.get_num_tokens("Hello there") == expected_text
+        assert chat.get_num_tokens_from_messages(history) == expected  # what a call reads
+        trimmed = trim_messages(
+            history,
+            max_tokens=expected - 1,
+            token_counter=chat,
+            strategy="last",
+            include_system=True,
+        )
+        assert 0 < len(trimmed) < len(history)
+    assert not lazy.decoder.loaded
+
+
+class Answer(BaseModel):
+    """The final answer."""
+
+    value: int = Field(description="the result")
+
+
+def test_agent_with_response_format_reaches_a_structured_response():
+    """With a profile that declares native structured output, create_agent constrains the
+    answer to the schema (ProviderStrategy) instead of forcing a tool call every turn."""
+    chat = _chat(max_tokens=48)
+    assert chat.profile["structured_output"] and chat.profile["tool_calling"]
+    assert chat.profile["max_input_tokens"] == chat_decoder().context_window
+    assert ChatEFT(**from_pretrained_args()).profile["structured_output"]
+    for tools in ([], [add]):
+        agent = create_agent(chat, tools=tools, response_format=Answer)
+        state = agent.invoke(
+            {"messages": [HumanMessage("What is 2 + 3?")]}, config={"recursion_limit": 6}
+        )
+        assert isinstance(state["structured_response"], Answer)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_structured_output_cut_by_the_budget_says_so(method):
+    short = _chat(max_tokens=3)
+    out = short.with_structured_output(Joke, method=method, include_raw=True).invoke("A joke")
+    assert out["parsed"] is None
+    assert out["raw"].response_metadata["finish_reason"] == "length"
+    assert isinstance(out["parsing_error"], OutputParserException)
+    assert "max_tokens" in str(out["parsing_error"]) and "'length'" in str(out["parsing_error"])
+    with pytest.raises(OutputParserException, match="Raise max_tokens"):
+        short.with_structured_output(Joke, method=method).invoke("A joke")
+    with pytest.raises(OutputParserException, match="Raise max_tokens"):
+        list(short.with_structured_output(Joke, method=method).stream("A joke"))
+
+
+async def test_structured_output_cut_by_the_budget_says_so_async():
+    short = _chat(max_tokens=3).with_structured_output(Joke, include_raw=True)
+    out = await short.ainvoke("A joke")
+    assert "max_tokens" in str(out["parsing_error"])
+
+
+def test_deepcopy_and_pickle_share_or_reload_the_decoder():
+    chat = _chat(weights={"chat": 0.5})
+    clone = copy.deepcopy(chat)
+    assert clone.decoder is chat.decoder  # the models are never copied
+    assert clone.weights == chat.weights and clone.weights is not chat.weights
+    assert clone.invoke(HELLO).content == chat.invoke(HELLO).content
+    lazy = ChatEFT(**from_pretrained_args(), temperature=0.0, max_tokens=6)
+    expected = lazy.invoke(HELLO).content  # loaded: a pickle keeps only the arguments
+    restored = pickle.loads(pickle.dumps(lazy))
+    assert isinstance(restored.decoder, LazyDecoder) and not restored.decoder.loaded
+    assert restored.invoke(HELLO).content == expected
+
+
+@pytest.mark.skipif(
+    "__getstate__" not in vars(EFTDecoder),
+    reason="EFTDecoder does not define its pickled state yet",
+)
+def test_pickle_round_trips_a_chat_model_with_a_loaded_decoder():
+    chat = _chat()
+    restored = pickle.loads(pickle.dumps(chat))
+    assert restored.invoke(HELLO).content == chat.invoke(HELLO).content
