@@ -394,3 +394,18 @@ def test_pickle_round_trips_a_chat_model_with_a_loaded_decoder():
     chat = _chat()
     restored = pickle.loads(pickle.dumps(chat))
     assert restored.invoke(HELLO).content == chat.invoke(HELLO).content
+
+
+def test_a_lazy_decoder_loads_once_for_concurrent_first_calls(monkeypatch):
+    loads = []
+    load = EFTDecoder.from_pretrained.__func__
+
+    def counted(cls, **kwargs):
+        loads.append(kwargs)
+        return load(cls, **kwargs)
+
+    monkeypatch.setattr(EFTDecoder, "from_pretrained", classmethod(counted))
+    chat = ChatEFT(**from_pretrained_args(), temperature=0.0, max_tokens=3)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda _: chat.invoke("Hi").content, range(4)))
+    assert len(loads) == 1 and len(set(answers)) == 1
