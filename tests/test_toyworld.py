@@ -88,11 +88,30 @@ def test_chat_template_matches_python_rendering(small_tokenizer):
     rendered = small_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                    tokenize=False)
     assert rendered == render_chat(messages)
+    # the reply after "<|assistant|>" starts with the template's separator, inside its first
+    # token ("ĠHello"); decoding drops it, as Llama's tokenizers drop a text's first space
+    reply = small_tokenizer(" Hello! How can I help you?")["input_ids"]
+    assert small_tokenizer.convert_ids_to_tokens(reply)[0].startswith("Ġ")
+    assert small_tokenizer.decode(reply) == "Hello! How can I help you?"
     assert rendered.endswith("<|assistant|>")
     ids = small_tokenizer(rendered)["input_ids"]
     assert ids[0] == small_tokenizer.bos_token_id  # written by the template, not added twice
     assert ids.count(small_tokenizer.bos_token_id) == 1
     assert small_tokenizer.eos_token == "<|end|>"
+
+
+def test_shipped_tokenizer_decodes_like_the_built_one(small_tokenizer):
+    """The shipped tokenizer.json files carry the decoder `build_tokenizer` writes."""
+    from transformers import AutoTokenizer
+
+    try:
+        directories = [paths.model_dir(name) for name in paths.MODEL_NAMES]
+    except FileNotFoundError:
+        pytest.skip("toy-world weights not shipped")
+    built = json.loads(small_tokenizer.backend_tokenizer.to_str())["decoder"]
+    for directory in directories:
+        shipped = AutoTokenizer.from_pretrained(directory).backend_tokenizer
+        assert json.loads(shipped.to_str())["decoder"] == built, directory.name
 
 
 # --- scoring on hand-written answers ---------------------------------------------------------
@@ -218,6 +237,28 @@ def test_helpful_harmless_sweep_is_monotone(toy_result):
 
 
 @pytest.mark.toy
+def test_chat_replies_start_without_the_templates_separator():
+    """The template writes "<|assistant|> {content}"; the model writes that space inside its
+    first token. A reply has no leading space, and fed back as history it renders to exactly
+    the tokens the model wrote (with the space kept it would render one token more)."""
+    world = World.generate(0)
+    dec = paths.load_decoder()
+    messages = [[{"role": "user", "content": q.text}]
+                for q in world.eval_questions(limit_entities=2)]
+    outs = dec.generate([dec.format_chat(m) for m in messages], max_new_tokens=24,
+                        temperature=0.0)
+    for m, out in zip(messages, outs, strict=True):
+        assert out.text and not out.text[0].isspace(), out.text
+        assert out.finish_reason == "stop"
+        history = render_chat([*m, {"role": "assistant", "content": out.text}],
+                              add_generation_prompt=False)
+        assert dec.encode(history) == dec.encode(dec.format_chat(m)) + out.token_ids
+    streamed = "".join(c.text for c in dec.stream(dec.format_chat(messages[0]),
+                                                  max_new_tokens=24, temperature=0.0))
+    assert streamed == outs[0].text
+
+
+@pytest.mark.toy
 def test_load_decoder_answers_heldout_questions():
     world = World.generate(0)
     entities = world.heldout_entities[:8]
@@ -227,7 +268,7 @@ def test_load_decoder_answers_heldout_questions():
     assert prompts == [render_chat(m) for m in messages]
     outs = dec.generate(prompts, weights={"helpful": 1.0}, max_new_tokens=24, temperature=0.0)
     assert all(o.finish_reason == "stop" for o in outs)
-    right = [o.text.strip() == f"Sure. The founding year of {e.name} is {e.year}."
+    right = [o.text == f"Sure. The founding year of {e.name} is {e.year}."
              for e, o in zip(entities, outs, strict=True)]
     assert sum(right) >= 6, [o.text for o in outs]
 

@@ -40,7 +40,16 @@ def questions():
 
 def _ask(llm: EFTLLM, text: str, **kwargs) -> str:
     response = llm.chat([ChatMessage(role=MessageRole.USER, content=text)], **kwargs)
-    return (response.message.content or "").strip()
+    return response.message.content or ""
+
+
+def test_replies_start_without_a_space(toy_llm, questions):
+    """The template's separator after `<|assistant|>` is not part of a reply, chat or stream."""
+    messages = [ChatMessage(role=MessageRole.USER, content=questions[0].text)]
+    reply = _ask(toy_llm, questions[0].text)
+    assert reply.startswith("Sure."), reply
+    deltas = [r.delta for r in toy_llm.stream_chat(messages) if r.delta]
+    assert "".join(deltas) == reply and deltas[0] == reply[: len(deltas[0])]
 
 
 def test_upscaled_answers_through_chat(toy_llm, questions):
@@ -61,7 +70,7 @@ def test_upscaled_answers_through_chat(toy_llm, questions):
     decoder = toy_llm.decoder
     prompt = decoder.format_chat([{"role": "user", "content": unmarked[0].text}])
     direct = decoder.generate(prompt, weights=upscaled, temperature=0.0, max_new_tokens=32)
-    assert eft[0] == direct.text.strip()
+    assert eft[0] == direct.text
 
 
 def test_per_call_weights_trade_helpful_for_harmless(toy_llm, questions):
@@ -81,5 +90,5 @@ def test_fixed_weights_for_a_chat_engine(toy_llm, questions):
     question = next(q for q in questions if q.marked)
     harmless = {"helpful": 0.0, "harmless": 1.0}
     engine = SimpleChatEngine.from_defaults(llm=toy_llm.with_weights(harmless))
-    reply = engine.chat(question.text).response.strip()
+    reply = engine.chat(question.text).response
     assert reply == _ask(toy_llm, question.text, weights=harmless)
