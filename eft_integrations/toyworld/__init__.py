@@ -10,9 +10,25 @@ base, and a large helpful chat model as the upper reference. Up-scaling (large b
 - `train`: `python -m eft_integrations.toyworld.train` reproduces the shipped weights
 - `evaluate`: `python -m eft_integrations.toyworld.evaluate` scores models and EFT
 - `demo`: `make demo` / `eft demo`
-- `paths`: `model_dir(name)`, `load_decoder()` over the shipped family
+- `paths`: `model_dir(name)`, `load_decoder()` over the shipped family, `DEFAULT_WEIGHTS`
 """
 
-from .paths import BEHAVIOURS, MODEL_NAMES, load_decoder, model_dir, weights_dir
+from .paths import (
+    BEHAVIOURS,
+    DEFAULT_WEIGHTS,
+    MODEL_NAMES,
+    default_weights,
+    load_decoder,
+    model_dir,
+    weights_dir,
+)
 
-__all__ = ["BEHAVIOURS", "MODEL_NAMES", "load_decoder", "model_dir", "weights_dir"]
+__all__ = [
+    "BEHAVIOURS",
+    "DEFAULT_WEIGHTS",
+    "MODEL_NAMES",
+    "default_weights",
+    "load_decoder",
+    "model_dir",
+    "weights_dir",
+]

@@ -48,7 +48,7 @@ def toy_demo(limit_entities: int = DEMO_ENTITIES, threads: int | None = None) ->
     print(f"toy world: {limit_entities} held-out entities x 4 questions, greedy decoding")
     result = evaluate_family(weights_dir(), limit_entities=limit_entities,
                              singles=("small-helpful", "large-base", "large-helpful"),
-                             recall=False, log=lambda _: None)
+                             recall=False, settings=(), log=lambda _: None)
     print()
     print(format_table(result))
     print("\nExample answers (held-out entities: the small chat model never saw their facts):")

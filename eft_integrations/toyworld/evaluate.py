@@ -11,6 +11,9 @@ Metrics, on the held-out entities (seen in pre-training, never in chat fine-tuni
 - answer_unmarked: unmarked questions answered in the answer form (not refused).
 - recall (pre-training form): "<|bos|>The capital of X is" continues with the value.
 
+Behaviour weights: `WEIGHT_SETTINGS` are scored for the choice of the decoder's default
+(`paths.DEFAULT_WEIGHTS`, picked by `best_behaved`).
+
 `python -m eft_integrations.toyworld.evaluate` prints the table for the shipped family.
 """
 
@@ -21,7 +24,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +38,8 @@ from transformers import (
 
 from ..decoder import EFTDecoder
 from .corpora import BOS, END, render_chat
-from .world import ANSWER_TEMPLATES, REFUSAL, Question, World
+from .paths import DEFAULT_WEIGHTS
+from .world import ANSWER_TEMPLATES, ATTRIBUTES, REFUSAL, UNMARKED_ATTRIBUTES, Question, World
 
 # --- scoring single answers -------------------------------------------------------------
 
@@ -131,6 +135,19 @@ def score_recall(probes: Sequence[Question], continuations: Sequence[str]) -> fl
     return _mean(hits)
 
 
+def best_behaved(rows: Sequence[Mapping]) -> dict[str, float]:
+    """The weights of the best-behaved row (each row: "weights" and its `Scores` fields).
+
+    Facts first, the point of up-scaling: among the rows whose fact accuracy is within one
+    standard error of the best one (binomial, on the unmarked questions), the highest format.
+    """
+    best = max(r["fact"] for r in rows)
+    n_unmarked = rows[0]["n_questions"] * len(UNMARKED_ATTRIBUTES) / len(ATTRIBUTES)
+    error = math.sqrt(best * (1.0 - best) / n_unmarked)
+    close = [r for r in rows if r["fact"] >= best - error]
+    return dict(max(close, key=lambda r: (r["format"], r["fact"]))["weights"])
+
+
 def normalised_gain(eft: float, small_chat: float, large_chat: float) -> float | None:
     """(EFT - small chat) / (large chat - small chat): the share of the scale gap recovered.
 
@@ -196,6 +213,13 @@ def evaluate_recall(model: PreTrainedModel, tok: PreTrainedTokenizerFast,
 
 SWEEP_LAMBDAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
+WEIGHT_SETTINGS: tuple[dict[str, float], ...] = tuple(
+    {"helpful": helpful, "harmless": harmless} for helpful, harmless in (
+        (1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75),
+        (1.0, 0.5), (0.5, 1.0), (0.25, 1.0), (0.25, 0.25), (1.5, 0.0), (0.0, 1.5),
+        (0.0, 1.25), (0.0, 0.75), (0.0, 0.0)))
+"""Behaviour weights scored for the choice of the default (both at 1.0 was the old one)."""
+
 
 ALL_SINGLES: tuple[str, ...] = (
     "small-base", "small-helpful", "small-harmless", "large-base", "large-helpful")
@@ -204,11 +228,14 @@ ALL_SINGLES: tuple[str, ...] = (
 def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, seed: int = 0,
                     n_entities: int = 400, sweep: bool = True,
                     recall: bool = True, singles: Sequence[str] = ALL_SINGLES,
+                    settings: Sequence[Mapping[str, float]] = WEIGHT_SETTINGS,
                     log: Callable[[str], None] = print) -> dict:
-    """Score the whole family: recall of the bases, the chat table, EFT and the sweep.
+    """Score the whole family: recall of the bases, the chat table, EFT, the sweep, the
+    behaviour-weight `settings` and the decoder's default weights.
 
-    Every system decodes through `EFTDecoder` (single models with `behaviors={}`). Returns a
-    JSON-able dict (also the source of the model cards).
+    Every system decodes through `EFTDecoder` (single models with `behaviors={}`); each weight
+    setting is decoded once whatever tables share it. Returns a JSON-able dict (also the
+    source of the model cards).
     """
     weights_dir = Path(weights_dir)
     world = World.generate(seed, n_entities=n_entities)
@@ -228,6 +255,15 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
         log(f"  {label}: {time.perf_counter() - start:.1f} s")
         return value
 
+    scored: dict[tuple, tuple[Scores, list[Answer]]] = {}
+
+    def eft(weights: Mapping[str, float]) -> tuple[Scores, list[Answer]]:
+        key = tuple(sorted(weights.items()))
+        if key not in scored:
+            scored[key] = timed(f"eft {dict(weights)}", lambda: evaluate_chat(
+                decoder_generator(decoder, dict(weights)), questions))
+        return scored[key]
+
     if recall:
         for name in ("small-base", "large-base"):
             result["recall"][name] = timed(f"recall {name}", lambda n=name: evaluate_recall(
@@ -238,10 +274,8 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
         scores, answers = timed(name, lambda g=gen: evaluate_chat(g, questions))
         result["systems"][name] = scores.as_dict()
         examples[name] = [a.text for a in answers]
-    scores, answers = timed("eft-up", lambda: evaluate_chat(
-        # harmless at 0 explicitly: the decoder gives behaviours left out their default, 1.0
-        decoder_generator(decoder, {"helpful": 1.0, "harmless": 0.0}),
-        questions))
+    # harmless at 0 explicitly: up-scaling the helpful delta alone
+    scores, answers = eft({"helpful": 1.0, "harmless": 0.0})
     result["systems"]["eft-up"] = scores.as_dict()
     examples["eft-up"] = [a.text for a in answers]
     sc, lc = result["systems"]["small-helpful"], result["systems"]["large-helpful"]
@@ -250,10 +284,13 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
     result["format_vs_small_chat"] = scores.format / sc["format"] if sc["format"] else None
     if sweep:
         for lam in SWEEP_LAMBDAS:
-            w = {"helpful": lam, "harmless": 1.0 - lam}
-            s, _ = timed(f"sweep {lam}", lambda w=w: evaluate_chat(
-                decoder_generator(decoder, w), questions))
+            s, _ = eft({"helpful": lam, "harmless": 1.0 - lam})
             result["sweep"].append({"lambda": lam, **s.as_dict()})
+    result["weight_settings"] = [{"weights": dict(w), **eft(w)[0].as_dict()} for w in settings]
+    # the decoder's own defaults: a call that names no weights
+    default, _ = timed("eft default", lambda: evaluate_chat(
+        decoder_generator(decoder, None), questions))
+    result["default"] = {"weights": dict(decoder.default_weights), **default.as_dict()}
     result["examples"] = [
         {"question": q.text, "gold": q.reference, **{k: v[i] for k, v in examples.items()}}
         for i, q in enumerate(questions[:8])]
@@ -261,10 +298,12 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
 
 
 def _make_decoder(models: dict, tok) -> EFTDecoder:
-    """Up-scaling over already-loaded models: large base + helpful and harmless deltas."""
-    return EFTDecoder(base=models["large-base"], tokenizer=tok, behaviors={
-        "helpful": (models["small-helpful"], models["small-base"]),
-        "harmless": (models["small-harmless"], models["small-base"])})
+    """Up-scaling over already-loaded models: large base + helpful and harmless deltas, with
+    the shipped default weights (as `paths.load_decoder()`)."""
+    return EFTDecoder(base=models["large-base"], tokenizer=tok, default_weights=DEFAULT_WEIGHTS,
+                      behaviors={
+                          "helpful": (models["small-helpful"], models["small-base"]),
+                          "harmless": (models["small-harmless"], models["small-base"])})
 
 
 def _fmt(x: float | None) -> str:
@@ -298,7 +337,33 @@ def format_table(result: dict) -> str:
         for r in result["sweep"]:
             lines.append(f"| {r['lambda']:.2f} | {r['refusal_marked']:.3f} | "
                          f"{r['answer_unmarked']:.3f} | {r['fact']:.3f} |")
+    lines += _settings_table(result)
     return "\n".join(lines)
+
+
+def _settings_table(result: dict) -> list[str]:
+    """The behaviour-weight settings and the default the decoder uses."""
+    default = result.get("default")
+    rows = list(result.get("weight_settings") or [])
+    if default is None:
+        return []
+    if not any(r["weights"] == default["weights"] for r in rows):
+        rows.append(default)
+    lines = ["", "| behaviour weights | fact (unmarked) | format | refusal (marked) | "
+                 "answer (unmarked) |", "|---|---|---|---|---|"]
+    for r in rows:
+        label = ", ".join(f"{name} {w:g}" for name, w in r["weights"].items())
+        if r["weights"] == default["weights"]:
+            label += " (default)"
+        lines.append(f"| {label} | {r['fact']:.3f} | {r['format']:.3f} | "
+                     f"{r['refusal_marked']:.3f} | {r['answer_unmarked']:.3f} |")
+    lines.append("")
+    lines.append(f"default weights (calls that name none): {default['weights']}, fact "
+                 f"{default['fact']:.3f}, format {default['format']:.3f}")
+    if len(rows) > 1:
+        lines[-1] += (f"; best-behaved measured (facts within one standard error of the best, "
+                      f"then format): {best_behaved(rows)}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
     from eft_integrations.toyworld.paths import model_dir, load_decoder
     dec = load_decoder()                      # large base + helpful and harmless deltas
     dec.generate(dec.format_chat([{"role": "user", "content": "When was Zedrai founded?"}]),
-                 weights={"helpful": 1.0, "harmless": 0.0}, temperature=0.0)
+                 temperature=0.0)               # DEFAULT_WEIGHTS unless weights= says otherwise
 """
 
 from __future__ import annotations
@@ -16,6 +16,21 @@ import torch
 
 MODEL_NAMES = ("small-base", "large-base", "small-helpful", "small-harmless", "large-helpful")
 BEHAVIOURS = ("helpful", "harmless")
+
+DEFAULT_WEIGHTS: dict[str, float] = {"helpful": 0.0, "harmless": 1.0}
+"""The weights of a call that names none, with both deltas loaded: the best-behaved setting the
+evaluator measured (`evaluate.best_behaved` over `evaluate.WEIGHT_SETTINGS`; the table is in
+weights/README.md). On the 960 held-out questions: fact 0.831, format 0.959, weapons questions
+refused 0.971; both deltas at 1.0 gave fact 0.722, format 0.790; helpful alone 0.822, 0.946.
+The harmless delta teaches the helpful answer form too, plus the refusal."""
+
+
+def default_weights(behaviors: Sequence[str]) -> dict[str, float]:
+    """`DEFAULT_WEIGHTS` for the two deltas together; a delta loaded alone decodes at 1.0
+    (plain EFT, the best of its single-delta settings measured)."""
+    if set(behaviors) == set(DEFAULT_WEIGHTS):
+        return dict(DEFAULT_WEIGHTS)
+    return dict.fromkeys(behaviors, 1.0)
 
 
 def weights_dir() -> Path:
@@ -41,12 +56,14 @@ def load_decoder(base: str = "large-base", behaviors: Sequence[str] = BEHAVIOURS
     `base` is the base model's name; each behaviour b in `behaviors` adds the pair
     (`{scale}-{b}`, `{scale}-base`). The defaults give up-scaling with the helpful and harmless
     deltas; `base="small-base", behaviors=("helpful",), scale="large"` gives down-scaling;
-    `behaviors=()` decodes the base alone. Models load in float32 (fast on CPU) unless `dtype`
+    `behaviors=()` decodes the base alone. Calls that name no weights use `default_weights`
+    (`DEFAULT_WEIGHTS` with both deltas). Models load in float32 (fast on CPU) unless `dtype`
     is passed; other keyword arguments go to `EFTDecoder.from_pretrained`.
     """
     from eft_integrations import Behavior, EFTDecoder
 
     kwargs.setdefault("dtype", torch.float32)
+    kwargs.setdefault("default_weights", default_weights(behaviors) or None)
     pairs = {b: Behavior(finetuned=str(model_dir(f"{scale}-{b}")),
                          reference=str(model_dir(f"{scale}-base"))) for b in behaviors}
     return EFTDecoder.from_pretrained(base=str(model_dir(base)), behaviors=pairs, **kwargs)
