@@ -176,11 +176,30 @@ def test_structured_predict_and_structured_llm_are_schema_valid(llm):
     assert Place.model_validate_json(response.message.content) == response.raw
 
 
-async def test_astructured_predict(llm):
+def _core_place(decoder, weights: dict[str, float]) -> Place:
+    """The object the core decodes for the structured prompt below, with these weights."""
+    result = core_chat.chat(
+        decoder, [{"role": "user", "content": "Describe the place Markan."}], weights=weights,
+        response_format={"type": "json_schema", "schema": Place.model_json_schema()},
+        temperature=0.0, max_new_tokens=160,
+    )
+    return Place.model_validate_json(result.content)
+
+
+async def test_astructured_predict_decodes_with_the_given_weights(llm, rag_decoder):
+    """Per-call weights (llm_kwargs) and fixed ones (with_weights) give the object the core
+    decodes with those weights; two settings give two different objects here, so weights
+    lost on the way would show."""
     prompt = PromptTemplate("Describe the place {place}.")
-    place = await llm.astructured_predict(Place, prompt, place="Markan",
-                                          llm_kwargs={"weights": {"chat": 0.5}})
-    assert isinstance(place, Place)
+    places = []
+    for weights in ({"chat": 0.5, "safe": 1.0}, {"chat": 0.0, "safe": 0.0}):
+        place = await llm.astructured_predict(Place, prompt, place="Markan",
+                                              llm_kwargs={"weights": weights})
+        assert place == _core_place(rag_decoder, weights)
+        assert llm.with_weights(weights).structured_predict(Place, prompt, place="Markan") == place
+        places.append(place)
+    assert places[0] != places[1]
+    assert places[0] != _core_place(rag_decoder, {"chat": 1.0, "safe": 1.0})  # the defaults
 
 
 def test_structured_llm_streams_a_schema_valid_object(llm):
