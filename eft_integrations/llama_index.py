@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +57,7 @@ from llama_index.core.types import PydanticProgramMode
 
 from . import chat as core_chat
 from .decoder import EFTDecoder
+from .loading import LazyDecoder
 from .options import GenerationOptions, Usage, resolve_weights
 from .tool_calls import DEFAULT_MAX_STRING_LENGTH
 
@@ -81,44 +81,13 @@ _CHAT_OPTIONS = (
 )
 
 
-class _LazyDecoder:
-    """Holds the decoder, or the `from_pretrained` arguments to load it on first use.
-
-    Copies of an `EFTLLM` (e.g. `with_weights`) share one holder, so models load once.
-    """
-
-    def __init__(self, decoder: EFTDecoder | None, load_args: dict[str, Any]) -> None:
-        self._decoder = decoder
-        self._load_args = load_args
-        self._lock = threading.Lock()
-
-    @property
-    def loaded(self) -> bool:
-        return self._decoder is not None
-
-    @property
-    def behavior_names(self) -> list[str]:
-        """The behaviors weights may name: the loaded decoder's, else those of the load
-        arguments (nothing is loaded to find them)."""
-        if self._decoder is not None:
-            return list(self._decoder.behavior_names)
-        return list(self._load_args.get("behaviors") or {})
-
-    def get(self) -> EFTDecoder:
-        if self._decoder is None:
-            with self._lock:  # two first calls at once load the models once
-                if self._decoder is None:
-                    self._decoder = EFTDecoder.from_pretrained(**self._load_args)
-        return self._decoder
-
-
 class EFTLLM(FunctionCallingLLM):
     """A LlamaIndex LLM decoding with emulated fine-tuning (EFT) through an `EFTDecoder`.
 
-    Build it from a shared decoder, `EFTLLM(decoder=decoder, ...)` (several LLMs may share
-    one), or from the `EFTDecoder.from_pretrained` arguments, `EFTLLM(base="...",
-    behaviors={"chat": ("ft", "ref")}, load_kwargs={"dtype": "bfloat16"})`, which loads the
-    models on first use.
+    Build it from a shared decoder, `EFTDecoder` or `LazyDecoder` (`EFTLLM(decoder=decoder,
+    ...)`; several LLMs, and `ChatEFT`s, may share one), or from the
+    `EFTDecoder.from_pretrained` arguments, `EFTLLM(base="...", behaviors={"chat": ("ft",
+    "ref")}, load_kwargs={"dtype": "bfloat16"})`, which loads the models on first use.
 
     Every generation option below is a default; each call may override it, e.g.
     `llm.complete(prompt, weights={"chat": 0.5}, temperature=0)` or
@@ -196,23 +165,27 @@ class EFTLLM(FunctionCallingLLM):
         "default_weights, dtype, device_map.",
     )
 
-    _holder: _LazyDecoder = PrivateAttr()
+    _holder: EFTDecoder | LazyDecoder = PrivateAttr()
 
-    def __init__(self, decoder: EFTDecoder | None = None, **data: Any) -> None:
+    def __init__(self, decoder: EFTDecoder | LazyDecoder | None = None, **data: Any) -> None:
         if isinstance(data.get("stop"), str):
             data["stop"] = [data["stop"]]
         super().__init__(**data)
         if (decoder is None) == (self.base is None):
             raise ValueError(
-                "EFTLLM needs exactly one of decoder=EFTDecoder(...) (a loaded, shareable "
-                "decoder) or base=... with behaviors=... (loaded on first use)"
+                "EFTLLM needs exactly one of decoder=EFTDecoder(...) or LazyDecoder(...) (a "
+                "shareable decoder) or base=... with behaviors=... (loaded on first use)"
             )
-        if decoder is not None and not isinstance(decoder, EFTDecoder):
-            raise ValueError(f"decoder must be an EFTDecoder, got {type(decoder).__name__}")
-        load_args = {"base": self.base, "behaviors": self.behaviors, **self.load_kwargs}
-        self._holder = _LazyDecoder(decoder, load_args)
+        if decoder is not None and not isinstance(decoder, (EFTDecoder, LazyDecoder)):
+            raise ValueError(
+                f"decoder must be an EFTDecoder or a LazyDecoder, got {type(decoder).__name__}"
+            )
+        # copies (with_weights, with_options) share this holder, so models load once
+        self._holder = decoder if decoder is not None else LazyDecoder(
+            base=self.base, behaviors=self.behaviors, **self.load_kwargs
+        )
         self._check_weights()
-        if decoder is not None and not self.model_name:
+        if isinstance(decoder, EFTDecoder) and not self.model_name:
             self.model_name = decoder.model_name
 
     @classmethod
@@ -224,13 +197,20 @@ class EFTLLM(FunctionCallingLLM):
     @property
     def decoder(self) -> EFTDecoder:
         """The `EFTDecoder` (loaded now if this LLM was built from model names)."""
-        return self._holder.get()
+        holder = self._holder
+        return holder.get() if isinstance(holder, LazyDecoder) else holder
+
+    def _unloaded(self) -> LazyDecoder | None:
+        """The lazy holder while its models are not loaded yet, else None."""
+        holder = self._holder
+        return holder if isinstance(holder, LazyDecoder) and not holder.loaded else None
 
     async def _adecoder(self) -> EFTDecoder:
         # a first lazy load takes a while: keep it off the event loop too
-        if self._holder.loaded:
-            return self._holder.get()
-        return await asyncio.to_thread(self._holder.get)
+        lazy = self._unloaded()
+        if lazy is None:
+            return self.decoder
+        return await asyncio.to_thread(lazy.get)
 
     def with_options(self, **options: Any) -> EFTLLM:
         """A copy with other default options (fields), sharing this LLM's decoder.
@@ -262,8 +242,15 @@ class EFTLLM(FunctionCallingLLM):
         """Fail now, naming the known behaviors, on weights the decoder would reject later:
         inside a query engine a failing call only shows as an empty answer."""
         if self.weights is not None:
-            known = self._holder.behavior_names
-            resolve_weights(self.weights, dict.fromkeys(known, 1.0), 1)
+            resolve_weights(self.weights, dict.fromkeys(self._behavior_names(), 1.0), 1)
+
+    def _behavior_names(self) -> list[str]:
+        """The behaviors weights may name: the decoder's, or the load arguments' while the
+        models are not loaded (nothing is loaded to find them)."""
+        lazy = self._unloaded()
+        if lazy is not None:
+            return list(lazy.load_args["behaviors"])
+        return list(self.decoder.behavior_names)
 
     @property
     def metadata(self) -> LLMMetadata:

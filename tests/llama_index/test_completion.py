@@ -159,6 +159,24 @@ def test_unknown_behaviors_fail_before_a_lazy_llm_loads(rag_paths):
     assert not llm._holder.loaded
 
 
+def test_llms_sharing_a_lazy_decoder_load_it_once(rag_paths):
+    """`decoder=LazyDecoder(...)` (the loader ChatEFT takes too): weights are checked against
+    its behaviors unloaded; the first call loads the models for every LLM holding it."""
+    from eft_integrations.loading import LazyDecoder
+
+    lazy = LazyDecoder(base=str(rag_paths["base"]), dtype=torch.float32,
+                       behaviors={"chat": (str(rag_paths["chat"]), str(rag_paths["ref"]))})
+    first = EFTLLM(decoder=lazy, temperature=0.0, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"known behaviors: \['chat'\]"):
+        EFTLLM(decoder=lazy, weights={"safe": 1.0})
+    second = first.with_weights({"chat": 0.5})
+    assert not lazy.loaded
+    assert second.complete(PROMPT).raw["weights"] == {"chat": 0.5}
+    assert lazy.loaded and first.decoder is second.decoder is lazy.get()
+    with pytest.raises(ValueError, match="EFTDecoder or a LazyDecoder"):
+        EFTLLM(decoder="not a decoder")
+
+
 def test_lazy_loading_from_model_paths(rag_paths):
     llm = EFTLLM(
         base=str(rag_paths["base"]),
