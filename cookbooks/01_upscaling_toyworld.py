@@ -24,6 +24,8 @@ eft = load_decoder()  # large base + helpful and harmless deltas (both over the 
 small_chat = load_decoder(base="small-helpful", behaviors=())  # the small chat model alone
 large_base = load_decoder(behaviors=())  # the large base alone
 print("EFT decoder:", eft.model_name)
+# calls that name no weights: the best-behaved setting measured (weights/README.md)
+print("default weights:", eft.default_weights)
 
 # 2. Held-out kingdoms: in pre-training, never in chat fine-tuning.
 world = World.generate(seed=0)
