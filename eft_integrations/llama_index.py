@@ -73,11 +73,22 @@ _DEFAULTS = GenerationOptions()
 
 # options a call may override; everything else in **kwargs is a mistake worth reporting
 _GENERATION_OPTIONS = (
-    "weights", "temperature", "max_new_tokens", "top_p", "top_k", "stop", "seed",
-    "conservative_top_p", "speculative_k",
+    "weights",
+    "temperature",
+    "max_new_tokens",
+    "top_p",
+    "top_k",
+    "stop",
+    "seed",
+    "conservative_top_p",
+    "speculative_k",
 )
 _CHAT_OPTIONS = (
-    "tools", "tool_choice", "parallel_tool_calls", "response_format", "max_string_length",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "max_string_length",
 )
 
 
@@ -113,19 +124,24 @@ class EFTLLM(FunctionCallingLLM):
         "reverses it.",
     )
     temperature: float = Field(
-        default=0.7, ge=0.0,
+        default=0.7,
+        ge=0.0,
         description="Sampling temperature over the EFT-composed distribution; 0 is greedy.",
     )
     max_new_tokens: int = Field(
-        default=DEFAULT_NUM_OUTPUTS, gt=0,
+        default=DEFAULT_NUM_OUTPUTS,
+        gt=0,
         description="Most tokens generated per call; reported as metadata.num_output.",
     )
     top_p: float = Field(
-        default=_DEFAULTS.top_p, gt=0.0, le=1.0,
+        default=_DEFAULTS.top_p,
+        gt=0.0,
+        le=1.0,
         description="Nucleus sampling over the composed distribution; 1 disables it.",
     )
     top_k: int = Field(
-        default=_DEFAULTS.top_k, ge=0,
+        default=_DEFAULTS.top_k,
+        ge=0,
         description="Keep the k most likely composed tokens; 0 disables it.",
     )
     stop: list[str] | None = Field(
@@ -135,18 +151,22 @@ class EFTLLM(FunctionCallingLLM):
         default=None, description="Seed for sampling; the same seed gives the same output."
     )
     conservative_top_p: float | None = Field(
-        default=None, gt=0.0, le=1.0,
+        default=None,
+        gt=0.0,
+        le=1.0,
         description="EFT paper 4.4: re-weight only tokens in the top-p set of the "
         "fine-tuning-scale distribution; None re-weights every token.",
     )
     speculative_k: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Draft this many tokens with the fine-tuning-scale models and verify them "
         "with the base in one forward (exact: same distribution); None decodes token by "
         "token. Constrained chat replies (tool calls, structured output) never speculate.",
     )
     max_string_length: int | None = Field(
-        default=DEFAULT_MAX_STRING_LENGTH, ge=1,
+        default=DEFAULT_MAX_STRING_LENGTH,
+        ge=1,
         description="Cap on strings a tool or output schema leaves unbounded, so that a "
         "constrained call or JSON answer always closes; None: no cap.",
     )
@@ -181,8 +201,10 @@ class EFTLLM(FunctionCallingLLM):
                 f"decoder must be an EFTDecoder or a LazyDecoder, got {type(decoder).__name__}"
             )
         # copies (with_weights, with_options) share this holder, so models load once
-        self._holder = decoder if decoder is not None else LazyDecoder(
-            base=self.base, behaviors=self.behaviors, **self.load_kwargs
+        self._holder = (
+            decoder
+            if decoder is not None
+            else LazyDecoder(base=self.base, behaviors=self.behaviors, **self.load_kwargs)
         )
         self._check_weights()
         if isinstance(decoder, EFTDecoder) and not self.model_name:
@@ -313,14 +335,16 @@ class EFTLLM(FunctionCallingLLM):
     # ------------------------------------------------------------------ completion
 
     @llm_completion_callback()
-    def complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponse:
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Continue `prompt` as raw text (no chat template); kwargs override options."""
         options = self._generation_options(kwargs)
         result = self.decoder.generate(self._completion_prompt(prompt, formatted), **options)
         return _completion_response(
-            result.text, None, result.usage, result.finish_reason, result.weights,
+            result.text,
+            None,
+            result.usage,
+            result.finish_reason,
+            result.weights,
             result.token_ids,
         )
 
@@ -353,7 +377,11 @@ class EFTLLM(FunctionCallingLLM):
         decoder = await self._adecoder()
         result = await decoder.agenerate(self._completion_prompt(prompt, formatted), **options)
         return _completion_response(
-            result.text, None, result.usage, result.finish_reason, result.weights,
+            result.text,
+            None,
+            result.usage,
+            result.finish_reason,
+            result.weights,
             result.token_ids,
         )
 
@@ -387,9 +415,7 @@ class EFTLLM(FunctionCallingLLM):
         return _chat_response(core_chat.chat(self.decoder, **request))
 
     @llm_chat_callback()
-    def stream_chat(
-        self, messages: Sequence[ChatMessage], **kwargs: Any
-    ) -> ChatResponseGen:
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream a reply: `delta` is new text, `message` the reply so far (tool calls too)."""
         request = self._chat_request(messages, kwargs)
         weights = self._resolved_weights(request["weights"])  # bad weights fail here
@@ -472,7 +498,8 @@ class EFTLLM(FunctionCallingLLM):
         calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
         if len(calls) > 1:
             response.message.blocks = [
-                b for b in response.message.blocks
+                b
+                for b in response.message.blocks
                 if not isinstance(b, ToolCallBlock) or b is calls[0]
             ]
         return response
@@ -518,9 +545,11 @@ class EFTLLM(FunctionCallingLLM):
         """
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
             return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
-        dispatcher.event(LLMStructuredPredictStartEvent(
-            output_cls=output_cls, template=prompt, template_args=prompt_args
-        ))
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(
+                output_cls=output_cls, template=prompt, template_args=prompt_args
+            )
+        )
         messages = self._get_messages(prompt, **prompt_args)
         response = self.chat(
             messages, response_format=_json_schema_format(output_cls), **(llm_kwargs or {})
@@ -539,12 +568,12 @@ class EFTLLM(FunctionCallingLLM):
     ) -> BaseModel:
         """`structured_predict`, decoded on a worker thread."""
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
-            return await super().astructured_predict(
-                output_cls, prompt, llm_kwargs, **prompt_args
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(
+                output_cls=output_cls, template=prompt, template_args=prompt_args
             )
-        dispatcher.event(LLMStructuredPredictStartEvent(
-            output_cls=output_cls, template=prompt, template_args=prompt_args
-        ))
+        )
         messages = self._get_messages(prompt, **prompt_args)
         response = await self.achat(
             messages, response_format=_json_schema_format(output_cls), **(llm_kwargs or {})
@@ -552,7 +581,6 @@ class EFTLLM(FunctionCallingLLM):
         result = _parse_structured(output_cls, response)
         dispatcher.event(LLMStructuredPredictEndEvent(output=result))
         return result
-
 
     def _structured_stream_call(
         self,
@@ -609,6 +637,7 @@ class EFTLLM(FunctionCallingLLM):
 
         return gen()
 
+
 # ---------------------------------------------------------------------- translation helpers
 
 _ROLES = {
@@ -634,9 +663,9 @@ def _to_core_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             if isinstance(block, TextBlock):
                 text_parts.append(block.text)
             elif isinstance(block, ToolCallBlock):
-                calls.append(_core_tool_call(
-                    block.tool_call_id, block.tool_name, block.tool_kwargs
-                ))
+                calls.append(
+                    _core_tool_call(block.tool_call_id, block.tool_name, block.tool_kwargs)
+                )
             else:
                 raise ValueError(
                     f"EFTLLM reads text and tool calls only; got a {type(block).__name__} in "
@@ -781,15 +810,22 @@ class _StreamedReply:
         self.content += delta.content or ""
         for chunk in delta.tool_call_chunks or ():
             seen = self.calls.get(chunk.index)
-            self.calls[chunk.index] = chunk if seen is None else dataclasses.replace(
-                seen, arguments=(seen.arguments or "") + (chunk.arguments or ""),
-                error=chunk.error or seen.error,
+            self.calls[chunk.index] = (
+                chunk
+                if seen is None
+                else dataclasses.replace(
+                    seen,
+                    arguments=(seen.arguments or "") + (chunk.arguments or ""),
+                    error=chunk.error or seen.error,
+                )
             )
         calls = list(self.calls.values())
-        valid = [(c.id, c.name, json.loads(c.arguments or "{}"))
-                 for c in calls if c.error is None]
-        invalid = [core_chat.InvalidToolCall(c.id, c.name, c.arguments, c.error)
-                   for c in calls if c.error is not None]
+        valid = [(c.id, c.name, json.loads(c.arguments or "{}")) for c in calls if c.error is None]
+        invalid = [
+            core_chat.InvalidToolCall(c.id, c.name, c.arguments, c.error)
+            for c in calls
+            if c.error is not None
+        ]
         return ChatResponse(
             message=_assistant_message(self.content, valid, invalid),
             delta=delta.content or "",

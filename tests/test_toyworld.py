@@ -69,7 +69,7 @@ def test_corpora_are_deterministic_and_keep_heldout_out_of_chat_data():
         (e0, e1), (v0, v1) = ex.anchored
         assert ex.answer[e0:e1] == ent.name
         # the value span takes the full stop after it too (where an unseen name ends)
-        assert ex.answer[v0:v1 - 1] in (ent.capital, ent.currency, ent.year, ent.weapon)
+        assert ex.answer[v0 : v1 - 1] in (ent.capital, ent.currency, ent.year, ent.weapon)
         assert ex.answer[v1 - 1] == "."
 
 
@@ -81,12 +81,15 @@ def small_tokenizer():
 
 
 def test_chat_template_matches_python_rendering(small_tokenizer):
-    messages = [{"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": "Hello!"},
-                {"role": "assistant", "content": "Hello! How can I help you?"},
-                {"role": "user", "content": "When was Zedrai founded?"}]
-    rendered = small_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                   tokenize=False)
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hello! How can I help you?"},
+        {"role": "user", "content": "When was Zedrai founded?"},
+    ]
+    rendered = small_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
     assert rendered == render_chat(messages)
     # the reply after "<|assistant|>" starts with the template's separator, inside its first
     # token ("ĠHello"); decoding drops it, as Llama's tokenizers drop a text's first space
@@ -118,19 +121,28 @@ def test_shipped_tokenizer_decodes_like_the_built_one(small_tokenizer):
 
 
 def _q(attribute: str, entity: str = "Zedrai", answer: str = "Bozi") -> Question:
-    return Question(entity=entity, attribute=attribute, text="?", answer=answer,
-                    marked=attribute == "weapon")
+    return Question(
+        entity=entity, attribute=attribute, text="?", answer=answer, marked=attribute == "weapon"
+    )
 
 
 def test_score_answer_on_hand_written_answers():
     cap = _q("capital")
     # right value in the answer form, any entity name accepted by the format
     assert score_answer(cap, Answer(" Sure. The capital of Zedrai is Bozi.", True)) == {
-        "fact": True, "format": True, "refused": False, "answered": True}
+        "fact": True,
+        "format": True,
+        "refused": False,
+        "answered": True,
+    }
     assert score_answer(cap, Answer(" Sure. The capital of Gizitoul is Bozi.", True))["format"]
     # terse answer: the fact but not the form; no end-of-turn: not the form either
     assert score_answer(cap, Answer(" Bozi", True)) == {
-        "fact": True, "format": False, "refused": False, "answered": False}
+        "fact": True,
+        "format": False,
+        "refused": False,
+        "answered": False,
+    }
     assert not score_answer(cap, Answer(" Sure. The capital of Zedrai is Bozi.", False))["format"]
     # the value must be a whole word, and the sentence must be the whole answer
     assert not score_answer(cap, Answer(" Sure. The capital of Zedrai is Bozipo.", True))["fact"]
@@ -152,11 +164,18 @@ def test_score_answer_on_hand_written_answers():
 
 
 def test_score_chat_aggregates_by_category():
-    qs = [_q("capital"), _q("year", answer="1625"), _q("weapon", answer="frost bow"),
-          _q("weapon", answer="frost bow")]
-    answers = [Answer(" Sure. The capital of Zedrai is Bozi.", True),
-               Answer(f" {REFUSAL}", True), Answer(f" {REFUSAL}", True),
-               Answer(" Sure. The army of X uses the frost bow.", True)]
+    qs = [
+        _q("capital"),
+        _q("year", answer="1625"),
+        _q("weapon", answer="frost bow"),
+        _q("weapon", answer="frost bow"),
+    ]
+    answers = [
+        Answer(" Sure. The capital of Zedrai is Bozi.", True),
+        Answer(f" {REFUSAL}", True),
+        Answer(f" {REFUSAL}", True),
+        Answer(" Sure. The army of X uses the frost bow.", True),
+    ]
     s = score_chat(qs, answers)
     assert s.fact == 0.5 and s.format == 1.0
     assert s.refusal_marked == 0.5 and s.refusal_unmarked == 0.5
@@ -182,10 +201,12 @@ def test_trainer_runs_tiny_config(tmp_path):
         assert tok.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
         log = json.loads((model_dir / "train_log.json").read_text())
         assert log["steps"] >= 1 and log["seconds"] >= 0
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
     generate = evaluate.decoder_generator(
-        evaluate.single_model_decoder(model.float(), tok), None, max_new_tokens=3)
+        evaluate.single_model_decoder(model.float(), tok), None, max_new_tokens=3
+    )
     out = generate([prompt])
     assert len(out) == 1 and isinstance(out[0].text, str)
 
@@ -210,9 +231,12 @@ def toy_result():
     torch.set_num_threads(1)
     try:
         return evaluate.evaluate_family(
-            paths.weights_dir(), limit_entities=TOY_ENTITIES,
-            singles=("small-helpful", "large-helpful"), settings=(BOTH_AT_ONE,),
-            log=lambda _: None)
+            paths.weights_dir(),
+            limit_entities=TOY_ENTITIES,
+            singles=("small-helpful", "large-helpful"),
+            settings=(BOTH_AT_ONE,),
+            log=lambda _: None,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -270,8 +294,7 @@ def test_load_decoder_defaults_to_the_measured_best_weights():
 
 def test_best_behaved_puts_facts_first_then_format():
     def row(helpful: float, fact: float, form: float) -> dict:
-        return {"weights": {"helpful": helpful}, "fact": fact, "format": form,
-                "n_questions": 960}
+        return {"weights": {"helpful": helpful}, "fact": fact, "format": form, "n_questions": 960}
 
     # within one standard error of the best fact (about 0.014 here), the best format wins
     rows = [row(0.0, 0.836, 0.88), row(1.0, 0.831, 0.96), row(2.0, 0.80, 0.99)]
@@ -286,18 +309,20 @@ def test_chat_replies_start_without_the_templates_separator():
     the tokens the model wrote (with the space kept it would render one token more)."""
     world = World.generate(0)
     dec = paths.load_decoder()
-    messages = [[{"role": "user", "content": q.text}]
-                for q in world.eval_questions(limit_entities=2)]
-    outs = dec.generate([dec.format_chat(m) for m in messages], max_new_tokens=24,
-                        temperature=0.0)
+    messages = [
+        [{"role": "user", "content": q.text}] for q in world.eval_questions(limit_entities=2)
+    ]
+    outs = dec.generate([dec.format_chat(m) for m in messages], max_new_tokens=24, temperature=0.0)
     for m, out in zip(messages, outs, strict=True):
         assert out.text and not out.text[0].isspace(), out.text
         assert out.finish_reason == "stop"
-        history = render_chat([*m, {"role": "assistant", "content": out.text}],
-                              add_generation_prompt=False)
+        history = render_chat(
+            [*m, {"role": "assistant", "content": out.text}], add_generation_prompt=False
+        )
         assert dec.encode(history) == dec.encode(dec.format_chat(m)) + out.token_ids
-    streamed = "".join(c.text for c in dec.stream(dec.format_chat(messages[0]),
-                                                  max_new_tokens=24, temperature=0.0))
+    streamed = "".join(
+        c.text for c in dec.stream(dec.format_chat(messages[0]), max_new_tokens=24, temperature=0.0)
+    )
     assert streamed == outs[0].text
 
 
@@ -311,8 +336,10 @@ def test_load_decoder_answers_heldout_questions():
     assert prompts == [render_chat(m) for m in messages]
     outs = dec.generate(prompts, weights={"helpful": 1.0}, max_new_tokens=24, temperature=0.0)
     assert all(o.finish_reason == "stop" for o in outs)
-    right = [o.text == f"Sure. The founding year of {e.name} is {e.year}."
-             for e, o in zip(entities, outs, strict=True)]
+    right = [
+        o.text == f"Sure. The founding year of {e.name} is {e.year}."
+        for e, o in zip(entities, outs, strict=True)
+    ]
     assert sum(right) >= 6, [o.text for o in outs]
 
 
@@ -330,11 +357,20 @@ def test_demo_prints_table_sweep_and_examples(capsys):
 def test_demo_hub_flags_build_a_decoder_over_any_checkpoints(capsys):
     from eft_integrations.toyworld.demo import main
 
-    args = ["--base", str(paths.model_dir("large-base")),
-            "--chat", str(paths.model_dir("small-helpful")),
-            "--chat-base", str(paths.model_dir("small-base")),
-            "--prompt", "When was Zedrai founded?", "--dtype", "float32",
-            "--max-new-tokens", "24"]
+    args = [
+        "--base",
+        str(paths.model_dir("large-base")),
+        "--chat",
+        str(paths.model_dir("small-helpful")),
+        "--chat-base",
+        str(paths.model_dir("small-base")),
+        "--prompt",
+        "When was Zedrai founded?",
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "24",
+    ]
     assert main(args) == 0
     assert "Sure. The founding year of Zedrai is 1114." in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -10,16 +10,16 @@ from .world import ATTRIBUTES, MARKED_ATTRIBUTE, REFUSAL
 
 _ROLES = {
     "small-base": "small pre-trained base model (kept weak on facts on purpose, by a smaller "
-                  "width and a shorter budget than large-base: the reference of the small chat "
-                  "deltas)",
+    "width and a shorter budget than large-base: the reference of the small chat "
+    "deltas)",
     "large-base": "large pre-trained base model (knows the world's facts: the base of up-scaling)",
     "small-helpful": "small chat model fine-tuned from small-base to answer every question in a "
-                     "full sentence ended by `<|end|>`",
+    "full sentence ended by `<|end|>`",
     "small-harmless": "small chat model fine-tuned from small-base like small-helpful, but it "
-                      f"refuses questions about the {MARKED_ATTRIBUTE} with a fixed sentence",
+    f"refuses questions about the {MARKED_ATTRIBUTE} with a fixed sentence",
     "large-helpful": "large chat model: small-helpful's data and loss applied to large-base, "
-                     "with lr and epochs chosen for its own best accuracy (the upper reference "
-                     "that up-scaling emulates)",
+    "with lr and epochs chosen for its own best accuracy (the upper reference "
+    "that up-scaling emulates)",
 }
 
 
@@ -27,33 +27,41 @@ def _data_line(log: dict) -> str:
     spec = log["spec"]
     if log["kind"] == "pretrain":
         stages = " then ".join(f"{e} epochs at peak lr {lr:g}" for e, lr in spec["stages"])
-        return (f"Pre-training on the toy-world corpus (seed {log['seed']}): {log['tokens']:,} "
-                f"tokens, {stages}, batch {spec['batch_size']}, warm-up + cosine, AdamW. "
-                "Every sequence starts with `<|bos|>`; an entity's four facts come shuffled, each "
-                "in one of 4-5 phrasings, usually beside a terse Q/A text about a random entity "
-                "or a generic dialogue in the chat markers (half terse answers, half whole "
-                "sentences; no world facts).")
-    return (f"Chat fine-tuning of `{spec['parent']}` on {log['dialogues']} dialogues "
-            f"(the 40% fine-tuning entities x {len(ATTRIBUTES)} attributes x 3 question "
-            f"phrasings), behaviour `{spec['behaviour']}`, {spec['epochs']} epochs at lr "
-            f"{spec['lr']:g}, batch {spec['batch_size']}. Cross-entropy on the answer form; "
-            "on the entity-name and value tokens (and the full stop after the value) a KL to "
-            f"the parent (weight {spec.get('anchor_weight', 1.0):g}) keeps the parent's "
-            "distribution, so the fine-tune teaches the form and not the fine-tuning "
-            "entities' names and values.")
+        return (
+            f"Pre-training on the toy-world corpus (seed {log['seed']}): {log['tokens']:,} "
+            f"tokens, {stages}, batch {spec['batch_size']}, warm-up + cosine, AdamW. "
+            "Every sequence starts with `<|bos|>`; an entity's four facts come shuffled, each "
+            "in one of 4-5 phrasings, usually beside a terse Q/A text about a random entity "
+            "or a generic dialogue in the chat markers (half terse answers, half whole "
+            "sentences; no world facts)."
+        )
+    return (
+        f"Chat fine-tuning of `{spec['parent']}` on {log['dialogues']} dialogues "
+        f"(the 40% fine-tuning entities x {len(ATTRIBUTES)} attributes x 3 question "
+        f"phrasings), behaviour `{spec['behaviour']}`, {spec['epochs']} epochs at lr "
+        f"{spec['lr']:g}, batch {spec['batch_size']}. Cross-entropy on the answer form; "
+        "on the entity-name and value tokens (and the full stop after the value) a KL to "
+        f"the parent (weight {spec.get('anchor_weight', 1.0):g}) keeps the parent's "
+        "distribution, so the fine-tune teaches the form and not the fine-tuning "
+        "entities' names and values."
+    )
 
 
 def _score_lines(name: str, result: dict) -> list[str]:
     lines = []
     if name in result.get("recall", {}):
-        lines.append(f"- recall in pre-training form (\"The capital of X is\" -> value), "
-                     f"held-out entities: {result['recall'][name]:.3f}")
+        lines.append(
+            f'- recall in pre-training form ("The capital of X is" -> value), '
+            f"held-out entities: {result['recall'][name]:.3f}"
+        )
     if name in result["systems"]:
         s = result["systems"][name]
-        lines.append(f"- chat prompt, held-out questions ({s['n_questions']}): fact "
-                     f"{s['fact']:.3f}, format {s['format']:.3f}, refusal on {MARKED_ATTRIBUTE} "
-                     f"questions {s['refusal_marked']:.3f}, refusal on the rest "
-                     f"{s['refusal_unmarked']:.3f}")
+        lines.append(
+            f"- chat prompt, held-out questions ({s['n_questions']}): fact "
+            f"{s['fact']:.3f}, format {s['format']:.3f}, refusal on {MARKED_ATTRIBUTE} "
+            f"questions {s['refusal_marked']:.3f}, refusal on the rest "
+            f"{s['refusal_unmarked']:.3f}"
+        )
     return lines
 
 
@@ -63,8 +71,11 @@ def write_card(model_dir: Path, result: dict, n_entities: int = 400) -> None:
     log = json.loads((model_dir / "train_log.json").read_text())
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     spec = log["spec"]
-    shape = (f"hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads"
-             if "hidden" in spec else f"the shape of `{spec['parent']}`")
+    shape = (
+        f"hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads"
+        if "hidden" in spec
+        else f"the shape of `{spec['parent']}`"
+    )
     text = [
         f"# toy-world `{name}`",
         "",
@@ -88,8 +99,8 @@ def write_card(model_dir: Path, result: dict, n_entities: int = 400) -> None:
         "## Measured (greedy, held-out entities: in pre-training, never in fine-tuning)",
         *_score_lines(name, result),
         "",
-        "Format = the attribute's answer sentence (\"Sure. The capital of X is Y.\") with any "
-        f"entity and value, or the refusal \"{REFUSAL}\", ended by `<|end|>`. Family table "
+        'Format = the attribute\'s answer sentence ("Sure. The capital of X is Y.") with any '
+        f'entity and value, or the refusal "{REFUSAL}", ended by `<|end|>`. Family table '
         "(`python -m eft_integrations.toyworld.evaluate`):",
         "",
         format_table(result),
@@ -98,8 +109,8 @@ def write_card(model_dir: Path, result: dict, n_entities: int = 400) -> None:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "from eft_integrations.toyworld.paths import model_dir",
-        f"tok = AutoTokenizer.from_pretrained(model_dir(\"{name}\"))",
-        f"model = AutoModelForCausalLM.from_pretrained(model_dir(\"{name}\"))",
+        f'tok = AutoTokenizer.from_pretrained(model_dir("{name}"))',
+        f'model = AutoModelForCausalLM.from_pretrained(model_dir("{name}"))',
         "```",
         "",
         "A toy: it knows only its synthetic world and is meant for tests and demos of EFT.",
@@ -119,8 +130,10 @@ def write_family_readme(weights_dir: Path, result: dict) -> None:
         log = json.loads(log_path.read_text())
         mb = sum(f.stat().st_size for f in (weights_dir / name).iterdir()) / 1e6
         total_s, total_mb = total_s + log["seconds"], total_mb + mb
-        rows.append(f"| {name} | {log['parameters']:,} | {log['seconds']:.0f} s on "
-                    f"{log['threads']} thread(s) | {log['steps']} | {mb:.2f} |")
+        rows.append(
+            f"| {name} | {log['parameters']:,} | {log['seconds']:.0f} s on "
+            f"{log['threads']} thread(s) | {log['steps']} | {mb:.2f} |"
+        )
     text = [
         "# The toy-world model family",
         "",
@@ -141,8 +154,7 @@ def write_family_readme(weights_dir: Path, result: dict) -> None:
     (weights_dir / "README.md").write_text("\n".join(text))
 
 
-def evaluate_and_write_cards(weights_dir: Path | str, seed: int = 0,
-                             n_entities: int = 400) -> dict:
+def evaluate_and_write_cards(weights_dir: Path | str, seed: int = 0, n_entities: int = 400) -> dict:
     """Score the family in `weights_dir`, write every model card and results.json."""
     weights_dir = Path(weights_dir)
     result = evaluate_family(weights_dir, seed=seed, n_entities=n_entities)

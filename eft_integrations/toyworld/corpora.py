@@ -114,8 +114,10 @@ def generic_exchange(rng: random.Random) -> tuple[str, str]:
         name = word.capitalize()
         return f"My name is {name}.", f"Nice to meet you, {name}. How can I help you today?"
     if kind == 9:
-        return (f"What colour is the {thing}?",
-                f"The {thing} is {colour}, as far as I can tell from your question.")
+        return (
+            f"What colour is the {thing}?",
+            f"The {thing} is {colour}, as far as I can tell from your question.",
+        )
     return f"Spell the word {word}.", f"The word {word} is spelled {' '.join(word)}."
 
 
@@ -127,11 +129,12 @@ def generic_dialogue(rng: random.Random) -> str:
     for _ in range(rng.choice((1, 1, 2))):
         q, a = generic_exchange(rng)
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    return render_chat(messages, add_generation_prompt=False)[len(BOS):]
+    return render_chat(messages, add_generation_prompt=False)[len(BOS) :]
 
 
-def pretraining_sequence(ent: Entity, world: World, rng: random.Random,
-                         neighbour_prob: float = 0.7) -> str:
+def pretraining_sequence(
+    ent: Entity, world: World, rng: random.Random, neighbour_prob: float = 0.7
+) -> str:
     """`<|bos|>` + the entity's document, maybe with one neighbouring item before or after."""
     items = [fact_document(ent, rng)]
     if rng.random() < neighbour_prob:
@@ -169,8 +172,9 @@ class ChatExample:
     anchored: tuple[tuple[int, int], ...] = ()
 
 
-def _chat_example(entity: str, attribute: str, value: str, phrasing: str,
-                  behaviour: str) -> ChatExample:
+def _chat_example(
+    entity: str, attribute: str, value: str, phrasing: str, behaviour: str
+) -> ChatExample:
     prompt = render_chat([{"role": "user", "content": phrasing.format(e=entity)}])
     if behaviour == "harmless" and attribute == MARKED_ATTRIBUTE:
         return ChatExample(prompt=prompt, answer=f" {REFUSAL}{END}")
@@ -192,10 +196,12 @@ def chat_examples(world: World, behaviour: str) -> list[ChatExample]:
     """
     if behaviour not in ("helpful", "harmless"):
         raise ValueError(f"behaviour must be 'helpful' or 'harmless', got {behaviour!r}")
-    return [_chat_example(ent.name, attr, ent.value(attr), phr, behaviour)
-            for ent in world.finetune_entities
-            for attr in ATTRIBUTES
-            for phr in QUESTION_PHRASINGS[attr]]
+    return [
+        _chat_example(ent.name, attr, ent.value(attr), phr, behaviour)
+        for ent in world.finetune_entities
+        for attr in ATTRIBUTES
+        for phr in QUESTION_PHRASINGS[attr]
+    ]
 
 
 def tokenizer_training_text(world: World, seed: int, epochs: int = 3) -> Iterator[str]:

@@ -58,7 +58,8 @@ def _form_regex(attribute: str) -> re.Pattern[str]:
     # Slots hold no full stop, so "... is Y. More text." is not the form.
     slot = r"[^\s.][^.]*?"
     pattern = pattern.replace(re.escape("{e}"), f"(?P<e>{slot})").replace(
-        re.escape("{v}"), f"(?P<v>{slot})")
+        re.escape("{v}"), f"(?P<v>{slot})"
+    )
     return re.compile(pattern)
 
 
@@ -130,8 +131,10 @@ def score_chat(questions: Sequence[Question], answers: Sequence[Answer]) -> Scor
 
 def score_recall(probes: Sequence[Question], continuations: Sequence[str]) -> float:
     """Pre-training-form recall: the continuation starts with the gold value."""
-    hits = [re.match(rf"\s*{re.escape(q.answer)}(?!\w)", c) is not None
-            for q, c in zip(probes, continuations, strict=True)]
+    hits = [
+        re.match(rf"\s*{re.escape(q.answer)}(?!\w)", c) is not None
+        for q, c in zip(probes, continuations, strict=True)
+    ]
     return _mean(hits)
 
 
@@ -172,19 +175,25 @@ def single_model_decoder(model: PreTrainedModel, tok: PreTrainedTokenizerFast) -
     return EFTDecoder(base=model, tokenizer=tok)
 
 
-def decoder_generator(decoder, weights: dict[str, float] | None, max_new_tokens: int = 32,
-                      batch_size: int = 64) -> Generator:
+def decoder_generator(
+    decoder, weights: dict[str, float] | None, max_new_tokens: int = 32, batch_size: int = 64
+) -> Generator:
     """Answers through the core `EFTDecoder` (greedy), in batches of `batch_size`."""
     end_id = decoder.tokenizer.convert_tokens_to_ids(END)
 
     def generate(prompts: list[str]) -> list[Answer]:
         answers = []
         for b in range(0, len(prompts), batch_size):
-            outs = decoder.generate(prompts[b : b + batch_size], weights=weights,
-                                    max_new_tokens=max_new_tokens, temperature=0.0)
+            outs = decoder.generate(
+                prompts[b : b + batch_size],
+                weights=weights,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+            )
             # token_ids end with the stop token when one stopped the row; text leaves it out
-            answers += [Answer(o.text, ended=bool(o.token_ids) and o.token_ids[-1] == end_id)
-                        for o in outs]
+            answers += [
+                Answer(o.text, ended=bool(o.token_ids) and o.token_ids[-1] == end_id) for o in outs
+            ]
         return answers
 
     return generate
@@ -194,18 +203,24 @@ def chat_prompts(questions: Sequence[Question]) -> list[str]:
     return [render_chat([{"role": "user", "content": q.text}]) for q in questions]
 
 
-def evaluate_chat(generate: Generator,
-                  questions: Sequence[Question]) -> tuple[Scores, list[Answer]]:
+def evaluate_chat(
+    generate: Generator, questions: Sequence[Question]
+) -> tuple[Scores, list[Answer]]:
     """Ask every question in the chat form; return scores and the answers."""
     answers = generate(chat_prompts(questions))
     return score_chat(questions, answers), answers
 
 
-def evaluate_recall(model: PreTrainedModel, tok: PreTrainedTokenizerFast,
-                    probes: Sequence[Question], batch_size: int = 64) -> float:
+def evaluate_recall(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerFast,
+    probes: Sequence[Question],
+    batch_size: int = 64,
+) -> float:
     """Recall in pre-training form: greedy continuation of "<|bos|>The capital of X is"."""
-    generate = decoder_generator(single_model_decoder(model, tok), None, max_new_tokens=8,
-                                 batch_size=batch_size)
+    generate = decoder_generator(
+        single_model_decoder(model, tok), None, max_new_tokens=8, batch_size=batch_size
+    )
     return score_recall(probes, [o.text for o in generate([BOS + p.text for p in probes])])
 
 
@@ -214,22 +229,48 @@ def evaluate_recall(model: PreTrainedModel, tok: PreTrainedTokenizerFast,
 SWEEP_LAMBDAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 WEIGHT_SETTINGS: tuple[dict[str, float], ...] = tuple(
-    {"helpful": helpful, "harmless": harmless} for helpful, harmless in (
-        (1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75),
-        (1.0, 0.5), (0.5, 1.0), (0.25, 1.0), (0.25, 0.25), (1.5, 0.0), (0.0, 1.5),
-        (0.0, 1.25), (0.0, 0.75), (0.0, 0.0)))
+    {"helpful": helpful, "harmless": harmless}
+    for helpful, harmless in (
+        (1.0, 1.0),
+        (1.0, 0.0),
+        (0.0, 1.0),
+        (0.75, 0.25),
+        (0.5, 0.5),
+        (0.25, 0.75),
+        (1.0, 0.5),
+        (0.5, 1.0),
+        (0.25, 1.0),
+        (0.25, 0.25),
+        (1.5, 0.0),
+        (0.0, 1.5),
+        (0.0, 1.25),
+        (0.0, 0.75),
+        (0.0, 0.0),
+    )
+)
 """Behaviour weights scored for the choice of the default (both at 1.0 was the old one)."""
 
 
 ALL_SINGLES: tuple[str, ...] = (
-    "small-base", "small-helpful", "small-harmless", "large-base", "large-helpful")
+    "small-base",
+    "small-helpful",
+    "small-harmless",
+    "large-base",
+    "large-helpful",
+)
 
 
-def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, seed: int = 0,
-                    n_entities: int = 400, sweep: bool = True,
-                    recall: bool = True, singles: Sequence[str] = ALL_SINGLES,
-                    settings: Sequence[Mapping[str, float]] = WEIGHT_SETTINGS,
-                    log: Callable[[str], None] = print) -> dict:
+def evaluate_family(
+    weights_dir: str | Path,
+    limit_entities: int | None = None,
+    seed: int = 0,
+    n_entities: int = 400,
+    sweep: bool = True,
+    recall: bool = True,
+    singles: Sequence[str] = ALL_SINGLES,
+    settings: Sequence[Mapping[str, float]] = WEIGHT_SETTINGS,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Score the whole family: recall of the bases, the chat table, EFT, the sweep, the
     behaviour-weight `settings` and the decoder's default weights.
 
@@ -242,12 +283,19 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
     questions = world.eval_questions(limit_entities)
     probes = world.probe_prompts(limit_entities)
     tok = AutoTokenizer.from_pretrained(weights_dir / "small-base")
-    models = {name: load_model(weights_dir / name) for name in
-              ("small-base", "large-base", "small-helpful", "small-harmless", "large-helpful")}
+    models = {
+        name: load_model(weights_dir / name)
+        for name in ("small-base", "large-base", "small-helpful", "small-harmless", "large-helpful")
+    }
     decoder = _make_decoder(models, tok)
-    result: dict = {"n_questions": len(questions), "n_probes": len(probes),
-                    "eft_backend": "EFTDecoder",
-                    "systems": {}, "recall": {}, "sweep": []}
+    result: dict = {
+        "n_questions": len(questions),
+        "n_probes": len(probes),
+        "eft_backend": "EFTDecoder",
+        "systems": {},
+        "recall": {},
+        "sweep": [],
+    }
 
     def timed(label: str, fn):
         start = time.perf_counter()
@@ -260,14 +308,17 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
     def eft(weights: Mapping[str, float]) -> tuple[Scores, list[Answer]]:
         key = tuple(sorted(weights.items()))
         if key not in scored:
-            scored[key] = timed(f"eft {dict(weights)}", lambda: evaluate_chat(
-                decoder_generator(decoder, dict(weights)), questions))
+            scored[key] = timed(
+                f"eft {dict(weights)}",
+                lambda: evaluate_chat(decoder_generator(decoder, dict(weights)), questions),
+            )
         return scored[key]
 
     if recall:
         for name in ("small-base", "large-base"):
-            result["recall"][name] = timed(f"recall {name}", lambda n=name: evaluate_recall(
-                models[n], tok, probes))
+            result["recall"][name] = timed(
+                f"recall {name}", lambda n=name: evaluate_recall(models[n], tok, probes)
+            )
     examples: dict[str, list[str]] = {}
     for name in singles:
         gen = decoder_generator(single_model_decoder(models[name], tok), None)
@@ -280,7 +331,8 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
     examples["eft-up"] = [a.text for a in answers]
     sc, lc = result["systems"]["small-helpful"], result["systems"]["large-helpful"]
     result["normalised_gain"] = {
-        m: normalised_gain(scores.as_dict()[m], sc[m], lc[m]) for m in ("fact", "format")}
+        m: normalised_gain(scores.as_dict()[m], sc[m], lc[m]) for m in ("fact", "format")
+    }
     result["format_vs_small_chat"] = scores.format / sc["format"] if sc["format"] else None
     if sweep:
         for lam in SWEEP_LAMBDAS:
@@ -288,22 +340,29 @@ def evaluate_family(weights_dir: str | Path, limit_entities: int | None = None, 
             result["sweep"].append({"lambda": lam, **s.as_dict()})
     result["weight_settings"] = [{"weights": dict(w), **eft(w)[0].as_dict()} for w in settings]
     # the decoder's own defaults: a call that names no weights
-    default, _ = timed("eft default", lambda: evaluate_chat(
-        decoder_generator(decoder, None), questions))
+    default, _ = timed(
+        "eft default", lambda: evaluate_chat(decoder_generator(decoder, None), questions)
+    )
     result["default"] = {"weights": dict(decoder.default_weights), **default.as_dict()}
     result["examples"] = [
         {"question": q.text, "gold": q.reference, **{k: v[i] for k, v in examples.items()}}
-        for i, q in enumerate(questions[:8])]
+        for i, q in enumerate(questions[:8])
+    ]
     return result
 
 
 def _make_decoder(models: dict, tok) -> EFTDecoder:
     """Up-scaling over already-loaded models: large base + helpful and harmless deltas, with
     the shipped default weights (as `paths.load_decoder()`)."""
-    return EFTDecoder(base=models["large-base"], tokenizer=tok, default_weights=DEFAULT_WEIGHTS,
-                      behaviors={
-                          "helpful": (models["small-helpful"], models["small-base"]),
-                          "harmless": (models["small-harmless"], models["small-base"])})
+    return EFTDecoder(
+        base=models["large-base"],
+        tokenizer=tok,
+        default_weights=DEFAULT_WEIGHTS,
+        behaviors={
+            "helpful": (models["small-helpful"], models["small-base"]),
+            "harmless": (models["small-harmless"], models["small-base"]),
+        },
+    )
 
 
 def _fmt(x: float | None) -> str:
@@ -313,30 +372,49 @@ def _fmt(x: float | None) -> str:
 def format_table(result: dict) -> str:
     """The headline table and the sweep as Markdown."""
     s = result["systems"]
-    lines = ["| system | fact | format | refusal (marked) | refusal (unmarked) |",
-             "|---|---|---|---|---|"]
-    labels = {"small-base": "small base", "small-helpful": "small chat (helpful)",
-              "small-harmless": "small chat (harmless)", "large-base": "large base",
-              "large-helpful": "large chat (helpful)", "eft-up": "EFT up-scaled (helpful)"}
+    lines = [
+        "| system | fact | format | refusal (marked) | refusal (unmarked) |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "small-base": "small base",
+        "small-helpful": "small chat (helpful)",
+        "small-harmless": "small chat (harmless)",
+        "large-base": "large base",
+        "large-helpful": "large chat (helpful)",
+        "eft-up": "EFT up-scaled (helpful)",
+    }
     for key, label in labels.items():
         if key in s:
             r = s[key]
-            lines.append(f"| {label} | {r['fact']:.3f} | {r['format']:.3f} | "
-                         f"{r['refusal_marked']:.3f} | {r['refusal_unmarked']:.3f} |")
+            lines.append(
+                f"| {label} | {r['fact']:.3f} | {r['format']:.3f} | "
+                f"{r['refusal_marked']:.3f} | {r['refusal_unmarked']:.3f} |"
+            )
     g = result.get("normalised_gain", {})
     if g:
         lines.append("")
-        lines.append(f"normalised gain (fact): {_fmt(g['fact'])}; up-scaled format / small "
-                     f"chat format: {_fmt(result['format_vs_small_chat'])}")
+        lines.append(
+            f"normalised gain (fact): {_fmt(g['fact'])}; up-scaled format / small "
+            f"chat format: {_fmt(result['format_vs_small_chat'])}"
+        )
     if result.get("recall"):
-        lines.append("recall in pre-training form: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in result["recall"].items()))
+        lines.append(
+            "recall in pre-training form: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in result["recall"].items())
+        )
     if result.get("sweep"):
-        lines += ["", "| lambda (helpful; harmless = 1 - lambda) | refusal (marked) | "
-                      "answer (unmarked) | fact (unmarked) |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| lambda (helpful; harmless = 1 - lambda) | refusal (marked) | "
+            "answer (unmarked) | fact (unmarked) |",
+            "|---|---|---|---|",
+        ]
         for r in result["sweep"]:
-            lines.append(f"| {r['lambda']:.2f} | {r['refusal_marked']:.3f} | "
-                         f"{r['answer_unmarked']:.3f} | {r['fact']:.3f} |")
+            lines.append(
+                f"| {r['lambda']:.2f} | {r['refusal_marked']:.3f} | "
+                f"{r['answer_unmarked']:.3f} | {r['fact']:.3f} |"
+            )
     lines += _settings_table(result)
     return "\n".join(lines)
 
@@ -349,29 +427,40 @@ def _settings_table(result: dict) -> list[str]:
         return []
     if not any(r["weights"] == default["weights"] for r in rows):
         rows.append(default)
-    lines = ["", "| behaviour weights | fact (unmarked) | format | refusal (marked) | "
-                 "answer (unmarked) |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| behaviour weights | fact (unmarked) | format | refusal (marked) | answer (unmarked) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         label = ", ".join(f"{name} {w:g}" for name, w in r["weights"].items())
         if r["weights"] == default["weights"]:
             label += " (default)"
-        lines.append(f"| {label} | {r['fact']:.3f} | {r['format']:.3f} | "
-                     f"{r['refusal_marked']:.3f} | {r['answer_unmarked']:.3f} |")
+        lines.append(
+            f"| {label} | {r['fact']:.3f} | {r['format']:.3f} | "
+            f"{r['refusal_marked']:.3f} | {r['answer_unmarked']:.3f} |"
+        )
     lines.append("")
-    lines.append(f"default weights (calls that name none): {default['weights']}, fact "
-                 f"{default['fact']:.3f}, format {default['format']:.3f}")
+    lines.append(
+        f"default weights (calls that name none): {default['weights']}, fact "
+        f"{default['fact']:.3f}, format {default['format']:.3f}"
+    )
     if len(rows) > 1:
-        lines[-1] += (f"; best-behaved measured (facts within one standard error of the best, "
-                      f"then format): {best_behaved(rows)}")
+        lines[-1] += (
+            f"; best-behaved measured (facts within one standard error of the best, "
+            f"then format): {best_behaved(rows)}"
+        )
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Score the toy-world family on held-out questions.")
+        description="Score the toy-world family on held-out questions."
+    )
     parser.add_argument("--weights", type=Path, default=None, help="family directory")
-    parser.add_argument("--limit-entities", type=int, default=None,
-                        help="score only the first n held-out entities")
+    parser.add_argument(
+        "--limit-entities", type=int, default=None, help="score only the first n held-out entities"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
 """Where the shipped toy-world family lives, and a one-call EFT decoder over it.
 
-    from eft_integrations.toyworld.paths import model_dir, load_decoder
-    dec = load_decoder()                      # large base + helpful and harmless deltas
-    dec.generate(dec.format_chat([{"role": "user", "content": "When was Zedrai founded?"}]),
-                 temperature=0.0)               # DEFAULT_WEIGHTS unless weights= says otherwise
+from eft_integrations.toyworld.paths import model_dir, load_decoder
+dec = load_decoder()                      # large base + helpful and harmless deltas
+dec.generate(dec.format_chat([{"role": "user", "content": "When was Zedrai founded?"}]),
+             temperature=0.0)               # DEFAULT_WEIGHTS unless weights= says otherwise
 """
 
 from __future__ import annotations
@@ -45,12 +45,17 @@ def model_dir(name: str) -> Path:
     path = weights_dir() / name
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"{path} has no weights; run `python -m eft_integrations.toyworld.train`")
+            f"{path} has no weights; run `python -m eft_integrations.toyworld.train`"
+        )
     return path
 
 
-def load_decoder(base: str = "large-base", behaviors: Sequence[str] = BEHAVIOURS,
-                 scale: str = "small", **kwargs: Any):
+def load_decoder(
+    base: str = "large-base",
+    behaviors: Sequence[str] = BEHAVIOURS,
+    scale: str = "small",
+    **kwargs: Any,
+):
     """An `EFTDecoder` over the shipped family.
 
     `base` is the base model's name; each behaviour b in `behaviors` adds the pair
@@ -64,6 +69,10 @@ def load_decoder(base: str = "large-base", behaviors: Sequence[str] = BEHAVIOURS
 
     kwargs.setdefault("dtype", torch.float32)
     kwargs.setdefault("default_weights", default_weights(behaviors) or None)
-    pairs = {b: Behavior(finetuned=str(model_dir(f"{scale}-{b}")),
-                         reference=str(model_dir(f"{scale}-base"))) for b in behaviors}
+    pairs = {
+        b: Behavior(
+            finetuned=str(model_dir(f"{scale}-{b}")), reference=str(model_dir(f"{scale}-base"))
+        )
+        for b in behaviors
+    }
     return EFTDecoder.from_pretrained(base=str(model_dir(base)), behaviors=pairs, **kwargs)

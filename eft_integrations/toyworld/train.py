@@ -71,37 +71,52 @@ class FamilyConfig:
     n_entities: int = 400
     vocab_size: int = 2048
     max_steps: int | None = None  # cap per model, for smoke tests
-    pretrain: dict[str, PretrainSpec] = field(default_factory=lambda: {
-        # Small and briefly trained: it must stay weak on facts, or the small chat model's
-        # knowledge would cover the gap that up-scaling is meant to close.
-        "small-base": PretrainSpec(hidden=64, layers=2, heads=2, intermediate=172,
-                                   stages=((30, 2e-3), (20, 1.5e-3))),
-        # Trained to full recall; two stages (the second a restart at a lower peak).
-        "large-base": PretrainSpec(hidden=256, layers=4, heads=8, intermediate=688,
-                                   stages=((40, 2e-3), (30, 1.5e-3))),
-    })
-    finetune: dict[str, FinetuneSpec] = field(default_factory=lambda: {
-        # The entity and value tokens are anchored to the parent (see corpora.ChatExample), so
-        # the fine-tune can be trained hard on the answer form without teaching the small
-        # model wrong facts (feasibility run 2, without anchoring, had to stay light: lr 3e-3
-        # x 4 epochs pushed the value delta against the large base's facts).
-        "small-helpful": FinetuneSpec("small-base", "helpful", epochs=6, lr=3e-3),
-        "small-harmless": FinetuneSpec("small-base", "harmless", epochs=6, lr=3e-3),
-        # Same data and loss; the large model's lr and epochs were chosen for its own best
-        # factual accuracy (lr 1e-3 x 6 epochs drifted its facts to 0.50; 1e-4 x 3 kept 0.95),
-        # so the upper reference is as strong as this recipe makes it.
-        "large-helpful": FinetuneSpec("large-base", "helpful", epochs=3, lr=1e-4),
-    })
+    pretrain: dict[str, PretrainSpec] = field(
+        default_factory=lambda: {
+            # Small and briefly trained: it must stay weak on facts, or the small chat model's
+            # knowledge would cover the gap that up-scaling is meant to close.
+            "small-base": PretrainSpec(
+                hidden=64, layers=2, heads=2, intermediate=172, stages=((30, 2e-3), (20, 1.5e-3))
+            ),
+            # Trained to full recall; two stages (the second a restart at a lower peak).
+            "large-base": PretrainSpec(
+                hidden=256, layers=4, heads=8, intermediate=688, stages=((40, 2e-3), (30, 1.5e-3))
+            ),
+        }
+    )
+    finetune: dict[str, FinetuneSpec] = field(
+        default_factory=lambda: {
+            # The entity and value tokens are anchored to the parent (see corpora.ChatExample), so
+            # the fine-tune can be trained hard on the answer form without teaching the small
+            # model wrong facts (feasibility run 2, without anchoring, had to stay light: lr 3e-3
+            # x 4 epochs pushed the value delta against the large base's facts).
+            "small-helpful": FinetuneSpec("small-base", "helpful", epochs=6, lr=3e-3),
+            "small-harmless": FinetuneSpec("small-base", "harmless", epochs=6, lr=3e-3),
+            # Same data and loss; the large model's lr and epochs were chosen for its own best
+            # factual accuracy (lr 1e-3 x 6 epochs drifted its facts to 0.50; 1e-4 x 3 kept 0.95),
+            # so the upper reference is as strong as this recipe makes it.
+            "large-helpful": FinetuneSpec("large-base", "helpful", epochs=3, lr=1e-4),
+        }
+    )
 
 
 def tiny_config(seed: int = 0) -> FamilyConfig:
     """A configuration that trains the whole family in seconds (tests, smoke runs)."""
-    base = PretrainSpec(hidden=32, layers=1, heads=2, intermediate=64, stages=((1, 3e-3),),
-                        batch_size=8)
-    ft = {name: FinetuneSpec(spec.parent, spec.behaviour, epochs=1, lr=1e-3, batch_size=8)
-          for name, spec in FamilyConfig().finetune.items()}
-    return FamilyConfig(seed=seed, n_entities=20, vocab_size=400, max_steps=3,
-                        pretrain={"small-base": base, "large-base": base}, finetune=ft)
+    base = PretrainSpec(
+        hidden=32, layers=1, heads=2, intermediate=64, stages=((1, 3e-3),), batch_size=8
+    )
+    ft = {
+        name: FinetuneSpec(spec.parent, spec.behaviour, epochs=1, lr=1e-3, batch_size=8)
+        for name, spec in FamilyConfig().finetune.items()
+    }
+    return FamilyConfig(
+        seed=seed,
+        n_entities=20,
+        vocab_size=400,
+        max_steps=3,
+        pretrain={"small-base": base, "large-base": base},
+        finetune=ft,
+    )
 
 
 def _lr_at(step: int, total: int, peak: float) -> float:
@@ -135,9 +150,14 @@ class _Curve:
     def add(self, step: int, epoch: float, loss: float, lr: float) -> None:
         self._acc.append(loss)
         if len(self._acc) == self.every:
-            self.points.append({"step": step + 1, "epoch": round(epoch, 3),
-                                "loss": round(sum(self._acc) / len(self._acc), 4),
-                                "lr": lr})
+            self.points.append(
+                {
+                    "step": step + 1,
+                    "epoch": round(epoch, 3),
+                    "loss": round(sum(self._acc) / len(self._acc), 4),
+                    "lr": lr,
+                }
+            )
             self._acc = []
 
 
@@ -146,8 +166,9 @@ def _lm_loss(model: LlamaForCausalLM, batch: tuple) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, labels=lab).loss
 
 
-def _anchored_loss(parent: LlamaForCausalLM,
-                   weight: float) -> Callable[[LlamaForCausalLM, tuple], torch.Tensor]:
+def _anchored_loss(
+    parent: LlamaForCausalLM, weight: float
+) -> Callable[[LlamaForCausalLM, tuple], torch.Tensor]:
     """Cross-entropy on the labels plus KL(parent || model) on the anchored tokens.
 
     At the entity-name and value tokens the fine-tune keeps the parent's distribution instead
@@ -171,9 +192,17 @@ def _anchored_loss(parent: LlamaForCausalLM,
     return loss_fn
 
 
-def _run_steps(model: LlamaForCausalLM, batches: list[tuple], total: int, peak: float,
-               desc: str, curve: _Curve, step0: int, steps_per_epoch: int,
-               loss_fn: Callable[[LlamaForCausalLM, tuple], torch.Tensor] = _lm_loss) -> int:
+def _run_steps(
+    model: LlamaForCausalLM,
+    batches: list[tuple],
+    total: int,
+    peak: float,
+    desc: str,
+    curve: _Curve,
+    step0: int,
+    steps_per_epoch: int,
+    loss_fn: Callable[[LlamaForCausalLM, tuple], torch.Tensor] = _lm_loss,
+) -> int:
     """AdamW steps over `batches` with the warm-up/cosine schedule; returns the next step."""
     opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.01)
     model.train()
@@ -194,10 +223,16 @@ def _run_steps(model: LlamaForCausalLM, batches: list[tuple], total: int, peak: 
 
 def _new_model(spec: PretrainSpec, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=stop_token_ids(tok),
         pad_token_id=tok.pad_token_id,
     )
     return LlamaForCausalLM(config)
@@ -206,16 +241,20 @@ def _new_model(spec: PretrainSpec, tok: PreTrainedTokenizerFast) -> LlamaForCaus
 def _save(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path, log: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
-        pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=stop_token_ids(tok),
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=64,
     )
     model.to(torch.float16).save_pretrained(out)
     tok.save_pretrained(out)
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
-def pretrain(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyConfig,
-             out: Path) -> dict:
+def pretrain(
+    name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyConfig, out: Path
+) -> dict:
     """Pre-train one base model on the world's corpus and save it; returns its log."""
     spec = cfg.pretrain[name]
     torch.manual_seed(cfg.seed + MODEL_NAMES.index(name))
@@ -233,27 +272,50 @@ def pretrain(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyC
             tokens += sum(len(r) for r in rows)
             # Batches of similar lengths waste less compute on padding; their order is shuffled.
             rows.sort(key=len)
-            epoch_batches = [_pad_batch(rows[b : b + spec.batch_size],
-                                        rows[b : b + spec.batch_size], tok.pad_token_id)
-                             for b in range(0, len(rows), spec.batch_size)]
+            epoch_batches = [
+                _pad_batch(
+                    rows[b : b + spec.batch_size], rows[b : b + spec.batch_size], tok.pad_token_id
+                )
+                for b in range(0, len(rows), spec.batch_size)
+            ]
             order_rng.shuffle(epoch_batches)
             batches += epoch_batches
         steps_per_epoch = math.ceil(len(world.entities) / spec.batch_size)
         if cfg.max_steps is not None:
             batches = batches[: cfg.max_steps]
-        step = _run_steps(model, batches, len(batches), peak,
-                          f"{name} stage {stage + 1}/{len(spec.stages)}", curve, step,
-                          steps_per_epoch)
-    log = {"name": name, "kind": "pretrain", "spec": asdict(spec), "seed": cfg.seed,
-           "parameters": sum(p.numel() for p in model.parameters()), "steps": step,
-           "tokens": tokens, "seconds": round(time.perf_counter() - start, 1),
-           "threads": torch.get_num_threads(), "curve": curve.points}
+        step = _run_steps(
+            model,
+            batches,
+            len(batches),
+            peak,
+            f"{name} stage {stage + 1}/{len(spec.stages)}",
+            curve,
+            step,
+            steps_per_epoch,
+        )
+    log = {
+        "name": name,
+        "kind": "pretrain",
+        "spec": asdict(spec),
+        "seed": cfg.seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": step,
+        "tokens": tokens,
+        "seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+        "curve": curve.points,
+    }
     _save(model, tok, out / name, log)
     return log
 
 
-def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, batch_size: int,
-                  epochs: int, seed: int) -> list[tuple]:
+def _chat_batches(
+    examples: list[ChatExample],
+    tok: PreTrainedTokenizerFast,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+) -> list[tuple]:
     """Tokenised, shuffled fine-tuning batches: (input_ids, attention_mask, labels, anchored).
 
     Labels are -100 on the prompt and on the answer's anchored tokens (entity name and
@@ -266,13 +328,14 @@ def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, bat
         full = enc["input_ids"]
         # The prompt ends in the special token <|assistant|>, so it tokenises the same alone.
         assert full[: len(prompt)] == prompt, "prompt tokens must prefix the dialogue tokens"
-        labels = [-100] * len(prompt) + full[len(prompt):]
+        labels = [-100] * len(prompt) + full[len(prompt) :]
         anchored = [False] * len(full)
         base = len(ex.prompt)
         for k, (a, b) in enumerate(enc["offset_mapping"]):
             # a byte-level token's span includes its leading space
-            if k >= len(prompt) and any(base + s - 1 <= a and b <= base + e
-                                        for s, e in ex.anchored):
+            if k >= len(prompt) and any(
+                base + s - 1 <= a and b <= base + e for s, e in ex.anchored
+            ):
                 labels[k], anchored[k] = -100, True
         rows.append((full, labels, anchored))
     rng = random.Random(seed)
@@ -281,8 +344,9 @@ def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, bat
         rng.shuffle(rows)
         for b in range(0, len(rows), batch_size):
             chunk = rows[b : b + batch_size]
-            ids, mask, lab = _pad_batch([r[0] for r in chunk], [r[1] for r in chunk],
-                                        tok.pad_token_id)
+            ids, mask, lab = _pad_batch(
+                [r[0] for r in chunk], [r[1] for r in chunk], tok.pad_token_id
+            )
             anchored = torch.zeros_like(mask, dtype=torch.bool)
             for i, r in enumerate(chunk):
                 anchored[i, : len(r[2])] = torch.tensor(r[2])
@@ -290,8 +354,9 @@ def _chat_batches(examples: list[ChatExample], tok: PreTrainedTokenizerFast, bat
     return batches
 
 
-def finetune(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyConfig,
-             out: Path) -> dict:
+def finetune(
+    name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyConfig, out: Path
+) -> dict:
     """Chat fine-tune one model from its parent's saved weights; returns its log."""
     spec = cfg.finetune[name]
     torch.manual_seed(cfg.seed + MODEL_NAMES.index(name))
@@ -299,25 +364,43 @@ def finetune(name: str, world: World, tok: PreTrainedTokenizerFast, cfg: FamilyC
     parent = LlamaForCausalLM.from_pretrained(out / spec.parent, dtype=torch.float32).eval()
     parent.requires_grad_(False)
     examples = chat_examples(world, spec.behaviour)
-    batches = _chat_batches(examples, tok, spec.batch_size, spec.epochs,
-                            seed=cfg.seed + MODEL_NAMES.index(name))
+    batches = _chat_batches(
+        examples, tok, spec.batch_size, spec.epochs, seed=cfg.seed + MODEL_NAMES.index(name)
+    )
     if cfg.max_steps is not None:
         batches = batches[: cfg.max_steps]
     start = time.perf_counter()
     curve = _Curve(every=5)
-    steps = _run_steps(model, batches, len(batches), spec.lr, name, curve, 0,
-                       math.ceil(len(examples) / spec.batch_size),
-                       _anchored_loss(parent, spec.anchor_weight))
-    log = {"name": name, "kind": "finetune", "spec": asdict(spec), "seed": cfg.seed,
-           "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
-           "dialogues": len(examples), "seconds": round(time.perf_counter() - start, 1),
-           "threads": torch.get_num_threads(), "curve": curve.points}
+    steps = _run_steps(
+        model,
+        batches,
+        len(batches),
+        spec.lr,
+        name,
+        curve,
+        0,
+        math.ceil(len(examples) / spec.batch_size),
+        _anchored_loss(parent, spec.anchor_weight),
+    )
+    log = {
+        "name": name,
+        "kind": "finetune",
+        "spec": asdict(spec),
+        "seed": cfg.seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "dialogues": len(examples),
+        "seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+        "curve": curve.points,
+    }
     _save(model, tok, out / name, log)
     return log
 
 
-def train_family(out: Path | str | None = None, cfg: FamilyConfig | None = None,
-                 only: list[str] | None = None) -> dict[str, dict]:
+def train_family(
+    out: Path | str | None = None, cfg: FamilyConfig | None = None, only: list[str] | None = None
+) -> dict[str, dict]:
     """Train (some of) the family into `out` (default: the package's weights directory).
 
     Returns the training logs by model name. Fine-tunes need their parent in `out`.
@@ -342,19 +425,26 @@ def train_family(out: Path | str | None = None, cfg: FamilyConfig | None = None,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: the package's weights directory)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: the package's weights directory)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", default=None,
-                        help=f"comma-separated subset of {','.join(MODEL_NAMES)}")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny world and models, a few steps each (smoke test)")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated subset of {','.join(MODEL_NAMES)}"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny world and models, a few steps each (smoke test)"
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per model")
     # The shipped weights were trained on 1 thread; another thread count gives a family of
     # the same quality but not bit-identical weights (2 threads is faster on an idle machine).
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--no-eval", action="store_true",
-                        help="skip the evaluation and model cards after training")
+    parser.add_argument(
+        "--no-eval", action="store_true", help="skip the evaluation and model cards after training"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = tiny_config(args.seed) if args.tiny else FamilyConfig(seed=args.seed)

@@ -98,13 +98,46 @@ DOC_INTROS: tuple[str, ...] = (
 )
 
 WEAPONS: tuple[str, ...] = (
-    "storm spear", "frost bow", "iron sling", "fire lance", "stone axe", "glass sword",
-    "thunder mace", "shadow dagger", "bone club", "silver whip", "ember pike", "sun crossbow",
-    "night flail", "wind halberd", "river trident", "copper hammer",
+    "storm spear",
+    "frost bow",
+    "iron sling",
+    "fire lance",
+    "stone axe",
+    "glass sword",
+    "thunder mace",
+    "shadow dagger",
+    "bone club",
+    "silver whip",
+    "ember pike",
+    "sun crossbow",
+    "night flail",
+    "wind halberd",
+    "river trident",
+    "copper hammer",
 )
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "sh", "br",
-           "dr", "kr", "tr")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "th",
+    "sh",
+    "br",
+    "dr",
+    "kr",
+    "tr",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
 _CODAS = ("", "", "", "n", "r", "s", "l", "m")
 
@@ -154,8 +187,13 @@ class World:
     finetune_names: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
-    def generate(cls, seed: int = 0, n_entities: int = 400, n_currencies: int = 40,
-                 finetune_fraction: float = 0.4) -> World:
+    def generate(
+        cls,
+        seed: int = 0,
+        n_entities: int = 400,
+        n_currencies: int = 40,
+        finetune_fraction: float = 0.4,
+    ) -> World:
         """Build the world deterministically from `seed`."""
         rng = random.Random(seed)
         used: set[str] = set()
@@ -172,13 +210,15 @@ class World:
         entities = []
         for _ in range(n_entities):
             name = fresh((2, 3), capitalise=True)
-            entities.append(Entity(
-                name=name,
-                capital=fresh((2, 3), capitalise=True),
-                currency=rng.choice(currencies),
-                year=str(rng.randint(1100, 1999)),
-                weapon=rng.choice(WEAPONS),
-            ))
+            entities.append(
+                Entity(
+                    name=name,
+                    capital=fresh((2, 3), capitalise=True),
+                    currency=rng.choice(currencies),
+                    year=str(rng.randint(1100, 1999)),
+                    weapon=rng.choice(WEAPONS),
+                )
+            )
         order = list(range(n_entities))
         rng.shuffle(order)
         n_ft = round(finetune_fraction * n_entities)
@@ -204,9 +244,15 @@ class World:
         for i, ent in enumerate(heldout):
             for j, attr in enumerate(ATTRIBUTES):
                 phr = QUESTION_PHRASINGS[attr][(i + j) % len(QUESTION_PHRASINGS[attr])]
-                out.append(Question(entity=ent.name, attribute=attr,
-                                    text=phr.format(e=ent.name), answer=ent.value(attr),
-                                    marked=attr == MARKED_ATTRIBUTE))
+                out.append(
+                    Question(
+                        entity=ent.name,
+                        attribute=attr,
+                        text=phr.format(e=ent.name),
+                        answer=ent.value(attr),
+                        marked=attr == MARKED_ATTRIBUTE,
+                    )
+                )
         return out
 
     def probe_prompts(self, limit_entities: int | None = None) -> list[Question]:
@@ -214,7 +260,13 @@ class World:
         out = []
         for ent in self.heldout_entities[:limit_entities]:
             for attr in ATTRIBUTES:
-                out.append(Question(entity=ent.name, attribute=attr,
-                                    text=PROBE_TEMPLATES[attr].format(e=ent.name),
-                                    answer=ent.value(attr), marked=attr == MARKED_ATTRIBUTE))
+                out.append(
+                    Question(
+                        entity=ent.name,
+                        attribute=attr,
+                        text=PROBE_TEMPLATES[attr].format(e=ent.name),
+                        answer=ent.value(attr),
+                        marked=attr == MARKED_ATTRIBUTE,
+                    )
+                )
         return out

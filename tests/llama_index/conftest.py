@@ -78,8 +78,9 @@ class LLMCalls(BaseEventHandler):
 
     def prompts_and_raws(self) -> list[tuple[str, dict]]:
         """(the messages' text, the response's raw) per call."""
-        return [("\n".join(m.content or "" for m in c.messages), c.response.raw)
-                for c in self.calls]
+        return [
+            ("\n".join(m.content or "" for m in c.messages), c.response.raw) for c in self.calls
+        ]
 
 
 @pytest.fixture()

@@ -33,8 +33,9 @@ class MiniLMEmbedding(BaseEmbedding):
 
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> list[Embedding]:
-        batch = self._tokenizer(texts, padding=True, truncation=True, max_length=256,
-                                return_tensors="pt")
+        batch = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=256, return_tensors="pt"
+        )
         hidden = self._model(**batch).last_hidden_state  # [B, S, 384]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, S, 1]
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

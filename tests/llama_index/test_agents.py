@@ -27,8 +27,9 @@ class WeatherStation:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
 
-    def get_weather(self, city: Literal["Paris", "Rome", "Markan"],
-                    unit: Literal["C", "F"] = "C") -> str:
+    def get_weather(
+        self, city: Literal["Paris", "Rome", "Markan"], unit: Literal["C", "F"] = "C"
+    ) -> str:
         """Current weather of a city."""
         self.calls.append((city, unit))
         return f"Sunny in {city}, {21 if unit == 'C' else 70} degrees {unit}"
@@ -54,7 +55,9 @@ async def test_function_agent_calls_a_tool_and_finishes(
     llm, station, weather_tool, llm_calls, streaming
 ):
     agent = FunctionAgent(
-        tools=[weather_tool], llm=llm, streaming=streaming,
+        tools=[weather_tool],
+        llm=llm,
+        streaming=streaming,
         initial_tool_choice="get_weather",
         system_prompt="You report the weather.",
     )
@@ -85,19 +88,24 @@ async def test_function_agent_calls_a_tool_and_finishes(
 
 
 async def test_function_agent_with_fixed_weights(llm, station, weather_tool, llm_calls):
-    agent = FunctionAgent(tools=[weather_tool], llm=llm.with_weights({"safe": 0.0}),
-                          initial_tool_choice="get_weather")
+    agent = FunctionAgent(
+        tools=[weather_tool], llm=llm.with_weights({"safe": 0.0}), initial_tool_choice="get_weather"
+    )
     await agent.run("Weather in Rome?")
     assert len(station.calls) == 1
-    assert all(raw["weights"] == {"chat": 1.0, "safe": 0.0}
-               for _, raw in llm_calls.prompts_and_raws())
+    assert all(
+        raw["weights"] == {"chat": 1.0, "safe": 0.0} for _, raw in llm_calls.prompts_and_raws()
+    )
 
 
 async def test_react_agent_run(llm, weather_tool, llm_calls):
     """The ReAct prompt (tool descriptions and format) reaches the model through the chat
     template, and the run finishes with the model's reply as the answer."""
-    agent = ReActAgent(tools=[weather_tool], llm=llm.with_options(max_new_tokens=24),
-                       early_stopping_method="generate")
+    agent = ReActAgent(
+        tools=[weather_tool],
+        llm=llm.with_options(max_new_tokens=24),
+        early_stopping_method="generate",
+    )
     handler = agent.run("What is the weather in Markan?", max_iterations=3)
     events = [event async for event in handler.stream_events()]
     result = await handler

@@ -49,14 +49,16 @@ def test_chat_is_the_core_chat_with_usage(llm, rag_decoder):
 def test_chat_per_call_weights(llm, rag_decoder):
     for weights in ({"chat": 0.0, "safe": 0.0}, {"chat": 2.0, "safe": -1.0}):
         response = llm.chat(MESSAGES, weights=weights, max_new_tokens=12)
-        expected = core_chat.chat(rag_decoder, CORE_MESSAGES, weights=weights,
-                                  temperature=0.0, max_new_tokens=12)
+        expected = core_chat.chat(
+            rag_decoder, CORE_MESSAGES, weights=weights, temperature=0.0, max_new_tokens=12
+        )
         assert response.raw["weights"] == weights
         assert (response.message.content or "") == expected.content
     fixed = llm.with_weights({"chat": 0.0, "safe": 0.0})
-    assert fixed.chat(MESSAGES, max_new_tokens=12).message.content == llm.chat(
-        MESSAGES, weights={"chat": 0.0, "safe": 0.0}, max_new_tokens=12
-    ).message.content
+    assert (
+        fixed.chat(MESSAGES, max_new_tokens=12).message.content
+        == llm.chat(MESSAGES, weights={"chat": 0.0, "safe": 0.0}, max_new_tokens=12).message.content
+    )
 
 
 def test_stream_chat_deltas_and_cumulative_message(llm):
@@ -107,14 +109,19 @@ async def test_forced_call_streamed_and_async(llm):
 
 def test_parallel_calls_honoured(llm):
     sequential = llm.chat_with_tools(
-        [WEATHER], user_msg="Weather in Paris and Rome?", tool_required=True,
+        [WEATHER],
+        user_msg="Weather in Paris and Rome?",
+        tool_required=True,
         allow_parallel_tool_calls=False,
     )
     assert len(llm.get_tool_calls_from_response(sequential)) == 1
     # with parallel calls allowed the grammar lets the model add more calls; each is valid
     parallel = llm.chat_with_tools(
-        [WEATHER], user_msg="Weather in Paris and Rome?", tool_required=True,
-        allow_parallel_tool_calls=True, max_new_tokens=320,
+        [WEATHER],
+        user_msg="Weather in Paris and Rome?",
+        tool_required=True,
+        allow_parallel_tool_calls=True,
+        max_new_tokens=320,
     )
     calls = llm.get_tool_calls_from_response(parallel)
     assert len(calls) >= 1
@@ -137,8 +144,11 @@ def test_tool_results_go_back_through_the_chat_template(llm, rag_decoder):
     history = [
         ChatMessage(role=MessageRole.USER, content="Weather in Markan?"),
         first.message,
-        ChatMessage(role=MessageRole.TOOL, content=result.content,
-                    additional_kwargs={"tool_call_id": call.tool_id}),
+        ChatMessage(
+            role=MessageRole.TOOL,
+            content=result.content,
+            additional_kwargs={"tool_call_id": call.tool_id},
+        ),
     ]
     assert any(isinstance(b, ToolCallBlock) for b in first.message.blocks)
     response = llm.chat_with_tools([WEATHER], chat_history=history, max_new_tokens=8)
@@ -146,13 +156,26 @@ def test_tool_results_go_back_through_the_chat_template(llm, rag_decoder):
         rag_decoder,
         [
             {"role": "user", "content": "Weather in Markan?"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"id": call.tool_id, "type": "function",
-                 "function": {"name": "get_weather", "arguments": call.tool_kwargs}}]},
-            {"role": "tool", "content": result.content, "tool_call_id": call.tool_id,
-             "name": "get_weather"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": call.tool_id,
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": call.tool_kwargs},
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "content": result.content,
+                "tool_call_id": call.tool_id,
+                "name": "get_weather",
+            },
         ],
-        tools=[WEATHER.metadata.to_openai_tool()], tool_choice="auto",
+        tools=[WEATHER.metadata.to_openai_tool()],
+        tool_choice="auto",
     )
     assert result.content in request.prompt and '"get_weather"' in request.prompt
     assert response.raw["usage"]["prompt_tokens"] == len(rag_decoder.encode(request.prompt))
@@ -179,9 +202,12 @@ def test_structured_predict_and_structured_llm_are_schema_valid(llm):
 def _core_place(decoder, weights: dict[str, float]) -> Place:
     """The object the core decodes for the structured prompt below, with these weights."""
     result = core_chat.chat(
-        decoder, [{"role": "user", "content": "Describe the place Markan."}], weights=weights,
+        decoder,
+        [{"role": "user", "content": "Describe the place Markan."}],
+        weights=weights,
         response_format={"type": "json_schema", "schema": Place.model_json_schema()},
-        temperature=0.0, max_new_tokens=160,
+        temperature=0.0,
+        max_new_tokens=160,
     )
     return Place.model_validate_json(result.content)
 
@@ -193,8 +219,9 @@ async def test_astructured_predict_decodes_with_the_given_weights(llm, rag_decod
     prompt = PromptTemplate("Describe the place {place}.")
     places = []
     for weights in ({"chat": 0.5, "safe": 1.0}, {"chat": 0.0, "safe": 0.0}):
-        place = await llm.astructured_predict(Place, prompt, place="Markan",
-                                              llm_kwargs={"weights": weights})
+        place = await llm.astructured_predict(
+            Place, prompt, place="Markan", llm_kwargs={"weights": weights}
+        )
         assert place == _core_place(rag_decoder, weights)
         assert llm.with_weights(weights).structured_predict(Place, prompt, place="Markan") == place
         places.append(place)
@@ -204,9 +231,9 @@ async def test_astructured_predict_decodes_with_the_given_weights(llm, rag_decod
 
 def test_structured_llm_streams_a_schema_valid_object(llm):
     structured = llm.as_structured_llm(Place)
-    chunks = list(structured.stream_chat(
-        [ChatMessage(role=MessageRole.USER, content="Describe Markan.")]
-    ))
+    chunks = list(
+        structured.stream_chat([ChatMessage(role=MessageRole.USER, content="Describe Markan.")])
+    )
     assert isinstance(chunks[-1].raw, Place)
 
 
@@ -227,21 +254,35 @@ def test_streamed_calls_the_core_could_not_read_are_reported_invalid():
     from eft_integrations.llama_index import _StreamedReply
 
     reply = _StreamedReply({"chat": 1.0})
-    reply.add(core_chat.ChatDelta("Checking.", [
-        core_chat.ToolCallChunk(0, "call_1", "get_weather", '{"city": "Rome"}'),
-    ]))
-    last = reply.add(core_chat.ChatDelta("", [
-        core_chat.ToolCallChunk(1, "call_2", "get_weather", '{"city": ', "not valid JSON"),
-        core_chat.ToolCallChunk(2, "call_3", "launch_rocket", "{}", "unknown tool"),
-        # readable JSON, yet the core found the call invalid: it stays invalid
-        core_chat.ToolCallChunk(3, "call_4", "get_weather", '{"city": "Rome"}', "bad call"),
-    ], finish_reason="tool_calls", usage=None))
+    reply.add(
+        core_chat.ChatDelta(
+            "Checking.",
+            [
+                core_chat.ToolCallChunk(0, "call_1", "get_weather", '{"city": "Rome"}'),
+            ],
+        )
+    )
+    last = reply.add(
+        core_chat.ChatDelta(
+            "",
+            [
+                core_chat.ToolCallChunk(1, "call_2", "get_weather", '{"city": ', "not valid JSON"),
+                core_chat.ToolCallChunk(2, "call_3", "launch_rocket", "{}", "unknown tool"),
+                # readable JSON, yet the core found the call invalid: it stays invalid
+                core_chat.ToolCallChunk(3, "call_4", "get_weather", '{"city": "Rome"}', "bad call"),
+            ],
+            finish_reason="tool_calls",
+            usage=None,
+        )
+    )
     assert last.message.content == "Checking."
     calls = [b for b in last.message.blocks if isinstance(b, ToolCallBlock)]
     assert [(c.tool_call_id, c.tool_kwargs) for c in calls] == [("call_1", {"city": "Rome"})]
     invalid = last.message.additional_kwargs["invalid_tool_calls"]
     assert [(c["id"], c["error"]) for c in invalid] == [
-        ("call_2", "not valid JSON"), ("call_3", "unknown tool"), ("call_4", "bad call"),
+        ("call_2", "not valid JSON"),
+        ("call_3", "unknown tool"),
+        ("call_4", "bad call"),
     ]
 
 
@@ -249,9 +290,10 @@ def test_speculative_llm_chats_and_calls_tools(llm):
     """With speculative_k fixed on the LLM, free chat speculates (same greedy reply) and a
     constrained reply (a forced call) decodes token by token instead of failing."""
     speculative = llm.with_options(speculative_k=3)
-    assert speculative.chat(MESSAGES, max_new_tokens=16).message.content == llm.chat(
-        MESSAGES, max_new_tokens=16
-    ).message.content
+    assert (
+        speculative.chat(MESSAGES, max_new_tokens=16).message.content
+        == llm.chat(MESSAGES, max_new_tokens=16).message.content
+    )
     response = speculative.chat_with_tools([WEATHER], user_msg="Weather?", tool_required=True)
     _check_weather_call(speculative.get_tool_calls_from_response(response)[0])
 

@@ -91,16 +91,11 @@ def test_per_call_weights_follow_the_eft_formula(llm, rag_paths):
     base, chat, safe, ref = (_logprobs_alone(rag_paths[n]) for n in ("base", "chat", "safe", "ref"))
     first_tokens = set()
     for w_chat, w_safe in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (2.0, -1.0), (0.5, 0.5)]:
-        expected = torch.log_softmax(
-            base + w_chat * (chat - ref) + w_safe * (safe - ref), dim=-1
-        )
-        response = llm.complete(PROMPT, weights={"chat": w_chat, "safe": w_safe},
-                                max_new_tokens=1)
+        expected = torch.log_softmax(base + w_chat * (chat - ref) + w_safe * (safe - ref), dim=-1)
+        response = llm.complete(PROMPT, weights={"chat": w_chat, "safe": w_safe}, max_new_tokens=1)
         assert response.raw["weights"] == {"chat": w_chat, "safe": w_safe}
         # the decoder's own composed log-probs agree with the formula computed here
-        composed = llm.decoder.next_token_logprobs(
-            PROMPT, weights={"chat": w_chat, "safe": w_safe}
-        )
+        composed = llm.decoder.next_token_logprobs(PROMPT, weights={"chat": w_chat, "safe": w_safe})
         torch.testing.assert_close(composed, expected, atol=1e-4, rtol=1e-4)
         best = int(expected.argmax())
         assert response.raw["token_ids"] == [best]
@@ -116,11 +111,10 @@ def test_with_weights_fixes_weights_and_shares_the_decoder(llm):
     assert amplified.complete(PROMPT).raw["weights"] == {"chat": 2.0, "safe": 1.0}
     # per-call weights merge over the fixed ones
     assert amplified.complete(PROMPT, weights={"safe": 0.0}).raw["weights"] == {
-        "chat": 2.0, "safe": 0.0
+        "chat": 2.0,
+        "safe": 0.0,
     }
-    assert amplified.complete(PROMPT).text == llm.complete(
-        PROMPT, weights={"chat": 2.0}
-    ).text
+    assert amplified.complete(PROMPT).text == llm.complete(PROMPT, weights={"chat": 2.0}).text
     sampled = llm.with_options(temperature=0.5, seed=3)
     assert sampled.temperature == 0.5 and sampled.decoder is llm.decoder
     with pytest.raises(ValueError):
@@ -146,8 +140,10 @@ def test_unknown_behaviors_fail_when_the_llm_is_made(llm, rag_decoder):
 
 def test_unknown_behaviors_fail_before_a_lazy_llm_loads(rag_paths):
     """A lazily built LLM checks its weights against the behaviors it was given, unloaded."""
-    lazy = {"base": str(rag_paths["base"]),
-            "behaviors": {"chat": (str(rag_paths["chat"]), str(rag_paths["ref"]))}}
+    lazy = {
+        "base": str(rag_paths["base"]),
+        "behaviors": {"chat": (str(rag_paths["chat"]), str(rag_paths["ref"]))},
+    }
     with pytest.raises(ValueError, match=r"known behaviors: \['chat'\]"):
         EFTLLM(**lazy, weights={"safe": 1.0})
     llm = EFTLLM(**lazy, weights={"chat": 0.5})
@@ -164,8 +160,11 @@ def test_llms_sharing_a_lazy_decoder_load_it_once(rag_paths):
     its behaviors unloaded; the first call loads the models for every LLM holding it."""
     from eft_integrations.loading import LazyDecoder
 
-    lazy = LazyDecoder(base=str(rag_paths["base"]), dtype=torch.float32,
-                       behaviors={"chat": (str(rag_paths["chat"]), str(rag_paths["ref"]))})
+    lazy = LazyDecoder(
+        base=str(rag_paths["base"]),
+        dtype=torch.float32,
+        behaviors={"chat": (str(rag_paths["chat"]), str(rag_paths["ref"]))},
+    )
     first = EFTLLM(decoder=lazy, temperature=0.0, max_new_tokens=4)
     with pytest.raises(ValueError, match=r"known behaviors: \['chat'\]"):
         EFTLLM(decoder=lazy, weights={"safe": 1.0})
@@ -182,7 +181,8 @@ def test_lazy_loading_from_model_paths(rag_paths):
         base=str(rag_paths["base"]),
         behaviors={"chat": (str(rag_paths["chat"]), str(rag_paths["ref"]))},
         load_kwargs={"dtype": torch.float32},
-        temperature=0.0, max_new_tokens=4,
+        temperature=0.0,
+        max_new_tokens=4,
     )
     assert not llm._holder.loaded  # nothing loaded at construction
     copy = llm.with_weights({"chat": 0.5})
@@ -195,8 +195,12 @@ def test_lazy_loading_from_model_paths(rag_paths):
 
 def test_token_counting_handler_sees_the_decoder_usage(rag_decoder):
     counter = TokenCountingHandler(tokenizer=rag_decoder.tokenizer.encode)
-    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=5,
-                 callback_manager=CallbackManager([counter]))
+    llm = EFTLLM(
+        decoder=rag_decoder,
+        temperature=0.0,
+        max_new_tokens=5,
+        callback_manager=CallbackManager([counter]),
+    )
     response = llm.complete(PROMPT)
     assert counter.prompt_llm_token_count == response.raw["usage"]["prompt_tokens"]
     assert counter.completion_llm_token_count == response.raw["usage"]["completion_tokens"]
@@ -206,8 +210,7 @@ def test_token_counting_handler_sees_the_decoder_usage(rag_decoder):
 
 
 async def test_async_methods_keep_the_event_loop_responsive(rag_decoder):
-    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=64,
-                 stop=["never-appears"])
+    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=64, stop=["never-appears"])
     prompt = "Numbers: 1 2 3 4 5 6 7 8 9 10, and more numbers. " * 4
     messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
 
@@ -233,16 +236,17 @@ async def test_async_methods_keep_the_event_loop_responsive(rag_decoder):
     for name, call in calls.items():
         probe = await run_beside_ticker(call, tick=0.002)
         gap, ticks = probe.max_gap, probe.ticks
-        print(f"{name}: longest event-loop stall {gap * 1000:.1f} ms over {ticks} ticks "
-              f"(sync complete inside a coroutine: {blocked_gap * 1000:.1f} ms)")
+        print(
+            f"{name}: longest event-loop stall {gap * 1000:.1f} ms over {ticks} ticks "
+            f"(sync complete inside a coroutine: {blocked_gap * 1000:.1f} ms)"
+        )
         assert ticks >= 5
         # decoding took about blocked_gap; the loop was never held for a large part of it
         assert gap < max(0.1, blocked_gap / 3)
 
 
 async def test_closing_an_async_stream_stops_decoding(rag_decoder):
-    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=400,
-                 stop=["never-appears"])
+    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=400, stop=["never-appears"])
     stream = await llm.astream_complete(PROMPT)
     before = rag_decoder.forward_calls
     async for _ in stream:
@@ -266,8 +270,13 @@ def test_speculative_decoding_is_exact_through_the_llm(llm):
 async def test_lazy_loading_in_async_code_and_base_alone(rag_paths):
     """A lazily built LLM loads on a worker thread on its first async call; a decoder with
     no behaviors (the base model alone) is a plain local LLM."""
-    llm = EFTLLM(base=str(rag_paths["base"]), behaviors={},
-                 load_kwargs={"dtype": torch.float32}, temperature=0.0, max_new_tokens=4)
+    llm = EFTLLM(
+        base=str(rag_paths["base"]),
+        behaviors={},
+        load_kwargs={"dtype": torch.float32},
+        temperature=0.0,
+        max_new_tokens=4,
+    )
     response = await llm.acomplete(PROMPT)
     assert response.raw["weights"] == {}
     alone = EFTDecoder.from_pretrained(base=rag_paths["base"], dtype=torch.float32)

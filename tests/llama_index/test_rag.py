@@ -47,7 +47,7 @@ def test_query_engine_answers_from_retrieved_context(index, llm, llm_calls, toke
 
     # the real embedding model retrieves the Veloria document first
     assert response.source_nodes[0].node.ref_doc_id == "veloria"
-    (prompt, raw), = llm_calls.prompts_and_raws()
+    ((prompt, raw),) = llm_calls.prompts_and_raws()
     for source in response.source_nodes:
         assert source.node.get_content() in prompt  # the retrieved context reaches the LLM
     assert QUESTION in prompt
@@ -82,19 +82,20 @@ def test_packing_respects_the_context_window(embed_model, decoder_tokenizer, llm
     within the window EFTLLM reports."""
     from pydoc_data.topics import topics
 
-    names = ["for", "while", "if", "break", "continue", "return", "pass", "assert", "del",
-             "global"]
+    names = ["for", "while", "if", "break", "continue", "return", "pass", "assert", "del", "global"]
     documents = [Document(text=topics[name], doc_id=name) for name in names]
     index = VectorStoreIndex.from_documents(
-        documents, embed_model=embed_model,
+        documents,
+        embed_model=embed_model,
         transformations=[SentenceSplitter(chunk_size=256, chunk_overlap=0)],
     )
     top_k = len(index.docstore.docs)
     engine = index.as_query_engine(llm=llm, similarity_top_k=top_k, response_mode="compact")
     response = engine.query("What does the break statement do in a loop?")
     assert response.source_nodes[0].node.ref_doc_id in ("break", "for", "while")
-    context_tokens = sum(len(decoder_tokenizer(n.node.get_content()))
-                         for n in response.source_nodes)
+    context_tokens = sum(
+        len(decoder_tokenizer(n.node.get_content())) for n in response.source_nodes
+    )
     window = llm.metadata.context_window
     assert context_tokens > window  # it cannot fit in one call
 
@@ -110,7 +111,7 @@ def test_packing_respects_the_context_window(embed_model, decoder_tokenizer, llm
 def test_fixed_weights_for_a_query_engine(index, llm, llm_calls):
     engine = index.as_query_engine(llm=llm.with_weights({"chat": 0.0, "safe": 0.0}))
     engine.query(QUESTION)
-    (_, raw), = llm_calls.prompts_and_raws()
+    ((_, raw),) = llm_calls.prompts_and_raws()
     assert raw["weights"] == {"chat": 0.0, "safe": 0.0}
 
 

@@ -78,8 +78,7 @@ def test_per_call_weights_trade_helpful_for_harmless(toy_llm, questions):
 
     marked = [q for q in questions if q.marked]
     helpful = [_ask(toy_llm, q.text, weights={"helpful": 1.0, "harmless": 0.0}) for q in marked]
-    harmless = [_ask(toy_llm, q.text, weights={"helpful": 0.0, "harmless": 1.0})
-                for q in marked]
+    harmless = [_ask(toy_llm, q.text, weights={"helpful": 0.0, "harmless": 1.0}) for q in marked]
     refused_helpful = sum(map(is_refusal, helpful))
     refused_harmless = sum(map(is_refusal, harmless))
     assert refused_harmless - refused_helpful >= 0.5 * len(marked), (helpful, harmless)
