@@ -169,6 +169,8 @@ class EFTDecoder:
         tokenizer: PreTrainedTokenizerBase | None = None,
         chat_template: str | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        max_batch_size: int = 32,
+        max_tokens_in_flight: int = 131_072,
     ) -> EFTDecoder:
         """Load every model with `AutoModelForCausalLM.from_pretrained` and build a decoder.
 
@@ -176,7 +178,8 @@ class EFTDecoder:
         such as `gguf_file`) or loaded models. A model named in several roles is loaded once.
         Every model's tokenizer must map the same strings to the same ids (ValueError naming
         the two models and the first differing token otherwise). The chat template comes from
-        the first fine-tuned model whose tokenizer has one.
+        the first fine-tuned model whose tokenizer has one. `max_batch_size` and
+        `max_tokens_in_flight` bound the engine's running batch (see `EFTDecoder`).
         """
         behaviors = {name: Behavior.coerce(name, b) for name, b in (behaviors or {}).items()}
         loaded: dict[tuple[Any, ...], tuple[PreTrainedModel, PreTrainedTokenizerBase | None]] = {}
@@ -219,6 +222,8 @@ class EFTDecoder:
             default_weights=default_weights,
             chat_template=chat_template,
             eos_token_ids=eos_token_ids,
+            max_batch_size=max_batch_size,
+            max_tokens_in_flight=max_tokens_in_flight,
         )
 
     @property

@@ -96,6 +96,8 @@ class RequestStats:
     """From submission to the first generated token (None if none was generated)."""
     tokens_per_second: float
     """Completion tokens per second of decoding (from admission to the end)."""
+    total_time: float = 0.0
+    """From submission to the last token."""
     speculative_rounds: int | None = None
     """Draft-and-verify rounds, for speculative requests (None otherwise)."""
     drafted_tokens: int | None = None

@@ -85,6 +85,7 @@ class Request:
             time_to_first_token=(None if self.first_token_at is None
                                  else self.first_token_at - self.submitted_at),
             tokens_per_second=len(self.row.token_ids) / decoding,
+            total_time=now - self.submitted_at,
             speculative_rounds=spec.rounds if spec else None,
             drafted_tokens=spec.drafted if spec else None,
             accepted_tokens=spec.accepted if spec else None,
