@@ -1,0 +1,164 @@
+"""What a server serves and how: the models to load and the server's options, in one pydantic
+model shared by `eft serve` and the Ray Serve builder (so both read the same names).
+
+    config = ServeConfig(base="meta-llama/Llama-2-70b-hf",
+                         behaviors={"chat": ("meta-llama/Llama-2-7b-chat-hf",
+                                             "meta-llama/Llama-2-7b-hf")},
+                         dtype="bfloat16", device_map="auto")
+    app = config.build_app()           # loads the models, returns the FastAPI app
+
+Behaviors and weights also read the command line's forms, `NAME=FT_PATH,REF_PATH` and
+`NAME=W` (a list of them, or one string with `;` between them), as `serve run ... key=value`
+passes strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["ServeConfig", "parse_behavior", "parse_weight"]
+
+
+def parse_behavior(text: str) -> tuple[str, tuple[str, str]]:
+    """`"chat=FT_PATH,REF_PATH"` -> `("chat", ("FT_PATH", "REF_PATH"))`."""
+    name, sep, paths = text.partition("=")
+    finetuned, comma, reference = paths.partition(",")
+    if not (sep and comma and name.strip() and finetuned.strip() and reference.strip()):
+        raise ValueError(f"a behavior is NAME=FINETUNED_PATH,REFERENCE_PATH, got {text!r}")
+    return name.strip(), (finetuned.strip(), reference.strip())
+
+
+def parse_weight(text: str) -> tuple[str, float]:
+    """`"chat=0.5"` -> `("chat", 0.5)`."""
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = None
+    if not sep or not name.strip() or weight is None:
+        raise ValueError(f"a weight is NAME=FLOAT, got {text!r}")
+    return name.strip(), weight
+
+
+def _pieces(value: Any) -> list[str]:
+    """A string with `;` between items, or a list of strings."""
+    if isinstance(value, str):
+        return [p for p in value.split(";") if p.strip()]
+    return list(value)
+
+
+class ServeConfig(BaseModel):
+    """The models of one engine and the options of the server in front of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    toy: bool = False
+    """Serve the shipped toy-world family (large base + helpful and harmless deltas)."""
+    base: str | None = None
+    """The base model (hub id or path) for real models."""
+    behaviors: dict[str, tuple[str, str]] = Field(default_factory=dict)
+    """Behavior name -> (fine-tuned model, its reference base)."""
+    weights: dict[str, float] = Field(default_factory=dict)
+    """Default behavior weights of requests that name none (others take 1.0)."""
+    dtype: str | None = None
+    """torch dtype name, or "auto" (default: float32 for the toy family, "auto" otherwise)."""
+    device_map: str | None = None
+    """Passed to transformers, e.g. "auto" (with accelerate)."""
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Most rows the engine decodes at once (the decoder's default otherwise)."""
+
+    served_model_name: str = "eft"
+    """The name clients put in `model`."""
+    api_key: str | None = None
+    """When set, requests need `Authorization: Bearer <api_key>`."""
+    max_queue: int | None = Field(default=None, ge=0)
+    """Answer 503 (Retry-After) while this many requests wait for admission."""
+    max_body_bytes: int | None = Field(default=4 * 1024 * 1024, ge=1)
+    """Larger request bodies get 413."""
+    default_max_tokens: int | None = Field(default=None, ge=1)
+    """Budget of chat requests that name none (default: the context window)."""
+
+    @field_validator("behaviors", mode="before")
+    @classmethod
+    def _read_behaviors(cls, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple)):
+            return dict(parse_behavior(p) for p in _pieces(value))
+        if isinstance(value, dict):
+            return {
+                name: tuple(p.strip() for p in pair.split(",")) if isinstance(pair, str) else pair
+                for name, pair in value.items()
+            }
+        return value
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _read_weights(cls, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple)):
+            return dict(parse_weight(p) for p in _pieces(value))
+        return value
+
+    @model_validator(mode="after")
+    def _one_family(self) -> ServeConfig:
+        if self.toy and (self.base or self.behaviors):
+            raise ValueError(
+                "give either the toy family (--toy, toy=true) or a base model and "
+                "behaviors, not both"
+            )
+        if not self.toy and not self.base:
+            raise ValueError(
+                "give a base model (--base PATH, base=PATH) or the toy family (--toy, toy=true)"
+            )
+        return self
+
+    def load_decoder(self) -> Any:
+        """Load the models into one EFTDecoder (an engine)."""
+        import torch
+
+        dtype: Any = self.dtype or ("float32" if self.toy else "auto")
+        if dtype != "auto":
+            dtype = getattr(torch, dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {self.dtype!r}; e.g. float32, bfloat16, auto")
+        if self.toy:
+            from ..toyworld.paths import load_decoder
+
+            kwargs: dict[str, Any] = {"dtype": dtype, "device_map": self.device_map}
+            if self.weights:
+                kwargs["default_weights"] = self.weights
+            decoder = load_decoder(**kwargs)
+        else:
+            from ..decoder import EFTDecoder
+            from ..loading import Behavior
+
+            decoder = EFTDecoder.from_pretrained(
+                base=self.base,
+                behaviors={
+                    n: Behavior(finetuned=f, reference=r) for n, (f, r) in self.behaviors.items()
+                },
+                default_weights=self.weights or None,
+                dtype=dtype,
+                device_map=self.device_map,
+            )
+        if self.max_batch_size is not None:
+            decoder.engine.max_batch_size = self.max_batch_size
+        return decoder
+
+    def app_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `build_app` (all but the decoder)."""
+        return {
+            "served_model_name": self.served_model_name,
+            "api_key": self.api_key,
+            "max_queue": self.max_queue,
+            "max_body_bytes": self.max_body_bytes,
+            "default_max_tokens": self.default_max_tokens,
+        }
+
+    def build_app(self, decoder: Any = None) -> Any:
+        """The FastAPI app over `decoder` (loaded from this config when not given)."""
+        from .app import build_app
+
+        return build_app(
+            decoder if decoder is not None else self.load_decoder(), **self.app_kwargs()
+        )

@@ -1,0 +1,603 @@
+"""The OpenAI wire format: pydantic models of requests and responses, and their translation
+to and from the chat core (as vLLM keeps its `protocol.py` apart from the engine).
+
+Requests follow OpenAI's chat-completions and completions APIs; EFT's own fields ride in the
+body (OpenAI clients send them with `extra_body`): `eft_weights` ({behavior: float}), `top_k`,
+`conservative_top_p`, `speculative_k`. Responses carry `eft_weights`, the full weights the
+answer was decoded with. Nothing here knows HTTP; `app.py` serves these models.
+
+Reference: https://platform.openai.com/docs/api-reference/chat/create
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..chat import ChatDelta, ChatResult, InvalidToolCall, ToolCall, ToolCallChunk
+from ..options import GenerationResult, StreamChunk, Usage
+
+__all__ = [
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "CompletionChunk",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ErrorResponse",
+    "ModelCard",
+    "ModelList",
+    "UsageInfo",
+]
+
+logger = logging.getLogger(__name__)
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class OpenAIModel(BaseModel):
+    """Base of the request models: fields OpenAI has and we do not use are accepted and
+    ignored (clients send many), and logged so a misspelt EFT field is visible."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _log_ignored_fields(self) -> OpenAIModel:
+        if self.model_extra:
+            logger.info("ignoring unsupported request fields: %s", sorted(self.model_extra))
+        return self
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+    """JSON text of the arguments (a dict is accepted too)."""
+
+
+class ToolCallModel(OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(OpenAIModel):
+    """One message of the conversation; `developer` is read as `system`."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    """Text, or a list of content parts of which only `{"type": "text"}` ones are supported."""
+    name: str | None = None
+    tool_calls: list[ToolCallModel] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str | None:
+        """The content as one string (text parts joined); ValueError for other parts."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        texts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"only text content parts are supported, got a {part.get('type')!r} part"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+
+    def to_core(self) -> dict[str, Any]:
+        """The message as the chat core takes it (Hugging Face chat-template form)."""
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JSONSchemaFormat(OpenAIModel):
+    name: str = "response"
+    description: str | None = None
+    schema_definition: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (
+            self.json_schema is None or self.json_schema.schema_definition is None
+        ):
+            raise ValueError('{"type": "json_schema"} needs "json_schema": {"schema": {...}}')
+        return self
+
+    def to_core(self) -> dict[str, Any] | None:
+        """The chat core's `response_format` (None for plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        assert self.json_schema is not None
+        return {"type": "json_schema", "schema": self.json_schema.schema_definition}
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+    """Send one more chunk before `[DONE]` with empty choices and the usage."""
+
+
+class SamplingFields(OpenAIModel):
+    """What chat completions and completions share: sampling options and EFT's fields."""
+
+    model: str
+    temperature: Finite | None = Field(default=None, ge=0)
+    top_p: Finite | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    frequency_penalty: Finite | None = None
+    presence_penalty: Finite | None = None
+    logit_bias: dict[str, float] | None = None
+
+    eft_weights: dict[str, Finite] | None = None
+    """Behavior weights of this request; names left out take the server's defaults."""
+    top_k: int | None = Field(default=None, ge=0)
+    """Keep only the k most likely composed tokens (0 keeps all)."""
+    conservative_top_p: Finite | None = Field(default=None, gt=0, le=1)
+    """EFT paper 4.4: up-scale only tokens in the top-p set of the fine-tuning-scale model."""
+    speculative_k: int | None = Field(default=None, ge=1)
+    """Draft k tokens per round with the behaviors' models (same output distribution)."""
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"n must be 1 (one choice per request; send {n} requests), got {n}")
+        return n
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value:
+            raise ValueError("penalties are not supported; leave them unset or 0")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported; leave it unset")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def generation_options(self, max_new_tokens: int) -> dict[str, Any]:
+        """Keyword arguments of the decoder (and chat core) for this request."""
+        options: dict[str, Any] = {
+            "weights": self.eft_weights,
+            "max_new_tokens": max_new_tokens,
+            "temperature": 1.0 if self.temperature is None else float(self.temperature),
+            "top_p": 1.0 if self.top_p is None else float(self.top_p),
+            "top_k": self.top_k or 0,
+            "conservative_top_p": self.conservative_top_p,
+            "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
+            "seed": self.seed,
+        }
+        if self.speculative_k is not None:
+            options["speculative_k"] = self.speculative_k
+        return options
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("logprobs are not supported; leave logprobs unset or false")
+        return value
+
+    def budget(self, default: int) -> int:
+        """max_completion_tokens, else max_tokens, else `default`."""
+        return self.max_completion_tokens or self.max_tokens or default
+
+    def chat_kwargs(self, default_max_tokens: int) -> dict[str, Any]:
+        """Keyword arguments of `chat.achat` / `chat.astream_chat` (messages apart)."""
+        kwargs = self.generation_options(self.budget(default_max_tokens))
+        if self.tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            kwargs["tool_choice"] = self.tool_choice.function.name
+        elif self.tool_choice is not None:
+            kwargs["tool_choice"] = self.tool_choice
+        if self.parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.response_format is not None:
+            kwargs["response_format"] = self.response_format.to_core()
+        return kwargs
+
+    def core_messages(self) -> list[dict[str, Any]]:
+        return [m.to_core() for m in self.messages]
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions (the legacy text-completion API)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, prompt: Any) -> Any:
+        if not prompt or any(isinstance(p, (str, list)) and not p for p in prompt):
+            raise ValueError("prompt is empty: give some text or token ids")
+        return prompt
+
+    @field_validator("suffix", "logprobs")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("not supported; leave it unset")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("best_of must be 1")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request, one per choice."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ responses
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, *usages: Usage | None) -> UsageInfo:
+        """The sum of the usages given."""
+        prompt = sum(u.prompt_tokens for u in usages if u is not None)
+        completion = sum(u.completion_tokens for u in usages if u is not None)
+        return cls(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+    @classmethod
+    def of(cls, call: ToolCall | InvalidToolCall) -> ResponseToolCall:
+        """A call as OpenAI sends it; a call the model wrote but the core could not read goes
+        out with its raw arguments, so the client reports it as invalid."""
+        if isinstance(call, ToolCall):
+            arguments = json.dumps(call.arguments, ensure_ascii=False)
+            return cls(id=call.id, function=ResponseFunction(name=call.name, arguments=arguments))
+        return cls(
+            id=call.id or _id("call"),
+            function=ResponseFunction(name=call.name or "", arguments=call.arguments or ""),
+        )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    eft_weights: dict[str, float]
+    """The behavior weights the answer was decoded with (defaults filled in)."""
+
+    @classmethod
+    def of(cls, model: str, result: ChatResult) -> ChatCompletionResponse:
+        calls = [ResponseToolCall.of(c) for c in [*result.tool_calls, *result.invalid_tool_calls]]
+        message = AssistantMessage(
+            content=result.content if result.content or not calls else None,
+            tool_calls=calls or None,
+        )
+        return cls(
+            model=model,
+            choices=[ChatChoice(message=message, finish_reason=result.finish_reason)],
+            usage=UsageInfo.of(result.usage),
+            eft_weights=dict(result.weights),
+        )
+
+
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+    @classmethod
+    def of(cls, chunk: ToolCallChunk) -> DeltaToolCall:
+        return cls(
+            index=chunk.index,
+            id=chunk.id or _id("call"),
+            type="function",
+            function=DeltaFunction(name=chunk.name or "", arguments=chunk.arguments or ""),
+        )
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    eft_weights: dict[str, float] | None = None
+    """On the chunk with the finish_reason: the weights the answer was decoded with."""
+
+
+class ChatChunks:
+    """Builds the chunks of one streamed chat completion, OpenAI's way: a first chunk with the
+    role, one per content or tool-call delta, one with the finish_reason (and `eft_weights`),
+    then, when `include_usage`, one with empty choices and the usage."""
+
+    def __init__(self, model: str, weights: Mapping[str, float], include_usage: bool) -> None:
+        self.id = _id("chatcmpl")
+        self.created = int(time.time())
+        self.model = model
+        self.weights = dict(weights)
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[ChatChunkChoice], **fields: Any) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, **fields
+        )
+
+    def first(self) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+
+    def of(self, delta: ChatDelta) -> list[ChatCompletionChunk]:
+        """The chunks one core delta becomes."""
+        chunks = []
+        if delta.content or delta.tool_call_chunks:
+            message = DeltaMessage(
+                content=delta.content or None,
+                tool_calls=[DeltaToolCall.of(c) for c in delta.tool_call_chunks] or None,
+            )
+            chunks.append(self._chunk([ChatChunkChoice(delta=message)]))
+        if delta.finish_reason is not None:
+            chunks += self.last(delta.finish_reason, delta.usage)
+        return chunks
+
+    def last(self, finish_reason: str, usage: Usage | None) -> list[ChatCompletionChunk]:
+        chunks = [
+            self._chunk(
+                [ChatChunkChoice(delta=DeltaMessage(), finish_reason=finish_reason)],
+                eft_weights=self.weights,
+            )
+        ]
+        if self.include_usage:
+            chunks.append(self._chunk([], usage=UsageInfo.of(usage)))
+        return chunks
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    eft_weights: dict[str, float]
+
+    @classmethod
+    def of(
+        cls, model: str, results: Sequence[GenerationResult], echoes: Sequence[str]
+    ) -> CompletionResponse:
+        choices = [
+            CompletionChoice(index=i, text=echo + r.text, finish_reason=r.finish_reason)
+            for i, (r, echo) in enumerate(zip(results, echoes, strict=True))
+        ]
+        return cls(
+            model=model,
+            choices=choices,
+            usage=UsageInfo.of(*(r.usage for r in results)),
+            eft_weights=dict(results[0].weights),
+        )
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    eft_weights: dict[str, float] | None = None
+
+
+class CompletionChunks:
+    """Builds the chunks of one streamed completion (one prompt)."""
+
+    def __init__(self, model: str, weights: Mapping[str, float], include_usage: bool) -> None:
+        self.id = _id("cmpl")
+        self.created = int(time.time())
+        self.model = model
+        self.weights = dict(weights)
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[CompletionChoice], **fields: Any) -> CompletionChunk:
+        return CompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, **fields
+        )
+
+    def text(self, text: str) -> CompletionChunk:
+        return self._chunk([CompletionChoice(index=0, text=text, finish_reason=None)])
+
+    def of(self, chunk: StreamChunk) -> list[CompletionChunk]:
+        """The chunks one decoder chunk becomes."""
+        if chunk.finish_reason is None:
+            return [self.text(chunk.text)] if chunk.text else []
+        last = self._chunk(
+            [CompletionChoice(index=0, text=chunk.text, finish_reason=chunk.finish_reason)],
+            eft_weights=self.weights,
+        )
+        if not self.include_usage:
+            return [last]
+        return [last, self._chunk([], usage=UsageInfo.of(chunk.usage))]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "eft-integrations"
+    root: str
+    """The composition served, e.g. `base + chat(ft - ref)`."""
+    behaviors: list[str]
+    default_weights: dict[str, float]
+    context_window: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorInfo
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
