@@ -1,8 +1,10 @@
-"""The `eft` command: `eft demo` (toy-world up-scaling, offline) and `eft generate`."""
+"""The `eft` command: `eft demo` (toy-world up-scaling, offline), `eft generate` and
+`eft serve` (an OpenAI-compatible server over one EFT engine)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,23 +18,121 @@ def _generate(args: argparse.Namespace) -> None:
         if not args.chat_base:
             raise SystemExit("--chat needs --chat-base (the base the chat model was tuned from)")
         behaviors["chat"] = Behavior(finetuned=args.chat, reference=args.chat_base)
-    decoder = EFTDecoder.from_pretrained(base=args.base, behaviors=behaviors,
-                                         device_map=args.device_map)
+    decoder = EFTDecoder.from_pretrained(
+        base=args.base, behaviors=behaviors, device_map=args.device_map
+    )
     prompt = args.prompt
     if args.chat_template:
         prompt = decoder.format_chat([{"role": "user", "content": prompt}])
     weights = {"chat": args.weight} if behaviors else None
-    for chunk in decoder.stream(prompt, weights=weights, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+    for chunk in decoder.stream(
+        prompt,
+        weights=weights,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    ):
         print(chunk.text, end="", flush=True)
     print()
+
+
+def _serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (needs the `serve` extra)",
+        description="Serve /v1/chat/completions, /v1/completions and /v1/models over one EFT "
+        "engine; EFT fields (eft_weights, top_k, conservative_top_p, speculative_k) ride in "
+        "the request body.",
+    )
+    models = serve.add_argument_group("models")
+    models.add_argument("--toy", action="store_true", help="the shipped toy-world family")
+    models.add_argument("--base", help="base model (hub id or path)")
+    models.add_argument(
+        "--behavior",
+        action="append",
+        default=[],
+        metavar="NAME=FT,REF",
+        help="a behavior: fine-tuned model and its reference (repeatable)",
+    )
+    models.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="default weight of a behavior (repeatable; others 1.0)",
+    )
+    models.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default auto; toy float32)")
+    models.add_argument("--device-map", help='e.g. "auto" with accelerate')
+    models.add_argument("--max-batch-size", type=int, help="most rows decoded at once")
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--served-model-name", default="eft", help="the `model` clients send")
+    server.add_argument(
+        "--api-key",
+        default=os.environ.get("EFT_API_KEY"),
+        help="require `Authorization: Bearer KEY` (default: $EFT_API_KEY)",
+    )
+    server.add_argument(
+        "--max-queue", type=int, help="answer 503 while this many requests wait for the batch"
+    )
+    server.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"
+    )
+    server.add_argument(
+        "--default-max-tokens",
+        type=int,
+        help="budget of chat requests naming none (default: context window)",
+    )
+    server.add_argument("--log-level", default="info")
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        from .serve.config import ServeConfig
+        from .serve.server import run_server
+    except ImportError as error:
+        raise SystemExit(
+            f"eft serve needs the serve extra: pip install 'eft-integrations[serve]' ({error})"
+        ) from error
+    from pydantic import ValidationError
+
+    try:
+        config = ServeConfig(
+            toy=args.toy,
+            base=args.base,
+            behaviors=args.behavior,
+            weights=args.weights,
+            dtype=args.dtype,
+            device_map=args.device_map,
+            max_batch_size=args.max_batch_size,
+            served_model_name=args.served_model_name,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            max_body_bytes=args.max_body_bytes,
+            default_max_tokens=args.default_max_tokens,
+        )
+    except ValidationError as error:
+        parser.error("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors()))
+    app = config.build_app()
+    decoder = app.state.eft.decoder
+    print(
+        f"serving {decoder.model_name} as {config.served_model_name!r} on "
+        f"http://{args.host}:{args.port}/v1",
+        flush=True,
+    )
+    run_server(app, args.host, args.port, log_level=args.log_level)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="toy-world up-scaling demo (offline); `eft demo --help` "
-                        "lists its flags", add_help=False)
+    commands.add_parser(
+        "demo",
+        help="toy-world up-scaling demo (offline); `eft demo --help` lists its flags",
+        add_help=False,
+    )
 
     gen = commands.add_parser("generate", help="EFT-decode one prompt from Hugging Face models")
     gen.add_argument("prompt")
@@ -40,20 +140,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     gen.add_argument("--chat", help="small fine-tuned model")
     gen.add_argument("--chat-base", help="the small model's pre-trained base")
     gen.add_argument("--weight", type=float, default=1.0, help="behavior weight (default 1)")
-    gen.add_argument("--chat-template", action="store_true",
-                     help="wrap the prompt in the chat model's template")
+    gen.add_argument(
+        "--chat-template", action="store_true", help="wrap the prompt in the chat model's template"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device-map", default=None, help='e.g. "auto" with accelerate')
+    _serve_parser(commands)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo parses its own flags
         from .toyworld.demo import main as demo_main
 
         raise SystemExit(demo_main(argv[1:]))
-    _generate(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        _serve(args, commands.choices["serve"])
+    else:
+        _generate(args)
 
 
 if __name__ == "__main__":
