@@ -43,6 +43,7 @@ lint: $(VENV)/.installed-test
 ## bench: decoder benchmarks; writes BENCHMARKS.md
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
