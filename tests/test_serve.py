@@ -747,6 +747,40 @@ def test_the_openai_client_raises_its_typed_errors(client):
         openai.OpenAI(base_url=str(client.base_url), api_key="bad", max_retries=0).models.list()
 
 
+def test_failures_inside_the_core_stay_in_their_request(server, client, monkeypatch):
+    from eft_integrations.chat import ChatDelta
+    from eft_integrations.serve import app as app_module
+
+    async def fails_mid_stream(*args: Any, **kwargs: Any):
+        yield ChatDelta("partial", [])
+        raise RuntimeError("a model failed")
+
+    async def fails(*args: Any, **kwargs: Any):
+        raise RuntimeError("a model failed")
+
+    monkeypatch.setattr(app_module, "astream_chat", fails_mid_stream)
+    monkeypatch.setattr(app_module, "achat", fails)
+    with pytest.raises(openai.InternalServerError, match="RuntimeError: a model failed"):
+        client.chat.completions.create(model=MODEL, messages=USER)
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json=_chat_body(stream=True),
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert response.status_code == 200  # the headers went out with the first delta
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[1])["choices"][0]["delta"]["content"] == "partial"
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+    assert events[-1] == "[DONE]"
+    monkeypatch.undo()
+    assert (
+        client.chat.completions.create(
+            model=MODEL, messages=USER, temperature=0, max_tokens=2
+        ).usage.completion_tokens
+        == 2
+    )
+
+
 def test_a_full_queue_answers_503_with_retry_after(chat_dec):
     engine = chat_dec.engine
     limit = engine.max_batch_size
