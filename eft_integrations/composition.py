@@ -34,6 +34,7 @@ import torch
 
 __all__ = [
     "compose_logprobs",
+    "draft_logprobs",
     "finetuning_scale_logprobs",
     "sample_tokens",
     "sampling_logprobs",
@@ -121,6 +122,30 @@ def finetuning_scale_logprobs(
     ref_star, _ = _active_reference(reference_logprobs, weights, fallback)
     deltas = _weighted_deltas(finetuned_logprobs, reference_logprobs, weights)
     return torch.log_softmax(ref_star + deltas, dim=-1)
+
+
+def draft_logprobs(finetuned_logprobs: Sequence[torch.Tensor], weights: torch.Tensor
+                   ) -> torch.Tensor:
+    """The default draft distribution q of speculative EFT, from the fine-tuned models alone.
+
+        log q = log_softmax(sum_b a_b log p_ft_b),   a = max(w, 0) / sum(max(w, 0))
+
+    a geometric mixture of the fine-tuned models with positive weight; rows without one draft
+    from the first behavior's fine-tuned model. For one behavior at weight 1, q is that
+    fine-tuned model itself: the paper's small chat model. Any q keeps speculative decoding
+    exact; this one needs no reference model, so references only score drafts in parallel.
+    Returns log-probs [B, V]; `weights` is [B, n_behaviors].
+    """
+    positive = weights.clamp(min=0)
+    total = positive.sum(dim=-1, keepdim=True)  # [B, 1]
+    first = torch.zeros_like(positive)
+    first[:, 0] = 1.0
+    mix = torch.where(total > 0, positive / total.clamp(min=1e-30), first)
+    score = torch.zeros_like(finetuned_logprobs[0])
+    for b, ft in enumerate(finetuned_logprobs):
+        a = mix[:, b : b + 1]
+        score = score + torch.where(a != 0, a * ft, 0.0)  # 0 * -inf would be nan
+    return torch.log_softmax(score, dim=-1)
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:

@@ -67,7 +67,9 @@ class EFTDecoder:
 
     A decoder is an engine: call it from any number of threads and coroutines at once; the
     calls are batched together step by step (`max_batch_size` rows, `max_tokens_in_flight`
-    cache positions at most; beyond that requests wait in a FIFO queue).
+    cache positions at most; beyond that requests wait in a FIFO queue). With
+    `adaptive_speculation`, speculative requests start at `speculative_k` drafts per round and
+    adapt it per row (+2 after full acceptance, -1 after a rejection).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class EFTDecoder:
         eos_token_ids: Sequence[int] | None = None,
         max_batch_size: int = 32,
         max_tokens_in_flight: int = 131_072,
+        adaptive_speculation: bool = True,
     ) -> None:
         if tokenizer is None:
             raise ValueError(
@@ -119,7 +122,8 @@ class EFTDecoder:
         )
         pad = tokenizer.pad_token_id
         self._ensemble.pad_id = pad if pad is not None else min(self.eos_token_ids, default=0)
-        self.engine = Engine(self._ensemble, max_batch_size, max_tokens_in_flight)
+        self.engine = Engine(self._ensemble, max_batch_size, max_tokens_in_flight,
+                             adaptive_speculation)
         """The decode loop every call goes through; `engine.stats` has its diagnostics."""
 
     # the models are never copied: a deep copy (e.g. of a ChatEFT) shares the decoder
@@ -129,7 +133,8 @@ class EFTDecoder:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         engine = state.pop("engine")
-        state["_engine_limits"] = (engine.max_batch_size, engine.max_tokens_in_flight)
+        state["_engine_limits"] = (engine.max_batch_size, engine.max_tokens_in_flight,
+                                   engine.adaptive_speculation)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -171,6 +176,7 @@ class EFTDecoder:
         eos_token_ids: Sequence[int] | None = None,
         max_batch_size: int = 32,
         max_tokens_in_flight: int = 131_072,
+        adaptive_speculation: bool = True,
     ) -> EFTDecoder:
         """Load every model with `AutoModelForCausalLM.from_pretrained` and build a decoder.
 
@@ -224,6 +230,7 @@ class EFTDecoder:
             eos_token_ids=eos_token_ids,
             max_batch_size=max_batch_size,
             max_tokens_in_flight=max_tokens_in_flight,
+            adaptive_speculation=adaptive_speculation,
         )
 
     @property
@@ -398,9 +405,9 @@ class EFTDecoder:
         if not self._pairs:
             raise ValueError("speculative decoding drafts with the behaviors' models; this "
                              "decoder has none: leave speculative_k=None")
-        if any(self._base in pair for pair in self._pairs):
-            raise ValueError("speculative decoding needs a base model that is not also a "
-                             "fine-tuned or reference model; leave speculative_k=None")
+        if any(self._base == pair.finetuned for pair in self._pairs):
+            raise ValueError("speculative decoding drafts with the fine-tuned models; the base "
+                             "is one of them here: leave speculative_k=None")
         if constraints is not None and any(c is not None for c in constraints):
             raise ValueError("speculative decoding does not combine with constraints; leave "
                              "speculative_k=None")

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
-from .composition import compose_logprobs, finetuning_scale_logprobs
+from .composition import compose_logprobs
 from .kv_state import KVState
 from .loading import model_device
 
@@ -65,8 +65,14 @@ class Ensemble:
 
     @property
     def drafting_models(self) -> list[int]:
-        """The fine-tuning-scale models (every behavior's fine-tuned and reference model)."""
-        return sorted({i for pair in self.pairs for i in pair})
+        """The models that draft in speculative decoding: the behaviors' fine-tuned models."""
+        return sorted({pair.finetuned for pair in self.pairs})
+
+    @property
+    def scoring_models(self) -> list[int]:
+        """The models that score drafts in parallel: the base and the references."""
+        drafting = set(self.drafting_models)
+        return [i for i in range(len(self.models)) if i not in drafting]
 
     # ------------------------------------------------------------------ forwards
 
@@ -134,12 +140,4 @@ class Ensemble:
             [logits[p.reference] for p in self.pairs],
             weights,
             conservative_top_p,
-        )
-
-    def finetuning_scale(self, logits: Sequence[torch.Tensor] | dict[int, torch.Tensor],
-                         weights: torch.Tensor) -> torch.Tensor:
-        """The fine-tuning-scale distribution [B, V] from the behaviors' models alone."""
-        lp = {i: torch.log_softmax(logits[i].float(), dim=-1) for i in self.drafting_models}
-        return finetuning_scale_logprobs(
-            [lp[p.finetuned] for p in self.pairs], [lp[p.reference] for p in self.pairs], weights
         )

@@ -67,6 +67,28 @@ class KVState:
         self.attention_mask = self.attention_mask[:, :-n]
         self.next_position = self.next_position - n
 
+    def rewind_rows(self, counts: list[int]) -> None:
+        """Forget the last counts[b] tokens of row b (rows accept different numbers of drafts).
+
+        The common part is cropped; a row with more to forget is shifted right by the rest,
+        so its forgotten tokens wrap round to the left edge, where the mask hides them."""
+        common = min(counts)
+        self.rewind(common)
+        extra = torch.tensor([c - common for c in counts], device=self.attention_mask.device)
+        if not any(c > common for c in counts):
+            return
+        length = self.attention_mask.shape[1]
+        columns = torch.arange(length, device=extra.device)
+        index = (columns - extra[:, None]) % length  # [B, L]: new column c reads old c - shift
+        for layer in self.cache.layers:
+            if layer.is_initialized and layer.keys.numel():
+                by_row = index[:, None, :, None]  # [B, 1, L, 1]
+                layer.keys = layer.keys.gather(2, by_row.expand_as(layer.keys))
+                layer.values = layer.values.gather(2, by_row.expand_as(layer.values))
+        self.attention_mask = self.attention_mask.gather(1, index) * (columns >= extra[:, None])
+        self.next_position = self.next_position - extra
+        self._trim_left()
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (indices [B'] on the model device), then drop padding columns
         that no remaining row needs."""

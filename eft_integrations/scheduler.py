@@ -13,10 +13,14 @@ their request's outbox, so no lock, grad or inference-mode state is ever held in
 thread across a `yield`. The thread exits when there is nothing to do and starts again with
 the next request, so an idle decoder holds no thread.
 
-One step, in gpt-fast's manner:
+One iteration, in gpt-fast's manner:
 
     retire cancelled -> admit (prefill, merge) -> compose -> constrain -> sample -> record
     -> retire finished -> feed the sampled tokens to every model
+    -> one speculative round for the speculative rows (see `speculative.py`)
+
+Speculative requests form a second batch beside the plain one (their caches advance several
+tokens per round, the plain rows' one per step); they are admitted and retired the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .composition import sample_tokens
 from .ensemble import Ensemble
 from .kv_state import KVState
 from .options import GenerationOptions, GenerationResult, RequestStats, StreamChunk, Usage
-from .speculative import SpeculativeRun
+from .speculative import DraftPlan, SpeculativeRow, speculative_round
 from .stopping import RowText
 
 __all__ = ["Engine", "EngineStats", "Request"]
@@ -65,7 +69,8 @@ class Request:
     admitted_at: float | None = None
     first_token_at: float | None = None
     generator: torch.Generator | None = None
-    speculative: SpeculativeRun | None = None
+    speculative: SpeculativeRow | None = None
+    pending: int | None = None  # speculative rows: the last token, not yet read by the models
 
     @property
     def token_footprint(self) -> int:
@@ -79,7 +84,7 @@ class Request:
     def stats(self, now: float) -> RequestStats:
         admitted = self.admitted_at if self.admitted_at is not None else now
         decoding = max(now - admitted, 1e-9)
-        spec = self.speculative.stats if self.speculative is not None else None
+        spec = self.speculative
         return RequestStats(
             queue_time=admitted - self.submitted_at,
             time_to_first_token=(None if self.first_token_at is None
@@ -110,26 +115,65 @@ class EngineStats:
         return max(self.batch_sizes, default=0)
 
 
+@dataclass
+class _Batch:
+    """Rows in flight, aligned with every model's state (and, for plain rows, the logits of
+    their next token)."""
+
+    rows: list[Request] = field(default_factory=list)
+    states: list[KVState] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] per model
+
+    def add(self, rows: list[Request], states: list[KVState], logits: list[torch.Tensor]
+            ) -> None:
+        if not self.rows:
+            self.rows, self.states, self.logits = list(rows), states, list(logits)
+            return
+        for mine, theirs in zip(self.states, states, strict=True):
+            mine.merge(theirs)
+        if logits:
+            self.logits = [torch.cat([a, b]) for a, b in zip(self.logits, logits, strict=True)]
+        self.rows += rows
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only rows `keep`; the others' cache rows are freed."""
+        self.rows = [self.rows[b] for b in keep]
+        if not self.rows:
+            self.clear()
+            return
+        for state in self.states:
+            state.select(torch.tensor(keep, dtype=torch.long, device=state.attention_mask.device))
+        if self.logits:
+            index = torch.tensor(keep, dtype=torch.long, device=self.logits[0].device)
+            self.logits = [x.index_select(0, index) for x in self.logits]
+
+    def clear(self) -> None:
+        self.rows, self.states, self.logits = [], [], []
+
+    def cached_tokens(self) -> int:
+        return sum(s.num_tokens() for s in self.states)
+
+
 class Engine:
     """Owns the models' decode loop; `submit` requests from any thread."""
 
     def __init__(self, ensemble: Ensemble, max_batch_size: int = 32,
-                 max_tokens_in_flight: int = 131_072) -> None:
+                 max_tokens_in_flight: int = 131_072, adaptive_speculation: bool = True) -> None:
         if max_batch_size < 1 or max_tokens_in_flight < 1:
             raise ValueError("max_batch_size and max_tokens_in_flight must be >= 1")
         self.ensemble = ensemble
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight
+        self.adaptive_speculation = adaptive_speculation
+        """Speculative rows grow k after full acceptance and shrink it after a rejection."""
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._tasks: deque[_Task[Any]] = deque()
         self._thread: threading.Thread | None = None
-        # engine-thread state: the rows in flight, aligned with every model's state
-        self._rows: list[Request] = []
-        self._states: list[KVState] = []
-        self._logits: list[torch.Tensor] = []  # next-token logits [B, V] per model
-        self._speculative: list[Request] = []
+        # engine-thread state: the rows in flight
+        self._plain = _Batch()
+        self._speculative = _Batch()
 
     # ------------------------------------------------------------------ callers' side
 
@@ -158,14 +202,11 @@ class Engine:
     @property
     def batch_size(self) -> int:
         """Rows decoding now (speculative requests included)."""
-        return len(self._rows) + len(self._speculative)
+        return len(self._plain.rows) + len(self._speculative.rows)
 
     def cached_tokens(self) -> int:
         """Cache positions held by the batch, summed over models (padding included)."""
-        return sum(s.num_tokens() for s in self._states) + sum(
-            s.num_tokens() for r in self._speculative if r.speculative
-            for s in r.speculative.states
-        )
+        return self._plain.cached_tokens() + self._speculative.cached_tokens()
 
     def _wake(self) -> None:
         if self._thread is None:
@@ -179,28 +220,30 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    if not (self._waiting or self._tasks or self._rows or self._speculative):
+                    if not (self._waiting or self._tasks or self.batch_size):
                         self._thread = None  # idle: exit; the next submit starts a new one
                         return
                     tasks = list(self._tasks)
                     self._tasks.clear()
                 for task in tasks:
                     task.run()
-                self._retire_cancelled()
+                for batch in (self._plain, self._speculative):
+                    self._retire_cancelled(batch)
                 self._admit(self._pop_admissible())
-                if self._rows:
-                    try:
-                        self._decode_step()
-                    except Exception as error:  # a model failed: the whole step's rows fail
-                        self._fail_batch(error)
-                for request in list(self._speculative):
-                    self._speculative_round(request)
+                for batch, step in ((self._plain, self._decode_step),
+                                    (self._speculative, self._speculative_round)):
+                    if batch.rows:
+                        try:
+                            step()
+                        except Exception as error:  # a model failed: the step's rows fail
+                            self._fail_batch(batch, error)
 
     def _pop_admissible(self) -> list[Request]:
         """Waiting requests that fit, first come first served."""
         admitted: list[Request] = []
         with self._cond:
-            in_flight = sum(r.token_footprint for r in [*self._rows, *self._speculative])
+            in_flight = sum(r.token_footprint
+                            for r in [*self._plain.rows, *self._speculative.rows])
             rows = self.batch_size
             while self._waiting:
                 request = self._waiting[0]
@@ -220,71 +263,99 @@ class Engine:
         return admitted
 
     def _admit(self, requests: list[Request]) -> None:
-        """Prefill new requests; plain ones join the running batch, speculative ones get
-        their own single-row caches."""
+        """Prefill new requests and add them to their batch; speculative rows sample their
+        first token here (it becomes their pending token)."""
         now = time.monotonic()
         for request in requests:
             request.admitted_at = now
             request.generator = _generator(self.ensemble.device, request.options.seed)
             self.stats.admitted += 1
         plain = [r for r in requests if r.speculative_k is None]
-        for request in (r for r in requests if r.speculative_k is not None):
+        speculative = [r for r in requests if r.speculative_k is not None]
+        for rows, batch in ((plain, self._plain), (speculative, self._speculative)):
+            if not rows:
+                continue
             try:
-                self._start_speculative(request)
-            except Exception as error:
-                self._fail(request, error)
-        if not plain:
-            return
-        try:
-            states, logits = self.ensemble.prefill([r.chat_ids for r in plain],
-                                                   [r.base_ids for r in plain])
-        except Exception as error:  # the running batch is untouched
-            for request in plain:
-                self._fail(request, error)
-            return
-        if not self._rows:
-            self._states, self._logits = states, logits
-        else:
-            for mine, theirs in zip(self._states, states, strict=True):
-                mine.merge(theirs)
-            self._logits = [torch.cat([a, b]) for a, b in zip(self._logits, logits, strict=True)]
-        self._rows += plain
+                states, logits = self.ensemble.prefill([r.chat_ids for r in rows],
+                                                       [r.base_ids for r in rows])
+            except Exception as error:  # the running batch is untouched
+                for request in rows:
+                    self._fail(request, error)
+                continue
+            if batch is self._plain:
+                batch.add(rows, states, logits)
+            else:  # speculative rows need logits only for their first token
+                batch.add(rows, states, [])
+                self._first_speculative_tokens(rows, logits)
+
+    def _first_speculative_tokens(self, rows: list[Request], logits: list[torch.Tensor]
+                                  ) -> None:
+        """Sample new speculative rows' first token from their prefill: their pending token."""
+        batch = self._speculative
+        tokens = self._pick(logits, rows, {}).tolist()
+        for request, token in zip(rows, tokens, strict=True):
+            request.speculative = SpeculativeRow(request.speculative_k or 1,
+                                                 adaptive=self.adaptive_speculation)
+            request.pending = token
+        offset = len(batch.rows) - len(rows)  # the new rows are the batch's last
+        self._record(batch, [[t] for t in tokens], failed={},
+                     offset=list(range(offset, len(batch.rows))))
 
     def _decode_step(self) -> None:
-        rows = self._rows
+        """One token for every plain row; finished rows leave; the rest feed their token."""
+        batch = self._plain
         self.stats.steps += 1
-        self.stats.batch_sizes.append(len(rows))
+        self.stats.batch_sizes.append(len(batch.rows))
+        failed: dict[int, Exception] = {}
+        tokens = self._pick(batch.logits, batch.rows, failed)  # [B]
+        keep = self._record(batch, [[t] for t in tokens.tolist()], failed=failed)
+        if batch.rows:
+            if len(keep) < len(tokens):
+                tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
+            batch.logits = self.ensemble.step(batch.states, tokens)
+
+    def _pick(self, logits: list[torch.Tensor], rows: list[Request],
+              failed: dict[int, Exception]) -> torch.Tensor:
+        """Compose, constrain and sample one token per row [B]."""
         weights = torch.cat([r.weight_row for r in rows]).to(self.ensemble.device)  # [B, W]
         logprobs = self.ensemble.compose(
-            self._logits, weights, [r.options.conservative_top_p for r in rows]
+            logits, weights, [r.options.conservative_top_p for r in rows]
         )  # [B, V]
-        failed: dict[int, Exception] = {}
         logprobs = self._constrain(logprobs, rows, failed)
-        tokens = self._sample(logprobs, rows)  # [B]
+        return self._sample(logprobs, rows)
+
+    def _record(self, batch: _Batch, tokens: list[list[int]], *, failed: dict[int, Exception],
+                offset: list[int] | None = None) -> list[int]:
+        """Record each row's new tokens (the host already has them: the step's one sync),
+        stream what is safe to show, retire finished and failed rows. `tokens[i]` belongs to
+        row `offset[i]` of the batch (default: row i). Returns the rows kept."""
         now = time.monotonic()
-        for b, (request, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+        positions = offset if offset is not None else list(range(len(tokens)))
+        for b, new in zip(positions, tokens, strict=True):
+            request = batch.rows[b]
             if b in failed:
                 continue
-            try:  # the one host sync of the step is the .tolist() above
-                request.row.record(token)
+            try:
+                for token in new:
+                    request.row.record(token)
+                    if request.row.finished:
+                        break
             except Exception as error:  # this row's constraint or stop handling failed
                 failed[b] = error
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
             self._emit(request)
-        done = [b for b, r in enumerate(rows) if b in failed or r.row.finished]
+        done = [b for b in positions if b in failed or batch.rows[b].row.finished]
         for b in done:
             if b in failed:
-                self._fail(rows[b], failed[b])
+                self._fail(batch.rows[b], failed[b])
             else:
-                self._finish(rows[b], rows[b].row.finish_reason or "stop")
+                self._finish(batch.rows[b], batch.rows[b].row.finish_reason or "stop")
+        keep = [b for b in range(len(batch.rows)) if b not in set(done)]
         if done:
-            keep = [b for b in range(len(rows)) if b not in set(done)]
-            self._select(keep)
-            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
-        if self._rows:
-            self._logits = self.ensemble.step(self._states, tokens)
+            batch.keep(keep)
+        return keep
 
     def _constrain(self, logprobs: torch.Tensor, rows: list[Request],
                    failed: dict[int, Exception]) -> torch.Tensor:
@@ -323,67 +394,40 @@ class Engine:
                                            request.generator)[0])
         return torch.stack(picks)
 
-    def _select(self, keep: list[int]) -> None:
-        """Keep only the rows `keep` in the batch; the others' cache rows are freed."""
-        self._rows = [self._rows[b] for b in keep]
-        if not self._rows:
-            self._states, self._logits = [], []
-            return
-        for state in self._states:
-            state.select(torch.tensor(keep, dtype=torch.long, device=state.attention_mask.device))
-        index = torch.tensor(keep, dtype=torch.long, device=self.ensemble.device)
-        self._logits = [x.index_select(0, index) for x in self._logits]
-
-    def _retire_cancelled(self) -> None:
-        gone = [b for b, r in enumerate(self._rows) if r.cancel_event.is_set()]
+    def _retire_cancelled(self, batch: _Batch) -> None:
+        gone = [b for b, r in enumerate(batch.rows) if r.cancel_event.is_set()]
         for b in gone:
-            self._finish(self._rows[b], "stop")
+            self._finish(batch.rows[b], "stop")
             self.stats.cancelled += 1
         if gone:
-            self._select([b for b in range(len(self._rows)) if b not in set(gone)])
-        for request in [r for r in self._speculative if r.cancel_event.is_set()]:
-            self._speculative.remove(request)
-            self._finish(request, "stop")
-            self.stats.cancelled += 1
+            batch.keep([b for b in range(len(batch.rows)) if b not in set(gone)])
 
-    def _fail_batch(self, error: Exception) -> None:
-        for request in self._rows:
+    def _fail_batch(self, batch: _Batch, error: Exception) -> None:
+        for request in batch.rows:
             self._fail(request, error)
-        self._rows, self._states, self._logits = [], [], []
+        batch.clear()
 
     # ------------------------------------------------------------------ speculative rows
 
-    def _start_speculative(self, request: Request) -> None:
-        states, logits = self.ensemble.prefill([request.chat_ids], [request.base_ids])
-        o = request.options
-        assert request.generator is not None and request.speculative_k is not None
-        request.speculative = SpeculativeRun(
-            self.ensemble, states, logits, request.weight_row.to(self.ensemble.device),
-            o.conservative_top_p, o.temperature, o.top_k, o.top_p, request.speculative_k,
-            request.generator,
-        )
-        self._speculative.append(request)
-
-    def _speculative_round(self, request: Request) -> None:
-        """One draft-and-verify round of a speculative request (a single-row batch)."""
-        assert request.speculative is not None
+    def _speculative_round(self) -> None:
+        """One draft-and-verify round for every speculative row (see `speculative.py`)."""
+        batch = self._speculative
         self.stats.speculative_rounds += 1
-        try:
-            emitted = request.speculative.round(request.row.tokens_left)
-            for token in emitted:
-                request.row.record(token)
-                if request.row.finished:
-                    break
-        except Exception as error:
-            self._speculative.remove(request)
-            self._fail(request, error)
-            return
-        if request.first_token_at is None:
-            request.first_token_at = time.monotonic()
-        self._emit(request)
-        if request.row.finished:
-            self._speculative.remove(request)
-            self._finish(request, request.row.finish_reason or "stop")
+        plans = []
+        for request in batch.rows:
+            assert request.speculative is not None and request.pending is not None
+            o = request.options
+            plans.append(DraftPlan(
+                pending=request.pending, k=request.speculative.plan(request.row.tokens_left),
+                weights=request.weight_row, conservative_top_p=o.conservative_top_p,
+                temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                generator=request.generator,  # type: ignore[arg-type]
+            ))
+        speculative_round(self.ensemble, batch.states, plans)
+        for request, plan in zip(batch.rows, plans, strict=True):
+            request.speculative.update(plan.k, plan.accepted)  # type: ignore[union-attr]
+            request.pending = plan.emitted[-1]
+        self._record(batch, [plan.emitted for plan in plans], failed={})
 
     # ------------------------------------------------------------------ outputs
 

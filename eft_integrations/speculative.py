@@ -1,160 +1,202 @@
-"""Exact speculative decoding for EFT: the fine-tuning-scale models draft, the base verifies.
+"""Exact speculative decoding for EFT, batched: the fine-tuned models draft, the rest verify.
 
-EFT paper, section 4.3: the cheap fine-tuning-scale distribution (the small chat model when
-there is one behavior at weight 1) drafts k tokens; the base model scores all of them in one
-forward. Standard speculative sampling (Leviathan et al. 2023; Chen et al. 2023) keeps the
-output distribution exactly that of EFT: accept a drafted token x with probability
-min(1, p(x) / q(x)), and at the first rejection sample from the residual norm(max(0, p - q)).
-If every draft is accepted, one bonus token comes from p at the next position. Greedy decoding
-accepts while the EFT argmax agrees with the draft. The paper's own scheme matches seeds
-instead; this one is exact.
+EFT paper, section 4.3: a cheap distribution drafts k tokens and the expensive models score
+all of them in one forward. Here the drafting models are the behaviors' fine-tuned models
+(for one behavior at weight 1, the paper's small chat model); the base and every reference
+score the pending token and the drafts in ONE forward each, so references never run per
+drafted token. Standard speculative sampling (Leviathan et al. 2023; Chen et al. 2023) keeps
+the output distribution exactly EFT's, whatever the draft distribution q:
+
+    accept draft x_j with probability min(1, p_j(x_j) / q_j(x_j))
+    at the first rejection, emit a sample of norm(max(0, p_j - q_j)) and end the round
+
+where p_j is the EFT distribution (after temperature / top-k / top-p, applied alike to q).
+Greedy rows accept while the EFT argmax equals the draft. The paper's own scheme matches
+seeds instead; this one is exact.
+
+One round for a batch of rows, each with its own number of drafts k_b (K = max k_b):
+
+    draft     K forwards [B, 1] of each drafting model: pending, x_1, ..., x_{K-1}
+    verify    1 forward [B, K] of each scoring model over the same tokens
+    accept    all rows and positions at once on the device; one host sync
+    rollback  every model forgets what its row did not keep (per row: `KVState.rewind_rows`)
+
+Invariant between rounds: every model has read all of a row's tokens but the last one, the
+row's `pending` token, which the next round feeds first. A round emits 1..k_b tokens: the
+accepted drafts, then the replacement at the first rejection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .composition import sample_tokens, sampling_logprobs
+from .composition import draft_logprobs, sampling_logprobs
 from .ensemble import Ensemble
 from .kv_state import KVState
 
-__all__ = ["SpeculativeRun", "accept_draft"]
+__all__ = ["DraftPlan", "SpeculativeRow", "speculative_round", "verify_drafts"]
 
-
-def accept_draft(
-    target: torch.Tensor,
-    draft: torch.Tensor,
-    draft_tokens: list[int],
-    greedy: bool,
-    generator: torch.Generator | None = None,
-) -> list[int]:
-    """The tokens one verification round emits: an accepted prefix of the draft plus one more.
-
-    Args:
-        target: [k + 1, V] log-probs of the EFT distribution (after temperature / top-k /
-            top-p) at each drafted position and the one after the last draft.
-        draft: [k, V] log-probs the drafts were sampled from (same transforms).
-        draft_tokens: the k drafted tokens.
-        greedy: accept while the target's argmax equals the draft; then emit that argmax.
-        generator: random source for acceptance tests and resampling.
-    """
-    emitted: list[int] = []
-    for i, token in enumerate(draft_tokens):
-        if greedy:
-            best = int(target[i].argmax())
-            if best != token:
-                return [*emitted, best]
-            emitted.append(token)
-            continue
-        p, q = target[i].exp(), draft[i].exp()
-        u = torch.rand((), generator=generator, device=generator.device if generator else None)
-        # q >= p: accept with probability p/q; q < p: always accept
-        if u.item() * q[token].item() < p[token].item():
-            emitted.append(token)
-            continue
-        residual = (p - q).clamp(min=0)
-        if residual.sum() <= 0:  # only by rounding: p == q everywhere
-            residual = p
-        return [*emitted, _sample(residual, generator)]
-    bonus = int(target[-1].argmax()) if greedy else _sample(target[-1].exp(), generator)
-    return [*emitted, bonus]
-
-
-def _sample(weights: torch.Tensor, generator: torch.Generator | None) -> int:
-    if generator is not None and generator.device != weights.device:
-        weights = weights.to(generator.device)
-    return int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
+MAX_ADAPTIVE_K = 16
+"""The most drafts an adaptive row grows to per round."""
 
 
 @dataclass
-class SpeculativeStats:
-    """Drafting statistics of one request."""
+class SpeculativeRow:
+    """A speculative request's drafting state: its next k, and what it has drafted so far."""
 
+    k: int
+    adaptive: bool = True
+    k_max: int = MAX_ADAPTIVE_K
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
 
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+    def plan(self, tokens_left: int) -> int:
+        """Drafts for the next round: k, cut to the tokens the row may still emit."""
+        return max(1, min(self.k, tokens_left))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Record a round; adaptive rows grow k after full acceptance, shrink it after a
+        rejection (transformers' heuristic schedule for assisted generation: +2 / -1)."""
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        if not self.adaptive:
+            return
+        if accepted == drafted:
+            self.k = min(self.k + 2, max(self.k_max, self.k))
+        else:
+            self.k = max(1, self.k - 1)
 
 
 @dataclass
-class SpeculativeRun:
-    """One request decoded in speculative rounds, on its own single-row caches.
+class DraftPlan:
+    """What one row brings to a round."""
 
-    Invariant between rounds: every drafting model has read all emitted tokens but `pending`
-    (the last one), and the base has read all but `pending`; the next round feeds `pending`
-    to the drafting models, and to the base together with the new drafts (one base forward
-    per round).
-    """
-
-    ensemble: Ensemble
-    states: list[KVState]  # one single-row state per distinct model
-    logits: list[torch.Tensor]  # next-token logits [1, V] per model, right after prefill
+    pending: int  # the last emitted token, not yet read by any model
+    k: int  # drafts this round
     weights: torch.Tensor  # [1, n_behaviors]
     conservative_top_p: float | None
     temperature: float
     top_k: int
     top_p: float
-    k: int
     generator: torch.Generator
-    pending: int | None = None
-    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+    emitted: list[int] = field(default_factory=list)  # filled by the round
+    accepted: int = 0  # drafts the round accepted (filled by the round)
 
-    def _transform(self, lp: torch.Tensor) -> torch.Tensor:
-        """The sampling transforms, applied alike to the target p and the draft q."""
-        if self.temperature == 0.0:
-            return lp
-        return sampling_logprobs(lp, self.temperature, self.top_k, self.top_p)
 
-    def round(self, tokens_left: int) -> list[int]:
-        """Draft up to k tokens, verify them with one base forward; the emitted tokens."""
-        ens, states = self.ensemble, self.states
-        greedy = self.temperature == 0.0
-        drafting = ens.drafting_models
-        if self.pending is None:
-            draft_logits = {i: self.logits[i] for i in drafting}  # each [1, V]
-            base_rows = [self.logits[ens.base]]
+def _transform(lp: torch.Tensor, plans: Sequence[DraftPlan]) -> torch.Tensor:
+    """Per row, the sampling transforms (temperature, top-k, top-p): lp is [B, ..., V]."""
+    out = []
+    for b, plan in enumerate(plans):
+        row = lp[b]
+        if plan.temperature > 0:
+            flat = row.reshape(-1, row.shape[-1])
+            row = sampling_logprobs(flat, plan.temperature, plan.top_k, plan.top_p
+                                    ).reshape(row.shape)
+        out.append(row)
+    return torch.stack(out)
+
+
+def _draw(q: torch.Tensor, plans: Sequence[DraftPlan], j: int) -> torch.Tensor:
+    """Draft tokens [B] from q [B, V]: sampled rows draw with their own generator for their
+    own k drafts only (so a row's random stream never depends on its batch-mates)."""
+    picks = []
+    for b, plan in enumerate(plans):
+        if plan.temperature > 0 and j < plan.k:
+            picks.append(torch.multinomial(q[b].exp(), 1, generator=plan.generator)[0])
         else:
-            step = torch.tensor([[self.pending]])
-            draft_logits = {i: ens.feed(i, states[i], step)[:, -1] for i in drafting}
-            base_rows = []
-        k_round = max(0, min(self.k, tokens_left - 1))
-        # draft: the fine-tuning-scale models propose k_round tokens, one at a time
-        history = [draft_logits]
-        drafts: list[int] = []
-        draft_lps = []
-        for _ in range(k_round):
-            q = self._transform(ens.finetuning_scale(history[-1], self.weights))  # [1, V]
-            token = int(sample_tokens(q, 0.0 if greedy else 1.0, generator=self.generator))
-            drafts.append(token)
-            draft_lps.append(q[0])
-            step = torch.tensor([[token]])
-            history.append({i: ens.feed(i, states[i], step)[:, -1] for i in drafting})
-        # verify: the base scores pending + drafts in one forward
-        base_inputs = ([self.pending] if self.pending is not None else []) + drafts
-        if base_inputs:
-            out = ens.feed(ens.base, states[ens.base], torch.tensor([base_inputs]),
-                           keep=len(base_inputs))  # [1, n, V]
-            base_rows += [out[:, j] for j in range(out.shape[1])]
-        targets = torch.cat([
-            self._transform(ens.compose(
-                [base_rows[j] if i == ens.base else history[j].get(i)
-                 for i in range(len(ens.models))],
-                self.weights, [self.conservative_top_p],
-            ))
-            for j in range(k_round + 1)
-        ])  # [k_round + 1, V]
-        draft_stack = torch.stack(draft_lps) if draft_lps else targets[:0]
-        emitted = accept_draft(targets, draft_stack, drafts, greedy, self.generator)
-        rejected = k_round - (len(emitted) - 1)
-        for i in [*drafting, ens.base]:  # roll every context back to the accepted prefix
-            states[i].rewind(rejected)
-        self.stats.rounds += 1
-        self.stats.drafted += k_round
-        self.stats.accepted += len(emitted) - 1
-        self.pending = emitted[-1]
-        return emitted
+            picks.append(q[b].argmax())
+    return torch.stack(picks)
+
+
+def verify_drafts(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, plans: Sequence[DraftPlan]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept/reject every draft of every row at once.
+
+    Args:
+        p: [B, K, V] target (EFT) log-probs at each drafted position.
+        q: [B, K, V] log-probs the drafts were drawn from.
+        drafts: [B, K] drafted tokens; row b verifies only its first `plans[b].k`.
+    Returns (accepted [B], replacement [B]): how many leading drafts each row keeps, and the
+    token emitted at the first rejection (meaningless where every draft was accepted).
+    """
+    batch, k_max, _ = p.shape
+    p_x = p.gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
+    q_x = q.gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
+    greedy = torch.tensor([plan.temperature == 0 for plan in plans], device=p.device)
+    u = torch.stack([
+        torch.cat([torch.rand(plan.k, generator=plan.generator, device=plan.generator.device)
+                   .to(p.device), torch.ones(k_max - plan.k, device=p.device)])
+        for plan in plans
+    ])  # [B, K]: each row draws exactly k uniforms
+    # q >= p: accept with probability p/q; q < p: always accept
+    accept = torch.where(greedy[:, None], p.argmax(-1) == drafts, u * q_x < p_x)
+    limit = torch.tensor([plan.k for plan in plans], device=p.device)
+    accept &= torch.arange(k_max, device=p.device) < limit[:, None]
+    accepted = accept.long().cumprod(-1).sum(-1)  # [B] leading accepted drafts
+    at = accepted.clamp(max=k_max - 1)
+    rows = torch.arange(batch, device=p.device)
+    p_at, q_at = p[rows, at].exp(), q[rows, at].exp()  # [B, V]
+    residual = (p_at - q_at).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q
+    replacement = [
+        p_at[b].argmax() if plan.temperature == 0
+        # every sampled row draws (unused after full acceptance): no host sync to decide
+        else torch.multinomial(residual[b], 1, generator=plan.generator)[0]
+        for b, plan in enumerate(plans)
+    ]
+    return accepted, torch.stack(replacement)
+
+
+def speculative_round(ensemble: Ensemble, states: list[KVState],
+                      plans: Sequence[DraftPlan]) -> None:
+    """One draft-verify-accept-rollback round for every row; fills each plan's `emitted`."""
+    batch, k_max = len(plans), max(plan.k for plan in plans)
+    drafting, scoring = ensemble.drafting_models, ensemble.scoring_models
+    weights = torch.cat([plan.weights for plan in plans]).to(ensemble.device)  # [B, W]
+    tokens = torch.tensor([[plan.pending] for plan in plans], device=ensemble.device)  # [B, 1]
+    fed = [tokens]
+    # draft: the fine-tuned models propose K tokens, one forward each per token
+    draft_logits: dict[int, list[torch.Tensor]] = {i: [] for i in drafting}
+    q_steps, drafts = [], []
+    for j in range(k_max):
+        for i in drafting:
+            draft_logits[i].append(ensemble.feed(i, states[i], fed[-1])[:, -1])  # [B, V]
+        finetuned = [torch.log_softmax(draft_logits[pair.finetuned][j].float(), -1)
+                     for pair in ensemble.pairs]
+        q = _transform(draft_logprobs(finetuned, weights), plans)  # [B, V]
+        token = _draw(q, plans, j)  # [B]
+        q_steps.append(q)
+        drafts.append(token)
+        fed.append(token[:, None])
+    # verify: every other model scores pending + the first K - 1 drafts in one forward
+    window = torch.cat(fed[:k_max], dim=1)  # [B, K]
+    scored = {i: ensemble.feed(i, states[i], window, keep=k_max) for i in scoring}  # [B, K, V]
+    per_model = [
+        torch.stack(draft_logits[i], dim=1) if i in draft_logits else scored[i]
+        for i in range(len(ensemble.models))
+    ]  # each [B, K, V]
+    vocab = per_model[0].shape[-1]
+    p = ensemble.compose(
+        [x.reshape(batch * k_max, vocab) for x in per_model],
+        weights.repeat_interleave(k_max, dim=0),
+        [plan.conservative_top_p for plan in plans for _ in range(k_max)],
+    ).reshape(batch, k_max, vocab)
+    p = _transform(p, plans)
+    drafted = torch.stack(drafts, dim=1)  # [B, K]
+    accepted, replacement = verify_drafts(p, torch.stack(q_steps, dim=1), drafted, plans)
+    # the round's one host sync: the decisions and tokens of every row
+    accepted_, replacement_, drafted_ = accepted.tolist(), replacement.tolist(), drafted.tolist()
+    keep = []
+    for b, plan in enumerate(plans):
+        n = plan.accepted = accepted_[b]
+        plan.emitted = drafted_[b][:n] + ([replacement_[b]] if n < plan.k else [])
+        keep.append(len(plan.emitted))  # pending + emitted but the last: what models keep
+    forget = [k_max - kept for kept in keep]
+    for i in range(len(ensemble.models)):
+        states[i].rewind_rows(forget)
