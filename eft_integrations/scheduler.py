@@ -25,9 +25,11 @@ tokens per round, the plain rows' one per step); they are admitted and retired t
 
 from __future__ import annotations
 
+import atexit
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,6 +176,7 @@ class Engine:
         # engine-thread state: the rows in flight
         self._plain = _Batch()
         self._speculative = _Batch()
+        _ENGINES.add(self)
 
     # ------------------------------------------------------------------ callers' side
 
@@ -460,6 +463,24 @@ class Engine:
         self.stats.failed += 1
         request.row.finish_reason = request.row.finish_reason or "error"
         request.sink(error)
+
+
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _join_engine_threads() -> None:
+    """Let engine threads leave torch before the interpreter tears it down (a daemon thread
+    killed inside a torch op aborts the process with `terminate called ...`)."""
+    for engine in list(_ENGINES):
+        with engine._cond:
+            engine._waiting.clear()
+            for batch in (engine._plain, engine._speculative):
+                for request in batch.rows:
+                    request.cancel()
+            thread = engine._thread
+        if thread is not None:
+            thread.join(timeout=10)
 
 
 class _Task(Generic[T]):
