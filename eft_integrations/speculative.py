@@ -16,14 +16,16 @@ seeds instead; this one is exact.
 
 One round for a batch of rows, each with its own number of drafts k_b (K = max k_b):
 
-    draft     K forwards [B, 1] of each drafting model: pending, x_1, ..., x_{K-1}
-    verify    1 forward [B, K] of each scoring model over the same tokens
+    draft     K + 1 one-token forwards [B, 1] of each drafting model: pending, x_1, ..., x_K
+              (the last one scores the position after the drafts, for the bonus token)
+    verify    1 forward [B, K + 1] of each scoring model over the same tokens
     accept    all rows and positions at once on the device; one host sync
     rollback  every model forgets what its row did not keep (per row: `KVState.rewind_rows`)
 
 Invariant between rounds: every model has read all of a row's tokens but the last one, the
-row's `pending` token, which the next round feeds first. A round emits 1..k_b tokens: the
-accepted drafts, then the replacement at the first rejection.
+row's `pending` token, which the next round feeds first. A round emits a_b + 1 tokens: the
+a_b accepted drafts, then the replacement at the first rejection, or, when all k_b drafts
+were accepted, a bonus token from the EFT distribution after them.
 """
 
 from __future__ import annotations
@@ -119,38 +121,41 @@ def verify_drafts(
     """Accept/reject every draft of every row at once.
 
     Args:
-        p: [B, K, V] target (EFT) log-probs at each drafted position.
+        p: [B, K + 1, V] target (EFT) log-probs at each drafted position and the one after.
         q: [B, K, V] log-probs the drafts were drawn from.
         drafts: [B, K] drafted tokens; row b verifies only its first `plans[b].k`.
-    Returns (accepted [B], replacement [B]): how many leading drafts each row keeps, and the
-    token emitted at the first rejection (meaningless where every draft was accepted).
+    Returns (accepted [B], next_token [B]): how many leading drafts each row keeps, and the
+    token emitted after them: a sample of the residual norm(max(0, p - q)) at the first
+    rejection, or of p after the last draft when every draft was accepted.
     """
-    batch, k_max, _ = p.shape
-    p_x = p.gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
+    batch, k_max, _ = q.shape
+    p_x = p[:, :k_max].gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
     q_x = q.gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
     greedy = torch.tensor([plan.temperature == 0 for plan in plans], device=p.device)
     u = torch.stack([
         torch.cat([torch.rand(plan.k, generator=plan.generator, device=plan.generator.device)
                    .to(p.device), torch.ones(k_max - plan.k, device=p.device)])
         for plan in plans
-    ])  # [B, K]: each row draws exactly k uniforms
+    ])  # [B, K]: each row draws exactly its k uniforms
     # q >= p: accept with probability p/q; q < p: always accept
-    accept = torch.where(greedy[:, None], p.argmax(-1) == drafts, u * q_x < p_x)
+    accept = torch.where(greedy[:, None], p[:, :k_max].argmax(-1) == drafts, u * q_x < p_x)
     limit = torch.tensor([plan.k for plan in plans], device=p.device)
     accept &= torch.arange(k_max, device=p.device) < limit[:, None]
     accepted = accept.long().cumprod(-1).sum(-1)  # [B] leading accepted drafts
-    at = accepted.clamp(max=k_max - 1)
     rows = torch.arange(batch, device=p.device)
-    p_at, q_at = p[rows, at].exp(), q[rows, at].exp()  # [B, V]
+    p_at = p[rows, accepted].exp()  # [B, V]
+    # after full acceptance there is no draft to subtract: q is 0 there, the residual is p
+    q_ext = torch.cat([q, torch.full_like(q[:, :1], float("-inf"))], dim=1)  # [B, K + 1, V]
+    full = accepted == limit
+    q_at = torch.where(full[:, None], 0.0, q_ext[rows, accepted].exp())
     residual = (p_at - q_at).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q
-    replacement = [
+    next_token = [
         p_at[b].argmax() if plan.temperature == 0
-        # every sampled row draws (unused after full acceptance): no host sync to decide
         else torch.multinomial(residual[b], 1, generator=plan.generator)[0]
         for b, plan in enumerate(plans)
     ]
-    return accepted, torch.stack(replacement)
+    return accepted, torch.stack(next_token)
 
 
 def speculative_round(ensemble: Ensemble, states: list[KVState],
@@ -161,12 +166,15 @@ def speculative_round(ensemble: Ensemble, states: list[KVState],
     weights = torch.cat([plan.weights for plan in plans]).to(ensemble.device)  # [B, W]
     tokens = torch.tensor([[plan.pending] for plan in plans], device=ensemble.device)  # [B, 1]
     fed = [tokens]
-    # draft: the fine-tuned models propose K tokens, one forward each per token
+    # draft: the fine-tuned models propose K tokens, one forward each per token, and score
+    # the position after the last draft (for the bonus token)
     draft_logits: dict[int, list[torch.Tensor]] = {i: [] for i in drafting}
     q_steps, drafts = [], []
-    for j in range(k_max):
+    for j in range(k_max + 1):
         for i in drafting:
             draft_logits[i].append(ensemble.feed(i, states[i], fed[-1])[:, -1])  # [B, V]
+        if j == k_max:
+            break
         finetuned = [torch.log_softmax(draft_logits[pair.finetuned][j].float(), -1)
                      for pair in ensemble.pairs]
         q = _transform(draft_logprobs(finetuned, weights), plans)  # [B, V]
@@ -174,29 +182,28 @@ def speculative_round(ensemble: Ensemble, states: list[KVState],
         q_steps.append(q)
         drafts.append(token)
         fed.append(token[:, None])
-    # verify: every other model scores pending + the first K - 1 drafts in one forward
-    window = torch.cat(fed[:k_max], dim=1)  # [B, K]
-    scored = {i: ensemble.feed(i, states[i], window, keep=k_max) for i in scoring}  # [B, K, V]
+    # verify: every other model scores pending + the K drafts in one forward
+    window = torch.cat(fed, dim=1)  # [B, K + 1]
+    scored = {i: ensemble.feed(i, states[i], window, keep=k_max + 1) for i in scoring}
     per_model = [
         torch.stack(draft_logits[i], dim=1) if i in draft_logits else scored[i]
         for i in range(len(ensemble.models))
-    ]  # each [B, K, V]
+    ]  # each [B, K + 1, V]
     vocab = per_model[0].shape[-1]
     p = ensemble.compose(
-        [x.reshape(batch * k_max, vocab) for x in per_model],
-        weights.repeat_interleave(k_max, dim=0),
-        [plan.conservative_top_p for plan in plans for _ in range(k_max)],
-    ).reshape(batch, k_max, vocab)
+        [x.reshape(batch * (k_max + 1), vocab) for x in per_model],
+        weights.repeat_interleave(k_max + 1, dim=0),
+        [plan.conservative_top_p for plan in plans for _ in range(k_max + 1)],
+    ).reshape(batch, k_max + 1, vocab)
     p = _transform(p, plans)
     drafted = torch.stack(drafts, dim=1)  # [B, K]
-    accepted, replacement = verify_drafts(p, torch.stack(q_steps, dim=1), drafted, plans)
+    accepted, next_token = verify_drafts(p, torch.stack(q_steps, dim=1), drafted, plans)
     # the round's one host sync: the decisions and tokens of every row
-    accepted_, replacement_, drafted_ = accepted.tolist(), replacement.tolist(), drafted.tolist()
-    keep = []
+    accepted_, next_, drafted_ = accepted.tolist(), next_token.tolist(), drafted.tolist()
+    forget = []
     for b, plan in enumerate(plans):
         n = plan.accepted = accepted_[b]
-        plan.emitted = drafted_[b][:n] + ([replacement_[b]] if n < plan.k else [])
-        keep.append(len(plan.emitted))  # pending + emitted but the last: what models keep
-    forget = [k_max - kept for kept in keep]
+        plan.emitted = [*drafted_[b][:n], next_[b]]
+        forget.append(k_max - n)  # the models read pending + K drafts; they keep pending + n
     for i in range(len(ensemble.models)):
         states[i].rewind_rows(forget)

@@ -116,13 +116,15 @@ def test_forwards_per_round_references_never_run_per_draft(fixed_k):
     ref = names[fixed_k._pairs[0].reference]
     chat, safe = (names[pair.finetuned] for pair in fixed_k._pairs)
     prompt = len(fixed_k.encode(PROMPTS[0]))
-    for scorer in (base, ref):  # one prefill, then one forward per round over all drafts
+    for scorer in (base, ref):  # one prefill, then ONE forward per round: pending + k drafts
         assert calls[scorer][0] == prompt and len(calls[scorer]) == 1 + rounds
-        assert set(calls[scorer][1:]) <= {1, 2, 3, 4}
-    for drafter in (chat, safe):  # one prefill, then one one-token forward per draft
+        assert set(calls[scorer][1:]) <= {2, 3, 4, 5}
+    # the drafters run one token at a time: per round, pending and each of the k drafts
+    # (the last scores the position of the bonus token)
+    for drafter in (chat, safe):
         assert calls[drafter][0] == prompt and set(calls[drafter][1:]) == {1}
         assert len(calls[drafter]) - 1 == sum(calls[base][1:])
-    assert out.stats.drafted_tokens == sum(calls[base][1:])
+    assert out.stats.drafted_tokens == sum(calls[base][1:]) - rounds
 
 
 def test_full_acceptance_emits_k_tokens_per_base_forward(tiny_paths):
@@ -143,8 +145,8 @@ def test_full_acceptance_emits_k_tokens_per_base_forward(tiny_paths):
     finally:
         hook.remove()
     assert len(out.token_ids) == 21
-    assert calls["base"] == 1 + 5  # prefill (token 1), then 5 rounds of 4 accepted drafts
-    assert (out.stats.drafted_tokens, out.stats.accepted_tokens) == (20, 20)
+    assert calls["base"] == 1 + 4  # prefill (token 1), then 4 rounds of 4 drafts + 1 bonus
+    assert (out.stats.drafted_tokens, out.stats.accepted_tokens) == (16, 16)
     assert out.token_ids == same.generate("The capital", temperature=0,
                                           max_new_tokens=21).token_ids
 
