@@ -43,10 +43,13 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 
-## bench: decoder benchmarks; writes BENCHMARKS.md
+## bench: the benchmarks, each writing its section of BENCHMARKS.md (gpu.py needs CUDA)
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/speculative.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

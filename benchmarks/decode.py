@@ -8,58 +8,29 @@ interleaved, in one run (median of several repetitions):
 - sum of own: transformers' cached greedy `generate` of each model alone, N tokens, summed;
 - no-cache floor: a hand-written EFT loop recomputing every full sequence each step.
 
-The target is eft <= 1.10 x sum of own: the composition and loop add at most 10%.
-
-A second section measures exact speculative decoding on the shipped toy-world family (real
-drafts: the small chat model proposes, large base + delta verifies): tokens per base forward,
-time against plain decoding (same greedy tokens), and the forward costs that decide whether
-drafting pays off on the realistic shapes above.
+The target is eft <= 1.10 x sum of own: the composition and the engine add at most 10%.
 Run: `python benchmarks/decode.py [--tokens 64 --repeats 5 --threads 2]`.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eft_integrations import EFTDecoder
-
-VOCAB = 32000
-
-
-def random_llama(hidden: int, layers: int, heads: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, max_position_embeddings=2048)
-    return LlamaForCausalLM(config).eval()
-
-
-def word_level_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
-
-
-def params(model: torch.nn.Module) -> float:
-    return sum(p.numel() for p in model.parameters()) / 1e6
-
-
-def time_it(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from benchmarks.common import (
+    machine,
+    params,
+    random_prompt,
+    realistic_family,
+    time_it,
+    write_section,
+)
 
 
 @torch.inference_mode()
@@ -75,22 +46,9 @@ def no_cache_eft(models_: list[LlamaForCausalLM], prompt: list[int], tokens: int
 
 def overhead_section(args: argparse.Namespace) -> tuple[list[str], list]:
     """EFT decode against each model's own cached decoding; also returns the loaded models."""
-    base = random_llama(768, 12, 12, seed=0)
-    chat = random_llama(256, 4, 4, seed=1)
-    ref = random_llama(256, 4, 4, seed=2)
-    tokenizer = word_level_tokenizer()
-    with tempfile.TemporaryDirectory() as tmp:
-        # load through from_pretrained, the path users take
-        for name, model in (("base", base), ("chat", chat), ("ref", ref)):
-            model.save_pretrained(Path(tmp) / name)
-            tokenizer.save_pretrained(Path(tmp) / name)
-        decoder = EFTDecoder.from_pretrained(
-            base=Path(tmp) / "base", behaviors={"chat": (Path(tmp) / "chat", Path(tmp) / "ref")},
-            dtype=torch.float32, eos_token_ids=[],
-        )
+    decoder = realistic_family()  # loaded through from_pretrained, the path users take
     loaded = decoder._models  # the same objects decode in every contender
-    prompt = torch.randint(1, VOCAB, (args.prompt_tokens,), generator=torch.Generator()
-                           .manual_seed(0)).tolist()
+    prompt = random_prompt(args.prompt_tokens, seed=0)
     n = args.tokens
 
     def eft() -> None:
@@ -136,10 +94,9 @@ def overhead_section(args: argparse.Namespace) -> tuple[list[str], list]:
     lines = [
         "## EFT decode overhead",
         "",
-        f"Greedy, batch 1, {args.prompt_tokens}-token prompt, {n} new tokens, float32, "
-        f"{args.repeats} repetitions, {args.threads} torch threads. Machine: "
-        f"{platform.processor() or platform.machine()}, {platform.system()}, torch "
-        f"{torch.__version__}, CPU.",
+        f"`python benchmarks/decode.py --threads {args.threads}`: greedy, batch 1, "
+        f"{args.prompt_tokens}-token prompt, {n} new tokens, float32, {args.repeats} "
+        f"repetitions; {machine(args.threads)}.",
         "",
         *rows,
         "",
@@ -153,96 +110,16 @@ def overhead_section(args: argparse.Namespace) -> tuple[list[str], list]:
     return lines, loaded
 
 
-@torch.inference_mode()
-def forward_ms(model: LlamaForCausalLM, context: int, new: int, repeats: int = 5) -> float:
-    """Median time of one cached forward over `new` tokens after `context` tokens."""
-    from transformers import DynamicCache
-
-    times = []
-    for _ in range(repeats):
-        cache = DynamicCache(config=model.config)
-        model(input_ids=torch.ones(1, context, dtype=torch.long), cache=cache, use_cache=True)
-        times.append(time_it(lambda c=cache: model(
-            input_ids=torch.ones(1, new, dtype=torch.long), cache=c, use_cache=True,
-            logits_to_keep=new)))
-    return statistics.median(times) * 1e3
-
-
-def speculative_section(args: argparse.Namespace, shapes: list) -> list[str]:
-    """Speculative EFT on the toy world (real drafts), against plain decoding."""
-    from eft_integrations.toyworld.paths import load_decoder
-    from eft_integrations.toyworld.world import World
-
-    decoder = load_decoder(behaviors=("helpful",))  # large base + (small chat - small base)
-    base = decoder._models[decoder._base]
-    calls = {"base": 0}
-    base.register_forward_hook(lambda *_: calls.__setitem__("base", calls["base"] + 1))
-    questions = World.generate(seed=0).eval_questions(limit_entities=args.spec_entities)
-    prompts = [decoder.format_chat([{"role": "user", "content": q.text}]) for q in questions]
-    plain_tokens = [decoder.generate(p, temperature=0, max_new_tokens=32).token_ids
-                    for p in prompts]  # warm-up, and the reference output
-    rows = ["| decoding | ms / token | vs plain | tokens per base forward |", "|---|---|---|---|"]
-    plain_ms = None
-    for k in (None, 2, 4):
-        calls["base"] = 0
-        start = time.perf_counter()
-        outs = [decoder.generate(p, temperature=0, max_new_tokens=32, speculative_k=k)
-                for p in prompts]
-        elapsed = time.perf_counter() - start
-        assert [o.token_ids for o in outs] == plain_tokens  # exact: the same greedy tokens
-        tokens = sum(len(o.token_ids) for o in outs)
-        ms = elapsed / tokens * 1e3
-        plain_ms = plain_ms or ms
-        per_forward = tokens / (calls["base"] - len(prompts))  # prefill excluded
-        label = "plain" if k is None else f"speculative k={k}"
-        rows.append(f"| {label} | {ms:.2f} | {plain_ms / ms:.2f}x speed | {per_forward:.2f} |")
-    big, small = shapes[0], shapes[1]
-    costs = (f"Forward costs on the realistic shapes above (context 64): base 1 token "
-             f"{forward_ms(big, 64, 1):.1f} ms, base 5 tokens {forward_ms(big, 64, 5):.1f} ms, "
-             f"small model 1 token {forward_ms(small, 64, 1):.1f} ms.")
-    return [
-        "## Speculative EFT (toy world)",
-        "",
-        f"Greedy, {len(prompts)} held-out chat questions, up to 32 tokens each, large base "
-        "(3.7M) + helpful delta (0.23M models). Every speculative run emits exactly the plain "
-        "run's tokens (checked).",
-        "",
-        *rows,
-        "",
-        "On the toy family a forward costs about the same whatever the model's size, so the "
-        "k sequential draft forwards cancel most of what fewer base forwards save. Drafting "
-        "pays where the base forward dominates and a multi-token forward costs little more "
-        "than a one-token one, as on larger models:",
-        "",
-        costs,
-        "",
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--spec-entities", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1]
-                        / "BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overhead, shapes = overhead_section(args)
-    report = "\n".join([
-        "# Benchmarks",
-        "",
-        "Written by `python benchmarks/decode.py` (`make bench`); ratios are measured side by "
-        "side in one run, interleaved, median of the repetitions. Absolute times depend on the "
-        "machine; the ratios are the result.",
-        "",
-        *overhead,
-        *speculative_section(args, shapes),
-    ])
-    args.out.write_text(report)
-    print(report)
+    overhead, _ = overhead_section(args)
+    write_section("decode", overhead)
 
 
 if __name__ == "__main__":
