@@ -47,6 +47,7 @@ from .options import (
     GenerationResult,
     StreamChunk,
     WeightsArg,
+    merge_weights,
     resolve_weights,
 )
 from .scheduler import Engine, Request
@@ -105,7 +106,7 @@ class EFTDecoder:
         self.behavior_names: list[str] = list(behaviors)
         self.default_weights: dict[str, float] = {n: 1.0 for n in self.behavior_names}
         if default_weights is not None:
-            self.default_weights = resolve_weights(default_weights, self.default_weights, 1)[0][0]
+            self.default_weights = merge_weights(default_weights, self.default_weights)
 
         for i, model in enumerate(self._models):
             rows = model.get_output_embeddings().weight.shape[0]
@@ -602,7 +603,7 @@ class EFTDecoder:
                              "prompts; give one base view per prompt")
         if not is_batch and isinstance(weights, Sequence) and not isinstance(weights, str):
             raise ValueError("a list of weight dicts needs a list of prompts")
-        _, weight_tensor = resolve_weights(weights, self.default_weights, len(prompts))
+        weight_tensor = resolve_weights(weights, self.default_weights, len(prompts)).tensor
 
         def compose() -> torch.Tensor:
             _, logits = self._ensemble.prefill(chat_ids, base_ids)

@@ -58,7 +58,7 @@ from llama_index.core.types import PydanticProgramMode
 from . import chat as core_chat
 from .decoder import EFTDecoder
 from .loading import LazyDecoder
-from .options import GenerationOptions, Usage, resolve_weights
+from .options import GenerationOptions, Usage, merge_weights
 from .tool_calls import DEFAULT_MAX_STRING_LENGTH
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ class EFTLLM(FunctionCallingLLM):
         """Fail now, naming the known behaviors, on weights the decoder would reject later:
         inside a query engine a failing call only shows as an empty answer."""
         if self.weights is not None:
-            resolve_weights(self.weights, dict.fromkeys(self._behavior_names(), 1.0), 1)
+            merge_weights(self.weights, dict.fromkeys(self._behavior_names(), 1.0))
 
     def _behavior_names(self) -> list[str]:
         """The behaviors weights may name: the decoder's, or the load arguments' while the

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 
@@ -13,8 +14,10 @@ __all__ = [
     "GenerationOptions",
     "GenerationResult",
     "RequestStats",
+    "ResolvedWeights",
     "StreamChunk",
     "Usage",
+    "merge_weights",
     "resolve_weights",
 ]
 
@@ -144,10 +147,12 @@ class StreamChunk:
 WeightsArg = Mapping[str, float] | Sequence[Mapping[str, float]] | None
 
 
-def _validated_weights(
+def merge_weights(
     weights: Mapping[str, float] | None,
     defaults: Mapping[str, float],
 ) -> dict[str, float]:
+    """`weights` over `defaults` (names left out take the default), validated: an unknown
+    name, a non-number or a non-finite value is a ValueError naming the known behaviors."""
     known = list(defaults)
     if weights is None:
         return dict(defaults)
@@ -173,11 +178,20 @@ def _validated_weights(
     return resolved
 
 
+class ResolvedWeights(NamedTuple):
+    """The weights of every row of a call."""
+
+    rows: list[dict[str, float]]
+    """One dict per row, every behavior named."""
+    tensor: torch.Tensor
+    """[B, n_behaviors] float32, behaviors in the decoder's order."""
+
+
 def resolve_weights(
     weights: WeightsArg,
     defaults: Mapping[str, float],
     batch_size: int,
-) -> tuple[list[dict[str, float]], torch.Tensor]:
+) -> ResolvedWeights:
     """Per-row weight dicts and their [B, n_behaviors] float32 tensor.
 
     `weights` is one dict for every row, a list of dicts (one per row), or None (defaults).
@@ -189,9 +203,9 @@ def resolve_weights(
                 f"got {len(weights)} weight dicts for {batch_size} prompts; give one dict per "
                 "prompt, or a single dict for all"
             )
-        rows = [_validated_weights(w, defaults) for w in weights]
+        rows = [merge_weights(w, defaults) for w in weights]
     else:
-        rows = [_validated_weights(weights, defaults)] * batch_size
+        rows = [merge_weights(weights, defaults)] * batch_size
     names = list(defaults)
     tensor = torch.tensor([[row[n] for n in names] for row in rows], dtype=torch.float32)
-    return [dict(r) for r in rows], tensor.reshape(batch_size, len(names))
+    return ResolvedWeights([dict(r) for r in rows], tensor.reshape(batch_size, len(names)))
