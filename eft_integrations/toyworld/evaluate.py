@@ -11,6 +11,10 @@ Metrics, on the held-out entities (seen in pre-training, never in chat fine-tuni
 - answer_unmarked: unmarked questions answered in the answer form (not refused).
 - recall (pre-training form): "<|bos|>The capital of X is" continues with the value.
 
+The scale grid (the paper's 2x2: small/large pre-training x small/large fine-tuning): small
+chat, large chat, EFT up-scaled (large base + small chat - small base) and EFT down-scaled
+(small base + large chat - large base); `format_grid` prints it.
+
 Behaviour weights: `WEIGHT_SETTINGS` are scored for the choice of the decoder's default
 (`paths.DEFAULT_WEIGHTS`, picked by `best_behaved`).
 
@@ -267,12 +271,14 @@ def evaluate_family(
     n_entities: int = 400,
     sweep: bool = True,
     recall: bool = True,
+    downscale: bool = True,
     singles: Sequence[str] = ALL_SINGLES,
     settings: Sequence[Mapping[str, float]] = WEIGHT_SETTINGS,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Score the whole family: recall of the bases, the chat table, EFT, the sweep, the
-    behaviour-weight `settings` and the decoder's default weights.
+    """Score the whole family: recall of the bases, the chat table, EFT up-scaled (and
+    down-scaled with `downscale`), the sweep, the behaviour-weight `settings` and the
+    decoder's default weights.
 
     Every system decodes through `EFTDecoder` (single models with `behaviors={}`); each weight
     setting is decoded once whatever tables share it. Returns a JSON-able dict (also the
@@ -334,6 +340,15 @@ def evaluate_family(
         m: normalised_gain(scores.as_dict()[m], sc[m], lc[m]) for m in ("fact", "format")
     }
     result["format_vs_small_chat"] = scores.format / sc["format"] if sc["format"] else None
+    if downscale:
+        # small base + (large chat - large base): the other corner of the scale grid
+        down = _make_downscaled(models, tok)
+        scores, answers = timed(
+            "eft down-scaled",
+            lambda: evaluate_chat(decoder_generator(down, {"helpful": 1.0}), questions),
+        )
+        result["systems"]["eft-down"] = scores.as_dict()
+        examples["eft-down"] = [a.text for a in answers]
     if sweep:
         for lam in SWEEP_LAMBDAS:
             s, _ = eft({"helpful": lam, "harmless": 1.0 - lam})
@@ -365,6 +380,61 @@ def _make_decoder(models: dict, tok) -> EFTDecoder:
     )
 
 
+def _make_downscaled(models: dict, tok) -> EFTDecoder:
+    """Down-scaling over already-loaded models: small base + (large chat - large base)."""
+    return EFTDecoder(
+        base=models["small-base"],
+        tokenizer=tok,
+        behaviors={"helpful": (models["large-helpful"], models["large-base"])},
+    )
+
+
+GRID_CELLS: dict[tuple[str, str], tuple[str, str]] = {
+    # (pre-training scale, fine-tuning scale): (system key, label)
+    ("small", "small"): ("small-helpful", "small chat"),
+    ("small", "large"): ("eft-down", "EFT down-scaled"),
+    ("large", "small"): ("eft-up", "EFT up-scaled"),
+    ("large", "large"): ("large-helpful", "large chat"),
+}
+"""The paper's 2x2 grid: which system holds each (pre-training, fine-tuning) scale."""
+
+
+def format_grid(result: dict) -> list[str]:
+    """The scale grid as Markdown (fact / format per cell), and what each scale-up changes;
+    no lines unless all four systems were scored."""
+    s = result["systems"]
+    if not all(key in s for key, _ in GRID_CELLS.values()):
+        return []
+    lines = [
+        "| pre-training \\ fine-tuning | small fine-tuning | large fine-tuning |",
+        "|---|---|---|",
+    ]
+    for pre in ("small", "large"):
+        cells = []
+        for ft in ("small", "large"):
+            key, label = GRID_CELLS[pre, ft]
+            cells.append(f"{label}: fact {s[key]['fact']:.3f}, format {s[key]['format']:.3f}")
+        lines.append(f"| {pre} | {cells[0]} | {cells[1]} |")
+
+    def change(metric: str, a: tuple[str, str], b: tuple[str, str]) -> str:
+        return f"{s[GRID_CELLS[b][0]][metric] - s[GRID_CELLS[a][0]][metric]:+.3f}"
+
+    lines += [
+        "",
+        "scaling pre-training (small -> large, same fine-tuning): fact "
+        f"{change('fact', ('small', 'small'), ('large', 'small'))} (small fine-tuning), "
+        f"{change('fact', ('small', 'large'), ('large', 'large'))} (large); format "
+        f"{change('format', ('small', 'small'), ('large', 'small'))}, "
+        f"{change('format', ('small', 'large'), ('large', 'large'))}",
+        "scaling fine-tuning (small -> large, same pre-training): fact "
+        f"{change('fact', ('small', 'small'), ('small', 'large'))} (small pre-training), "
+        f"{change('fact', ('large', 'small'), ('large', 'large'))} (large); format "
+        f"{change('format', ('small', 'small'), ('small', 'large'))}, "
+        f"{change('format', ('large', 'small'), ('large', 'large'))}",
+    ]
+    return lines
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
@@ -383,6 +453,7 @@ def format_table(result: dict) -> str:
         "large-base": "large base",
         "large-helpful": "large chat (helpful)",
         "eft-up": "EFT up-scaled (helpful)",
+        "eft-down": "EFT down-scaled (helpful)",
     }
     for key, label in labels.items():
         if key in s:
@@ -403,6 +474,9 @@ def format_table(result: dict) -> str:
             "recall in pre-training form: "
             + ", ".join(f"{k} {v:.3f}" for k, v in result["recall"].items())
         )
+    grid = format_grid(result)
+    if grid:
+        lines += ["", "The scale grid (pre-training scale x fine-tuning scale):", "", *grid]
     if result.get("sweep"):
         lines += [
             "",
