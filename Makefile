@@ -35,10 +35,10 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed-core
 	$(PY) -m eft_integrations.cli demo
 
-## test: lint, then the whole test suite (GPU tests skip without CUDA)
+## test: lint, then the whole test suite in two processes (GPU tests skip without CUDA)
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
