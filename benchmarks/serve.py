@@ -164,15 +164,16 @@ async def measure(args: argparse.Namespace) -> list[tuple[int, list, list]]:
 def table(results: list[tuple[int, list, list]]) -> list[str]:
     rows = [
         "| clients | in-process req/s | in-process tok/s | server req/s | server tok/s "
-        "| server / in-process (tok/s) |",
-        "|---|---|---|---|---|---|",
+        "| server / in-process (tok/s) | per repetition |",
+        "|---|---|---|---|---|---|---|",
     ]
     for clients, served, direct in results:
         s_req, s_tok = median([r for r, _ in served]), median([t for _, t in served])
         d_req, d_tok = median([r for r, _ in direct]), median([t for _, t in direct])
+        ratios = [s[1] / d[1] for s, d in zip(served, direct, strict=True)]
         rows.append(
             f"| {clients} | {d_req:.1f} | {d_tok:.0f} | {s_req:.1f} | {s_tok:.0f} "
-            f"| {s_tok / d_tok:.2f}x |"
+            f"| {median(ratios):.2f}x | {', '.join(f'{r:.2f}' for r in ratios)} |"
         )
     return rows
 
@@ -197,7 +198,8 @@ def main() -> None:
             "models usually end their answer sooner) one after another, on the shipped toy-world "
             "family; `eft serve --toy` in its own process called by `openai.AsyncOpenAI` "
             "(stream=True, SSE) against `chat.astream_chat` on the same models in-process. "
-            f"Median of {args.repeats}, alternating; {machine(args.threads)}.",
+            f"Medians of {args.repeats} repetitions, the two contenders alternating (the ratio is "
+            f"the median of the per-repetition ratios); {machine(args.threads)}.",
             "",
             *table(results),
             "",
