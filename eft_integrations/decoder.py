@@ -446,23 +446,16 @@ class EFTDecoder:
         now; a seeded or greedy result equals the same call made alone. Setting `cancel`
         stops decoding after the current step.
         """
-        options = GenerationOptions(max_new_tokens, temperature, top_p, top_k,
-                                    conservative_top_p, stop or (), seed)
         outboxes: list[queue.SimpleQueue[object]] = []
-
-        def sink() -> Callable[[object], None]:
-            outboxes.append(queue.SimpleQueue())
-            return outboxes[-1].put
-
-        requests, is_batch = self._requests(
-            prompt, base_prompt, weights, options,
-            _per_row(constraints, len(self._as_batch(prompt)[0])), speculative_k, cancel,
-            streaming=False, sinks=sink,
+        requests, is_batch = self._start(
+            prompt, streaming=False, sinks=lambda: _queue_sink(outboxes), weights=weights,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            conservative_top_p=conservative_top_p, stop=stop, seed=seed,
+            speculative_k=speculative_k, base_prompt=base_prompt, constraints=constraints,
+            cancel=cancel,
         )
-        for request in requests:
-            self.engine.submit(request)
         try:
-            results = [_await_result(outbox) for outbox in outboxes]
+            results = [_result(outbox.get()) for outbox in outboxes]
         finally:
             for request in requests:  # one failed: the others stop too
                 request.cancel()
@@ -491,96 +484,86 @@ class EFTDecoder:
 
         The stream is a handle on a request: read it from any thread; closing it (or dropping
         it) cancels the request, and leaving it half-read blocks nobody."""
-        options = GenerationOptions(max_new_tokens, temperature, top_p, top_k,
-                                    conservative_top_p, stop or (), seed)
-        if not isinstance(prompt, str) and self._as_batch(prompt)[1]:
-            raise ValueError("stream() takes one prompt; use generate() for a list")
-        outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        (request,), _ = self._requests(
-            prompt, base_prompt, weights, options,
-            [constraint] if constraint is not None else None, speculative_k, cancel,
-            streaming=True, sinks=lambda: outbox.put,
+        outboxes: list[queue.SimpleQueue[object]] = []
+        (request,), _ = self._start(
+            _one_prompt(prompt, "stream"), streaming=True, sinks=lambda: _queue_sink(outboxes),
+            weights=weights, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, conservative_top_p=conservative_top_p, stop=stop,
+            seed=seed, speculative_k=speculative_k, base_prompt=base_prompt,
+            constraint=constraint, cancel=cancel,
         )
-        self.engine.submit(request)
         try:
             while True:
-                item = outbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, StreamChunk):
-                    yield item
-                    if item.finish_reason is not None:
-                        return
+                chunk = _result(outboxes[0].get())
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
         finally:
             request.cancel()
 
     async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[StreamChunk]:
-        """`stream` for asyncio: the event loop stays free while tokens are decoded, and
-        closing or cancelling the consumer removes the request from the batch."""
-        if not isinstance(prompt, str) and self._as_batch(prompt)[1]:
-            raise ValueError("astream() takes one prompt; use agenerate() for a list")
-        kwargs = dict(kwargs)
-        constraint = kwargs.pop("constraint", None)
-        base_prompt = kwargs.pop("base_prompt", None)
-        speculative_k = kwargs.pop("speculative_k", None)
-        weights = kwargs.pop("weights", None)
-        cancel = kwargs.pop("cancel", None)
-        options = _options(kwargs)
-        outbox: asyncio.Queue[object] = asyncio.Queue()
-        (request,), _ = self._requests(
-            prompt, base_prompt, weights, options,
-            [constraint] if constraint is not None else None, speculative_k, cancel,
-            streaming=True, sinks=lambda: _loop_sink(outbox),
-        )
-        self.engine.submit(request)
+        """`stream` for asyncio (same arguments): the event loop stays free while tokens are
+        decoded, and closing or cancelling the consumer removes the request from the batch."""
+        outboxes: list[asyncio.Queue[object]] = []
+        (request,), _ = self._start(_one_prompt(prompt, "astream"), streaming=True,
+                                    sinks=lambda: _loop_sink(outboxes), **kwargs)
         try:
             while True:
-                item = await outbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, StreamChunk):
-                    yield item
-                    if item.finish_reason is not None:
-                        return
+                chunk = _result(await outboxes[0].get())
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
         finally:
             request.cancel()
 
     async def agenerate(
         self, prompt: Prompt | Sequence[Prompt], **kwargs: Any
     ) -> GenerationResult | list[GenerationResult]:
-        """`generate` for asyncio: awaits the engine without blocking the event loop;
-        cancelling the task removes its requests from the batch."""
-        kwargs = dict(kwargs)
-        constraints = kwargs.pop("constraints", None)
-        base_prompt = kwargs.pop("base_prompt", None)
-        speculative_k = kwargs.pop("speculative_k", None)
-        weights = kwargs.pop("weights", None)
-        cancel = kwargs.pop("cancel", None)
-        options = _options(kwargs)
+        """`generate` for asyncio (same arguments): awaits the engine without blocking the
+        event loop; cancelling the task removes its requests from the batch."""
         outboxes: list[asyncio.Queue[object]] = []
-
-        def sink() -> Callable[[object], None]:
-            outboxes.append(asyncio.Queue())
-            return _loop_sink(outboxes[-1])
-
-        requests, is_batch = self._requests(
-            prompt, base_prompt, weights, options,
-            _per_row(constraints, len(self._as_batch(prompt)[0])), speculative_k, cancel,
-            streaming=False, sinks=sink,
-        )
-        for request in requests:
-            self.engine.submit(request)
+        requests, is_batch = self._start(prompt, streaming=False,
+                                         sinks=lambda: _loop_sink(outboxes), **kwargs)
         try:
-            results = []
-            for outbox in outboxes:
-                item = await outbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                results.append(item)
+            results = [_result(await outbox.get()) for outbox in outboxes]
         finally:
             for request in requests:
                 request.cancel()
         return results if is_batch else results[0]
+
+    def _start(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        *,
+        streaming: bool,
+        sinks: Callable[[], Callable[[object], None]],
+        weights: WeightsArg = None,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        conservative_top_p: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        speculative_k: int | None = None,
+        base_prompt: Prompt | Sequence[Prompt] | None = None,
+        constraints: Sequence[TokenConstraint | None] | TokenConstraint | None = None,
+        constraint: TokenConstraint | None = None,
+        cancel: threading.Event | None = None,
+    ) -> tuple[list[Request], bool]:
+        """Validate a call (in the caller's thread) and submit its requests to the engine."""
+        options = GenerationOptions(max_new_tokens, temperature, top_p, top_k,
+                                    conservative_top_p, stop or (), seed)
+        if constraint is not None:
+            constraints = [constraint]
+        requests, is_batch = self._requests(
+            prompt, base_prompt, weights, options,
+            _per_row(constraints, len(self._as_batch(prompt)[0])), speculative_k, cancel,
+            streaming=streaming, sinks=sinks,
+        )
+        for request in requests:
+            self.engine.submit(request)
+        return requests, is_batch
 
     def next_token_logprobs(
         self,
@@ -622,24 +605,24 @@ def _check_loaded(model: Any, role: str) -> None:
         )
 
 
-_OPTION_NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "conservative_top_p",
-                 "stop", "seed")
+def _one_prompt(prompt: Prompt, method: str) -> Prompt:
+    if not isinstance(prompt, str) and EFTDecoder._as_batch(prompt)[1]:
+        raise ValueError(f"{method}() takes one prompt; use generate() for a list")
+    return prompt
 
 
-def _options(kwargs: Mapping[str, Any]) -> GenerationOptions:
-    """GenerationOptions from keyword arguments (the async entry points take **kwargs)."""
-    unknown = sorted(set(kwargs) - set(_OPTION_NAMES))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; accepted: "
-                        f"{[*_OPTION_NAMES, 'weights', 'base_prompt', 'speculative_k', 'cancel']}")
-    given = dict(kwargs)
-    given["stop"] = given.get("stop") or ()
-    return GenerationOptions(**given)
+def _queue_sink(outboxes: list[queue.SimpleQueue[object]]) -> Callable[[object], None]:
+    """A new outbox for a request read by a blocking caller; its `put` is the sink."""
+    outboxes.append(queue.SimpleQueue())
+    return outboxes[-1].put
 
 
-def _loop_sink(outbox: asyncio.Queue[object]) -> Callable[[object], None]:
-    """A sink that hands items from the engine thread to an asyncio queue on this loop."""
+def _loop_sink(outboxes: list[asyncio.Queue[object]]) -> Callable[[object], None]:
+    """A new outbox for a request awaited on this event loop; the sink hands items from the
+    engine thread to it."""
     loop = asyncio.get_running_loop()
+    outboxes.append(asyncio.Queue())
+    outbox = outboxes[-1]
 
     def put(item: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
@@ -648,13 +631,11 @@ def _loop_sink(outbox: asyncio.Queue[object]) -> Callable[[object], None]:
     return put
 
 
-def _await_result(outbox: queue.SimpleQueue[object]) -> GenerationResult:
-    while True:
-        item = outbox.get()
-        if isinstance(item, BaseException):
-            raise item
-        if isinstance(item, GenerationResult):
-            return item
+def _result(item: object) -> Any:
+    """An outbox item: a StreamChunk or GenerationResult, or the request's error, raised."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
 
 
 def _per_row(
