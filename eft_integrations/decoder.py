@@ -20,10 +20,11 @@ becomes a request to the decoder's one engine, which batches concurrent requests
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import os
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -619,16 +620,50 @@ def _queue_sink(outboxes: list[queue.SimpleQueue[object]]) -> Callable[[object],
 
 def _loop_sink(outboxes: list[asyncio.Queue[object]]) -> Callable[[object], None]:
     """A new outbox for a request awaited on this event loop; the sink hands items from the
-    engine thread to it."""
+    engine thread to it through the loop's mailbox."""
     loop = asyncio.get_running_loop()
+    mailbox = _MAILBOXES.get(loop)
+    if mailbox is None:
+        mailbox = _MAILBOXES[loop] = _LoopMailbox(loop)
     outboxes.append(asyncio.Queue())
-    outbox = outboxes[-1]
+    return functools.partial(mailbox.put, outboxes[-1])
 
-    def put(item: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(outbox.put_nowait, item)
 
-    return put
+class _LoopMailbox:
+    """Items from the engine thread for one event loop's outboxes. A step's items for every
+    request awaited on the loop arrive with ONE wake-up of the loop (`call_soon_threadsafe`
+    writes to the loop's self-pipe), not one per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: list[tuple[asyncio.Queue[object], object]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, outbox: asyncio.Queue[object], item: object) -> None:
+        with self._lock:
+            self._items.append((outbox, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            with self._lock:
+                self._items.clear()
+                self._scheduled = False
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for outbox, item in items:
+            outbox.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopMailbox] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _result(item: object) -> Any:
