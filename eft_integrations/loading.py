@@ -8,6 +8,7 @@ are fine, since composition runs over the tokenizer's vocabulary only.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,9 @@ __all__ = [
     "LazyDecoder",
     "ModelRef",
     "ModelSpec",
+    "aget_decoder",
     "check_same_vocabulary",
+    "get_decoder",
     "load_model",
     "load_tokenizer",
     "model_context_window",
@@ -61,8 +64,12 @@ class ModelSpec:
 
     def key(self) -> tuple[Any, ...]:
         """Identity used to load a model named in several roles only once."""
-        return (self.name_or_path, repr(self.dtype), repr(self.device_map),
-                tuple(sorted((k, repr(v)) for k, v in self.kwargs.items())))
+        return (
+            self.name_or_path,
+            repr(self.dtype),
+            repr(self.device_map),
+            tuple(sorted((k, repr(v)) for k, v in self.kwargs.items())),
+        )
 
 
 ModelRef = Union[str, "os.PathLike[str]", ModelSpec, PreTrainedModel]
@@ -92,8 +99,9 @@ class Behavior:
         )
 
 
-def load_model(spec: ModelSpec, dtype: Any, device_map: Any,
-               trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(
+    spec: ModelSpec, dtype: Any, device_map: Any, trust_remote_code: bool = False
+) -> PreTrainedModel:
     """Load one causal LM in eval mode, with the spec's overrides over decoder-wide defaults."""
     kwargs = dict(spec.kwargs)
     kwargs.setdefault("trust_remote_code", trust_remote_code)
@@ -177,7 +185,9 @@ class LazyDecoder:
         **load_args: Any,
     ) -> None:
         self.load_args: dict[str, Any] = {
-            "base": base, "behaviors": dict(behaviors or {}), **load_args,
+            "base": base,
+            "behaviors": dict(behaviors or {}),
+            **load_args,
         }
         """Keyword arguments for `EFTDecoder.from_pretrained`."""
         self._decoder: Any = None
@@ -209,30 +219,41 @@ class LazyDecoder:
             return self._decoder.tokenizer
         return self._load_tokenizer()[0]
 
+    @property
+    def behavior_names(self) -> list[str]:
+        """The behaviors' names, known without loading a model."""
+        if self._decoder is not None:
+            return list(self._decoder.behavior_names)
+        return list(self.load_args["behaviors"])
+
+    @property
+    def model_name(self) -> str:
+        """The decoder's `model_name` once loaded; before, the base model's name."""
+        if self._decoder is not None:
+            return self._decoder.model_name
+        return str(self.load_args["base"])
+
     def format_chat(
         self,
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]] | None = None,
-        add_generation_prompt: bool = True,
         **template_kwargs: Any,
     ) -> str:
-        """`EFTDecoder.format_chat`, without loading a model when none is loaded yet."""
+        """`EFTDecoder.format_chat` (same arguments), without loading a model when none is
+        loaded yet."""
         if self._decoder is not None:
-            return self._decoder.format_chat(
-                messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                **template_kwargs,
-            )
+            return self._decoder.format_chat(messages, tools=tools, **template_kwargs)
         tokenizer, template = self._load_tokenizer()
         if not template:
             raise ValueError(
                 "no chat template: none of the models' tokenizers has one; pass "
                 "chat_template=... to EFTDecoder or EFTDecoder.from_pretrained"
             )
+        template_kwargs.setdefault("add_generation_prompt", True)
         return tokenizer.apply_chat_template(
             list(messages),
             tools=list(tools) if tools else None,
             chat_template=template,
-            add_generation_prompt=add_generation_prompt,
             tokenize=False,
             **template_kwargs,
         )
@@ -269,9 +290,7 @@ class LazyDecoder:
                     refs += [r for b in behaviors for r in (b.finetuned, b.reference)]
                     tokenizer = next((t for r in refs if (t := tokenizer_of(r)) is not None), None)
                 if tokenizer is None:
-                    raise ValueError(
-                        "no tokenizer: pass tokenizer=... when every model is loaded"
-                    )
+                    raise ValueError("no tokenizer: pass tokenizer=... when every model is loaded")
                 self._chat_template = template or getattr(tokenizer, "chat_template", None)
                 self._tokenizer = tokenizer
             return self._tokenizer, self._chat_template
@@ -291,3 +310,17 @@ class LazyDecoder:
     def __repr__(self) -> str:
         base, behaviors = self.load_args["base"], list(self.load_args["behaviors"])
         return f"LazyDecoder(base={base!r}, behaviors={behaviors}, loaded={self.loaded})"
+
+
+def get_decoder(holder: Any) -> Any:
+    """The `EFTDecoder` a holder stands for: an `EFTDecoder` as it is, a `LazyDecoder`
+    loaded on first use (what the adapters hold either)."""
+    return holder.get() if isinstance(holder, LazyDecoder) else holder
+
+
+async def aget_decoder(holder: Any) -> Any:
+    """`get_decoder` from a coroutine: a first load runs on a worker thread, so it never
+    blocks the event loop."""
+    if isinstance(holder, LazyDecoder) and not holder.loaded:
+        return await asyncio.to_thread(holder.get)
+    return get_decoder(holder)

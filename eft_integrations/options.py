@@ -4,31 +4,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from numbers import Real
-from typing import NamedTuple
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
+    "DEFAULT_CHAT_MAX_TOKENS",
+    "DEFAULT_CHAT_TEMPERATURE",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DEFAULT_TEMPERATURE",
     "GenerationOptions",
     "GenerationResult",
     "RequestStats",
     "ResolvedWeights",
     "StreamChunk",
     "Usage",
+    "merge_call_options",
+    "merge_call_weights",
     "merge_weights",
     "resolve_weights",
 ]
+
+DEFAULT_MAX_NEW_TOKENS = 128
+"""The decoder's default budget of new tokens per prompt (`EFTDecoder.generate`)."""
+DEFAULT_TEMPERATURE = 1.0
+"""The decoder's default temperature: the composed distribution as it is."""
+DEFAULT_CHAT_TEMPERATURE = 0.7
+"""The chat adapters' default temperature (ChatEFT, EFTLLM): a little cooler than the raw
+distribution, as chat models usually sample."""
+DEFAULT_CHAT_MAX_TOKENS = 256
+"""The chat adapters' default budget of new tokens per call (LlamaIndex's num_output too)."""
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
     """How to decode. Sampling transforms apply to the EFT-composed distribution."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     """Most tokens to generate per prompt; decoding also stops at the context window."""
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     """0 decodes greedily (argmax of the composed log-probs); > 0 samples."""
     top_p: float = 1.0
     """Nucleus sampling over the composed distribution, in (0, 1]; 1 keeps every token."""
@@ -48,9 +65,7 @@ class GenerationOptions:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _check_real("temperature", self.temperature)
         if self.temperature < 0:
-            raise ValueError(
-                f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
-            )
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         _check_real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
@@ -60,8 +75,7 @@ class GenerationOptions:
             _check_real("conservative_top_p", self.conservative_top_p)
             if not 0.0 < self.conservative_top_p <= 1.0:
                 raise ValueError(
-                    "conservative_top_p must be in (0, 1] or None, got "
-                    f"{self.conservative_top_p}"
+                    f"conservative_top_p must be in (0, 1] or None, got {self.conservative_top_p}"
                 )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
@@ -110,9 +124,14 @@ class RequestStats:
 
     @property
     def acceptance_rate(self) -> float | None:
+        """Accepted over drafted tokens (None when nothing was drafted)."""
         if not self.drafted_tokens:
             return None
         return (self.accepted_tokens or 0) / self.drafted_tokens
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """Every figure, `acceptance_rate` included, as a plain dict (response metadata)."""
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate}
 
 
 @dataclass(frozen=True)
@@ -209,3 +228,59 @@ def resolve_weights(
     names = list(defaults)
     tensor = torch.tensor([[row[n] for n in names] for row in rows], dtype=torch.float32)
     return ResolvedWeights([dict(r) for r in rows], tensor.reshape(batch_size, len(names)))
+
+
+# ------------------------------------------------------------------------- per-call options
+
+
+def merge_call_weights(
+    weights: Mapping[str, float] | None,
+    call_weights: Mapping[str, float] | None,
+    behaviors: Sequence[str],
+) -> dict[str, float] | None:
+    """A call's weights over an adapter's own `weights`: names the call leaves out keep the
+    adapter's weight, then the decoder's default (None: every weight is the default).
+    Validated now against the decoder's `behaviors` (`merge_weights`), so a bad name or value
+    fails at the call, naming the known behaviors."""
+    if isinstance(call_weights, Sequence) and not isinstance(call_weights, str):
+        raise ValueError(
+            f"weights is one dict per call, got a {type(call_weights).__name__}; for different "
+            "weights per input of a batch, make one call (one config) per input"
+        )
+    known = dict.fromkeys(behaviors, 1.0)
+    for checked in (weights, call_weights):
+        merge_weights(checked, known)  # raises on a bad name or value
+    return {**(weights or {}), **(call_weights or {})} or None
+
+
+def merge_call_options(
+    fields: Mapping[str, Any],
+    call: Mapping[str, Any],
+    *,
+    owner: str,
+    aliases: Mapping[str, str] = MappingProxyType({"max_tokens": "max_new_tokens"}),
+    passthrough: Sequence[str] = (),
+    behaviors: Sequence[str],
+) -> dict[str, Any]:
+    """The options of one adapter call, named as the core takes them.
+
+    `fields` are the adapter's own defaults under the core's names (`weights`,
+    `max_new_tokens`, `temperature`, ...); `call` holds the call's overrides, where `aliases`
+    maps other accepted names to the core's (`max_tokens` -> `max_new_tokens`) and
+    `passthrough` names options that have no field but go to the core as given (`tools`,
+    `tool_choice`, ...). Call weights merge over the field's, validated against the
+    decoder's `behaviors` (`merge_call_weights`); a None `max_new_tokens` is the decoder's
+    default. Any other name is a ValueError naming it and the accepted ones (`owner` says
+    whose call it was)."""
+    accepted = [*fields, *aliases, *passthrough]
+    unknown = [name for name in call if name not in accepted]
+    if unknown:
+        raise ValueError(f"unknown {owner} call options {unknown}; accepted: {accepted}")
+    overrides = {aliases.get(name, name): value for name, value in call.items()}
+    options = {**fields, **overrides}
+    options["weights"] = merge_call_weights(
+        fields.get("weights"), overrides.get("weights"), behaviors
+    )
+    if "max_new_tokens" in options and options["max_new_tokens"] is None:
+        del options["max_new_tokens"]  # the decoder's default
+    return options
