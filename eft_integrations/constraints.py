@@ -20,6 +20,13 @@ CLOSING_MARGIN = 4
 may take a longer closing token path than the shortest, or open something in its last free
 step."""
 
+_MINIMUM_LIMIT = 4096
+"""How far `minimum_budget` counts before it says only that the answer needs more."""
+
+_CHECKED_ONE_BY_ONE = 16
+"""Up to this many allowed tokens of a plain group are checked one by one in closing mode;
+more are the content of a free string, where the shortest stands for all."""
+
 
 @runtime_checkable
 class TokenConstraint(Protocol):
@@ -65,6 +72,7 @@ class GrammarConstraint:
         budget: int | None = None,
         margin: int = CLOSING_MARGIN,
         closing_tokens: Sequence[torch.Tensor] = (),
+        plain_groups: Sequence[torch.Tensor] = (),
         arm_after: bytes | None = None,
         token_bytes: Any = None,
     ) -> None:
@@ -73,6 +81,7 @@ class GrammarConstraint:
         self._matcher = matcher
         self._vocab_size = vocab_size
         self._eos = [t for t in eos_token_ids if 0 <= t < vocab_size]
+        self._eos_ids = torch.tensor(self._eos, dtype=torch.long)
         words = (vocab_size + 31) // 32
         self._bitmask = torch.zeros(words, dtype=torch.int32)  # [W] filled by llguidance
         self._shifts = torch.arange(32, dtype=torch.int32)  # [32]
@@ -81,6 +90,7 @@ class GrammarConstraint:
         self._budget = budget
         self._margin = margin
         self._closing = list(closing_tokens)
+        self._groups = list(plain_groups)
         self._closing_now = False
         self._next_check = 0  # step at which the closing length is simulated again
         self._arm_after = arm_after
@@ -88,6 +98,7 @@ class GrammarConstraint:
         self._token_bytes = token_bytes
         self._seen = b""
         self._steps = 0
+        self._known_minimums: tuple[dict[Any, int], Any] = ({}, None)
 
     @classmethod
     def from_lark(
@@ -109,8 +120,11 @@ class GrammarConstraint:
         tokens that close a string, then brackets, then separators, then digits, so a weak model
         still closes its JSON in time; text the grammar dictates (keys, tags) is then spelled
         with the longest allowed tokens. Until then the model writes freely (its own digits,
-        its own words). `arm_after` delays closing mode until that text has been generated
-        (e.g. `<tool_call>` when free text comes first).
+        its own words), and in closing mode it may still go on with its digits and words (and
+        pick among the closing tokens) wherever a way to finish still fits: a value it is
+        writing is not cut while there is room. `arm_after` delays closing mode until that
+        text has been generated (e.g. `<tool_call>` when free text comes first).
+        `minimum_budget()` says how many tokens the shortest complete answer takes.
         """
         import llguidance
 
@@ -120,17 +134,86 @@ class GrammarConstraint:
             ll_tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0
         )
         closing = _closing_tokens(tokenizer, vocab_size) if budget is not None else ()
-        return cls(
-            matcher, vocab_size, eos_token_ids, budget=budget, margin=margin,
-            closing_tokens=closing, token_bytes=ll_tokenizer,
+        groups = _plain_groups(tokenizer, vocab_size) if budget is not None else ()
+        constraint = cls(
+            matcher,
+            vocab_size,
+            eos_token_ids,
+            budget=budget,
+            margin=margin,
+            closing_tokens=closing,
+            plain_groups=groups,
+            token_bytes=ll_tokenizer,
             arm_after=arm_after.encode() if arm_after else None,
         )
+        with _LL_LOCK:
+            known = _MINIMUMS.setdefault(tokenizer, {})
+        constraint._known_minimums = (known, (grammar, vocab_size, tuple(constraint._eos)))
+        return constraint
 
     def allowed_mask(self, vocab_size: int) -> torch.Tensor | None:
         allowed = self._mask(self._matcher, vocab_size)
-        if self._in_closing_mode(vocab_size):
-            return self._closing_mask(allowed, self._matcher)
-        return allowed
+        if not self._in_closing_mode(vocab_size):
+            return allowed
+        closing = self._closing_mask(allowed, self._matcher)
+        left = self._budget - self._steps if self._budget is not None else 0
+        fitting = self._fitting(closing, left) | self._continuing(allowed)
+        return fitting if bool(fitting.any()) else closing
+
+    def _fitting(self, candidates: torch.Tensor, left: int) -> torch.Tensor:
+        """The `candidates` after which closing still fits in the `left` tokens, checked one by
+        one when they are few (a choice of closing tokens); many are kept as they are."""
+        tokens = candidates.nonzero().flatten().tolist()
+        if len(tokens) > _CHECKED_ONE_BY_ONE:
+            return candidates
+        fitting = torch.zeros_like(candidates)
+        for token in tokens:
+            fitting[token] = token in self._eos or self._fits_after(
+                token, candidates.shape[0], left
+            )
+        return fitting
+
+    def _continuing(self, allowed: torch.Tensor) -> torch.Tensor:
+        """In closing mode, the model's own digits and words where they still fit: a group of
+        allowed plain tokens (digits only; ASCII letters and spaces only) is kept when, after
+        its shortest member, closing still fits in the tokens left. So a number or a string
+        the model is writing is not cut while there is room to finish it and the answer."""
+        keep = torch.zeros_like(allowed)
+        if self._budget is None or not self._groups:
+            return keep
+        left = self._budget - self._steps
+        lengths = self._closing[-1]
+        allowed_ids = allowed.nonzero().flatten()  # [n]
+        for group in self._groups:
+            members = allowed_ids[group[allowed_ids]]  # [m]
+            if members.numel() == 0:
+                continue
+            if members.numel() <= _CHECKED_ONE_BY_ONE:  # a choice (a key, a literal, a digit)
+                for token in members.tolist():
+                    keep[token] = self._fits_after(token, allowed.shape[0], left)
+            else:  # the content of a free string: its shortest member speaks for all
+                shortest = int(members[lengths[members].argmin()])
+                if self._fits_after(shortest, allowed.shape[0], left):
+                    keep[members] = True
+        return keep
+
+    def _fits_after(self, token: int, vocab_size: int, left: int) -> bool:
+        """Whether `token` and then closing fit in the `left` tokens."""
+        return 1 + self._need_after(self._matcher, token, vocab_size, left) <= left
+
+    def _need_after(self, matcher: Any, token: int, vocab_size: int, limit: int) -> int:
+        """The shortest closing path known after `token` in `matcher`'s state (its copy)."""
+        after = matcher.deep_copy()
+        after.consume_token(token)
+        return self._need(after, vocab_size, limit)
+
+    def _need(self, matcher: Any, vocab_size: int, limit: int) -> int:
+        """Tokens of the shorter of closing mode's two paths from `matcher`'s state (the
+        shortest or the longest token of each tier): a way to finish, within `limit`."""
+        return min(
+            self._closing_length(matcher, vocab_size, limit),
+            self._closing_length(matcher, vocab_size, limit, fewest=True),
+        )
 
     def _mask(self, matcher: Any, vocab_size: int) -> torch.Tensor:
         """The grammar's allowed tokens [vocab_size] in `matcher`'s state."""
@@ -151,27 +234,34 @@ class GrammarConstraint:
         longest allowed tokens (text the grammar dictates, in the fewest steps). Where the
         grammar offers a choice there (an optional key, an enum value, a branch of anyOf),
         the `lookahead` parser keeps the choices that close soonest."""
-        eos = torch.zeros_like(allowed)
-        eos[self._eos] = True
+        allowed_ids = allowed.nonzero().flatten()  # [n]
+        tokens, dictated = self._preferred(allowed_ids)
+        if dictated and lookahead is not None:
+            few = allowed_ids.numel() <= _CHECKED_ONE_BY_ONE
+            candidates = (allowed_ids if few else tokens).tolist()
+            if len(candidates) >= 2:
+                limit = self._budget - self._steps if self._budget is not None else _MINIMUM_LIMIT
+                needs = {
+                    t: self._need_after(lookahead, t, allowed.shape[0], limit) for t in candidates
+                }
+                tokens = torch.tensor([t for t in candidates if needs[t] == min(needs.values())])
+        mask = torch.zeros_like(allowed)
+        mask[tokens] = True
+        return mask
+
+    def _preferred(self, allowed_ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Among the allowed token ids [n]: end-of-sequence, else the first closing tier with a
+        token, else the longest (then True: text the grammar dictates)."""
+        eos = allowed_ids[torch.isin(allowed_ids, self._eos_ids)]
+        if eos.numel():
+            return eos, False
         *tiers, lengths = self._closing
-        for preferred in (eos, *tiers):
-            narrowed = allowed & preferred[: allowed.shape[0]]
-            if bool(narrowed.any()):
-                return narrowed
-        allowed_lengths = torch.where(allowed, lengths[: allowed.shape[0]], -1)
-        longest = allowed_lengths == allowed_lengths.max()
-        candidates = longest.nonzero().flatten().tolist()
-        if lookahead is None or len(candidates) < 2:
-            return longest
-        limit = self._budget - self._steps if self._budget is not None else 0
-        needs = {}
-        for token in candidates:
-            after = lookahead.deep_copy()
-            after.consume_token(token)
-            needs[token] = self._closing_length(after, allowed.shape[0], limit)
-        shortest = torch.zeros_like(allowed)
-        shortest[[t for t in candidates if needs[t] == min(needs.values())]] = True
-        return shortest
+        for tier in tiers:
+            chosen = allowed_ids[tier[allowed_ids]]
+            if chosen.numel():
+                return chosen, False
+        allowed_lengths = lengths[allowed_ids]
+        return allowed_ids[allowed_lengths == allowed_lengths.max()], True
 
     def _in_closing_mode(self, vocab_size: int) -> bool:
         """Whether the tokens left are down to the closing length plus the margin. Once on,
@@ -193,11 +283,18 @@ class GrammarConstraint:
         return self._closing_now
 
     def _closing_length(
-        self, matcher: Any, vocab_size: int, limit: int, *, ending: bool = True
+        self,
+        matcher: Any,
+        vocab_size: int,
+        limit: int,
+        *,
+        ending: bool = True,
+        fewest: bool = False,
     ) -> int:
         """Tokens closing mode takes to finish from `matcher`'s state (end-of-sequence
         included), counted on a copy of it; more than `limit` when it does not fit. Within a
-        tier the shortest token is taken (the model may pick it), so this errs long.
+        tier the shortest token is taken (the model may pick it), so this errs long;
+        fewest=True takes the longest instead (usually the fewest steps).
         ending=False: the first token is not end-of-sequence (the answer goes on)."""
         matcher = matcher.deep_copy()
         lengths = self._closing[-1]
@@ -209,12 +306,41 @@ class GrammarConstraint:
                 allowed[self._eos] = False
                 if not bool(allowed.any()):
                     return limit + 1
-            candidates = self._closing_mask(allowed).nonzero().flatten()  # [n]
-            token = int(candidates[lengths[candidates].argmin()])
+            candidates, _ = self._preferred(allowed.nonzero().flatten())  # [n]
+            pick = lengths[candidates].argmax() if fewest else lengths[candidates].argmin()
+            token = int(candidates[pick])
             if token in self._eos:
                 return steps + 1
             matcher.consume_token(token)
         return limit + 1
+
+    def minimum_budget(self, limit: int = _MINIMUM_LIMIT) -> int:
+        """Tokens closing mode needs to finish from the current state (before the first token:
+        the shortest complete answer it knows, end-of-sequence included); a smaller budget
+        cannot promise a complete answer. More than `limit` when it takes more. Needs a
+        constraint built with a budget (closing mode's token tiers)."""
+        if not self._closing:
+            raise ValueError("minimum_budget needs a constraint built with budget=...")
+        known, key = self._known_minimums if self._steps == 0 else ({}, None)
+        if key in known:  # the same grammar from the start: the same answer
+            return known[key] if known[key] <= limit else limit + 1
+        minimum = self._minimum(limit)
+        if key is not None and minimum <= limit:
+            with _LL_LOCK:
+                if len(known) >= _KNOWN_MINIMUMS:
+                    known.pop(next(iter(known)))
+                known[key] = minimum
+        return minimum
+
+    def _minimum(self, limit: int) -> int:
+        """`minimum_budget`, counted."""
+        allowed = self._mask(self._matcher, self._vocab_size)
+        first = self._closing_mask(allowed, self._matcher).nonzero().flatten().tolist()
+        if any(t in self._eos for t in first) or self._matcher.is_stopped():
+            return 1
+        if len(first) > _CHECKED_ONE_BY_ONE:
+            return self._need(self._matcher, self._vocab_size, limit)
+        return 1 + min(self._need_after(self._matcher, t, self._vocab_size, limit) for t in first)
 
     def advance(self, token_id: int) -> None:
         self._matcher.consume_token(token_id)
@@ -240,6 +366,22 @@ _LL_LOCK = threading.Lock()
 _CLOSING: weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, ...]]] = (
     weakref.WeakKeyDictionary()
 )
+_GROUPS: weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+_MINIMUMS: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
+_KNOWN_MINIMUMS = 256  # per tokenizer: the minimum budgets of this many recent grammars
+_TEXTS: weakref.WeakKeyDictionary[Any, dict[int, list[str]]] = weakref.WeakKeyDictionary()
+
+
+def _token_texts(tokenizer: Any, vocab_size: int) -> list[str]:
+    """Every token's text; computed once per tokenizer (called under `_LL_LOCK`)."""
+    per_tokenizer = _TEXTS.setdefault(tokenizer, {})
+    if vocab_size not in per_tokenizer:
+        per_tokenizer[vocab_size] = [
+            tokenizer.decode([i]) if i < len(tokenizer) else "" for i in range(vocab_size)
+        ]
+    return per_tokenizer[vocab_size]
 
 
 def _closing_tokens(tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, ...]:
@@ -248,7 +390,7 @@ def _closing_tokens(tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, ...]
     with _LL_LOCK:
         per_tokenizer = _CLOSING.setdefault(tokenizer, {})
         if vocab_size not in per_tokenizer:
-            texts = [tokenizer.decode([i]) if i < len(tokenizer) else "" for i in range(vocab_size)]
+            texts = _token_texts(tokenizer, vocab_size)
             # closing a string first, then brackets, then punctuation and digits
             tiers = [
                 torch.tensor([t.startswith('"') and set(t) <= set('"}]') for t in texts]),
@@ -258,6 +400,24 @@ def _closing_tokens(tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, ...]
                 torch.tensor([len(t.encode()) for t in texts]),  # byte lengths
             ]
             per_tokenizer[vocab_size] = tuple(tiers)
+        return per_tokenizer[vocab_size]
+
+
+_DIGITS = frozenset("0123456789")
+_WORDS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+
+
+def _plain_groups(tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """Masks [V] of the plain tokens closing mode lets a model go on writing: digits only,
+    and ASCII letters and spaces only (not blanks alone). Computed once per tokenizer."""
+    with _LL_LOCK:
+        per_tokenizer = _GROUPS.setdefault(tokenizer, {})
+        if vocab_size not in per_tokenizer:
+            texts = _token_texts(tokenizer, vocab_size)
+            per_tokenizer[vocab_size] = (
+                torch.tensor([bool(t) and set(t) <= _DIGITS for t in texts]),
+                torch.tensor([bool(t.strip()) and set(t) <= _WORDS for t in texts]),
+            )
         return per_tokenizer[vocab_size]
 
 

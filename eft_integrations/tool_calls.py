@@ -16,6 +16,7 @@ arguments to the schema's types, and never raises on bad output (it reports an i
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import uuid
@@ -27,6 +28,8 @@ __all__ = [
     "DEFAULT_MAX_STRING_LENGTH",
     "TOOL_CALL_CLOSE",
     "TOOL_CALL_OPEN",
+    "TOOL_RESPONSE_CLOSE",
+    "TOOL_RESPONSE_OPEN",
     "InvalidToolCall",
     "ToolCall",
     "ToolCallParser",
@@ -35,12 +38,17 @@ __all__ = [
     "json_grammar",
     "new_call_id",
     "normalize_tools",
+    "parse_bare_calls",
     "parse_call",
+    "schema_accepts",
     "tool_call_grammar",
+    "tool_call_or_json_grammar",
 ]
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
+TOOL_RESPONSE_OPEN = "<tool_response>"
+TOOL_RESPONSE_CLOSE = "</tool_response>"
 
 DEFAULT_MAX_STRING_LENGTH = 256
 """Strings a schema leaves unbounded are capped at this many characters in constrained output,
@@ -90,14 +98,16 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
                 f"'parameters': {{...}}}}}}, got {tool!r}"
             )
         parameters = dict(function.get("parameters") or {"type": "object", "properties": {}})
-        normalized.append({
-            "type": "function",
-            "function": {
-                "name": function["name"],
-                "description": function.get("description", ""),
-                "parameters": parameters,
-            },
-        })
+        normalized.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": function["name"],
+                    "description": function.get("description", ""),
+                    "parameters": parameters,
+                },
+            }
+        )
     names = [t["function"]["name"] for t in normalized]
     if len(set(names)) != len(names):
         raise ValueError(f"tool names must be unique, got {names}")
@@ -168,21 +178,26 @@ def _json_rule(schema: Mapping[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT})
 
 
-def tool_call_grammar(
-    tools: Sequence[Mapping[str, Any]],
-    *,
-    forced: bool,
-    parallel: bool = True,
-    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
-) -> str:
-    """llguidance Lark grammar for tool calls over normalized `tools`.
+def _literal(text: str, markup_tokens: Mapping[str, int] | None) -> str:
+    """Lark for markup `text`: the tokenizer's added token for it (the way a model trained on
+    the markup writes it) or the text itself. llguidance treats every added token as a special
+    token, which a quoted literal never matches, hence `<[id]>`."""
+    quoted = json.dumps(text)
+    token = (markup_tokens or {}).get(text)
+    return quoted if token is None else f"(<[{token}]> | {quoted})"
 
-    forced=True: the answer is one call (several when `parallel`), nothing else.
-    forced=False: free text without `<tool_call>`, or free text, `<tool_call>`, and from there
-    a valid call (then more calls when `parallel`).
-    """
+
+def _call_rules(
+    tools: Sequence[Mapping[str, Any]],
+    parallel: bool,
+    max_string_length: int | None,
+    markup_tokens: Mapping[str, int] | None,
+) -> list[str]:
+    """Rules `calls` (after an opening tag: a call, its closing tag, and when `parallel` more
+    tagged calls), `call` (the JSON), `open` and `close` (the tags). The last call's closing
+    tag is optional, as for the parser: a call is complete when its JSON is."""
     if not tools:
-        raise ValueError("tool_call_grammar needs at least one tool")
+        raise ValueError("a tool-call grammar needs at least one tool")
     call_schemas = [_call_schema(t, max_string_length) for t in tools]
     defs: dict[str, Any] = {}
     for schema in call_schemas:
@@ -190,20 +205,64 @@ def tool_call_grammar(
             defs.setdefault(key, {}).update(schema.pop(key, {}))
     one_call = call_schemas[0] if len(call_schemas) == 1 else {"anyOf": call_schemas}
     call = _json_rule({**one_call, **{k: v for k, v in defs.items() if v}})
-    more = ' ("\\n" block)*' if parallel else ""
-    lines = [
-        f'block: "{TOOL_CALL_OPEN}\\n" call "\\n{TOOL_CALL_CLOSE}"',
+    more = ' ("\\n" open calls)?' if parallel else ""
+    return [
+        f'calls: "\\n" call ("\\n" close{more})?',
         f"call: {call}",
+        f"open: {_literal(TOOL_CALL_OPEN, markup_tokens)}",
+        f"close: {_literal(TOOL_CALL_CLOSE, markup_tokens)}",
     ]
+
+
+def tool_call_grammar(
+    tools: Sequence[Mapping[str, Any]],
+    *,
+    forced: bool,
+    parallel: bool = True,
+    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
+    markup_tokens: Mapping[str, int] | None = None,
+) -> str:
+    """llguidance Lark grammar for tool calls over normalized `tools`.
+
+    forced=True: the answer is one call (several when `parallel`), nothing else.
+    forced=False: free text without `<tool_call>`, or free text, `<tool_call>`, and from there
+    a valid call (then more calls when `parallel`).
+    `markup_tokens` maps markup (`<tool_call>`, `</tool_call>`) to the tokenizer's added token
+    for it, when it has one: the grammar then takes that token (or the text spelled out).
+    """
+    lines = _call_rules(tools, parallel, max_string_length, markup_tokens)
     if forced:
-        lines.insert(0, f"start: block{more}")
-    else:
-        lines[:0] = [
-            # free text that never contains the opening tag, or text up to the first tag
-            f'start: TEXT | opening "\\n" call "\\n{TOOL_CALL_CLOSE}"{more}',
-            f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(TOOL_CALL_OPEN)}(.|\\n)*/",
-            f"opening[lazy]: /(.|\\n)*{re.escape(TOOL_CALL_OPEN)}/",
-        ]
+        return "\n".join(["start: open calls", *lines]) + "\n"
+    opening = re.escape(TOOL_CALL_OPEN)
+    token = (markup_tokens or {}).get(TOOL_CALL_OPEN)
+    lines = [
+        # free text that never contains the opening tag, or text up to the first tag
+        "start: TEXT | opening calls",
+        f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{opening}(.|\\n)*/",
+        *([f"opening: TEXT? <[{token}]> | opening_text"] if token is not None else []),
+        f"{'opening_text' if token is not None else 'opening'}[lazy]: /(.|\\n)*{opening}/",
+        *lines,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def tool_call_or_json_grammar(
+    tools: Sequence[Mapping[str, Any]],
+    schema: Mapping[str, Any] | None,
+    *,
+    parallel: bool = True,
+    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
+    markup_tokens: Mapping[str, int] | None = None,
+) -> str:
+    """Either tool calls (as `tool_call_grammar(forced=True)`) or one JSON value of `schema`
+    (None: any JSON object): a turn with tools and a response format, which ends the tool
+    loop with the structured answer."""
+    answer = bounded_schema(schema or {"type": "object"}, max_string_length)
+    lines = [
+        "start: open calls | answer",
+        f"answer: {_json_rule(answer)}",
+        *_call_rules(tools, parallel, max_string_length, markup_tokens),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -247,8 +306,9 @@ def cast_arguments(value: Any, schema: Mapping[str, Any] | None, root: Any = Non
         properties = schema.get("properties") or {}
         extra = schema.get("additionalProperties")
         return {
-            k: cast_arguments(v, properties.get(k, extra if isinstance(extra, dict) else None),
-                              root)
+            k: cast_arguments(
+                v, properties.get(k, extra if isinstance(extra, dict) else None), root
+            )
             for k, v in value.items()
         }
     if isinstance(value, list):
@@ -292,9 +352,7 @@ def _fits(value: Any, schema: Mapping[str, Any]) -> bool:
 # ------------------------------------------------------------------------------ parsing
 
 
-def parse_call(
-    raw: str, tools: Mapping[str, Mapping[str, Any]]
-) -> ToolCall | InvalidToolCall:
+def parse_call(raw: str, tools: Mapping[str, Mapping[str, Any]]) -> ToolCall | InvalidToolCall:
     """One `<tool_call>` body -> a call; `tools` maps names to normalized tool dicts."""
     text = raw.strip()
     try:
@@ -305,6 +363,13 @@ def parse_call(
             raise json.JSONDecodeError("extra text after the call", text, end)
     except json.JSONDecodeError as error:
         return InvalidToolCall(None, _guess_name(text), text, f"not valid JSON: {error}")
+    return _payload_call(payload, tools, text)
+
+
+def _payload_call(
+    payload: Any, tools: Mapping[str, Mapping[str, Any]], text: str
+) -> ToolCall | InvalidToolCall:
+    """A decoded `{"name": ..., "arguments": {...}}` -> a call with cast arguments."""
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
         return InvalidToolCall(None, None, text, 'a call is {"name": ..., "arguments": {...}}')
     name = payload["name"]
@@ -331,18 +396,136 @@ def _guess_name(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+class _ByteVocabulary:
+    """A vocabulary of the 256 bytes (plus an end token) for llguidance: a grammar then
+    matches text byte by byte, whatever model tokenizer is around."""
+
+    def __init__(self) -> None:
+        self.eos_token_id = 256
+        self.bos_token_id = None
+        self.tokens = [bytes([b]) for b in range(256)] + [b"<eos>"]
+        self.special_token_ids = [256]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return list(text if isinstance(text, bytes) else text.encode())
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_tokenizer() -> Any:
+    import llguidance
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary()))
+
+
+def schema_accepts(schema: Mapping[str, Any], value: Any) -> bool:
+    """Whether `value` is an instance of the JSON `schema`, checked by llguidance (leniently:
+    keywords it does not implement are ignored). A schema it cannot read accepts nothing."""
+    import llguidance
+
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        dict(schema), overrides={"whitespace_flexible": True, "lenient": True}
+    )
+    matcher = llguidance.LLMatcher(_byte_tokenizer(), grammar, log_level=0)
+    text = json.dumps(value, ensure_ascii=False).encode()
+    return not matcher.is_error() and matcher.consume_tokens(list(text)) and matcher.is_accepting()
+
+
+def parse_bare_calls(text: str, tools: Mapping[str, Mapping[str, Any]]) -> list[ToolCall] | None:
+    """Calls written without tags: `text` is only JSON objects (or arrays of them), each
+    `{"name": <a bound tool>, "arguments" (or "parameters"): {...}}` with arguments that
+    validate against the tool's schema, as vLLM's JSON tool parsers and Ollama read them; a
+    markdown code fence around them (```json) is allowed. None when `text` is anything else
+    (it is then content)."""
+    fenced = _FENCED.fullmatch(text)
+    values = _json_values(fenced.group(1) if fenced else text)
+    if not values:
+        return None
+    calls = []
+    for value in values:
+        if not isinstance(value, dict) or not {"name"} < set(value) <= _BARE_KEYS:
+            return None
+        call = _payload_call(value, tools, text)
+        if not isinstance(call, ToolCall):
+            return None
+        if not schema_accepts(tools[call.name]["function"]["parameters"], call.arguments):
+            return None
+        calls.append(call)
+    return calls
+
+
+_BARE_KEYS = {"name", "arguments", "parameters"}
+_FENCED = re.compile(r"\s*```(?:json)?[ \t]*\n(.*?)(?:```\s*)?", re.DOTALL | re.IGNORECASE)
+_FENCE_OPENING = re.compile(r"```(?:json)?[ \t]*\n\s*", re.IGNORECASE)
+
+
+def _may_be_bare(text: str) -> bool:
+    """Whether `text`, the start of an answer, may still turn out to be bare JSON calls: it
+    starts with `{` or `[`, or with a code fence (```json) whose content does or may."""
+    text = text.lstrip()
+    if not text or text[0] in "{[":
+        return True
+    opening = _FENCE_OPENING.match(text)
+    if opening:
+        return opening.end() == len(text) or text[opening.end()] in "{["
+    return "```json".startswith(text.lower()) or bool(
+        re.fullmatch(r"```(?:json)?[ \t]*", text, re.IGNORECASE)
+    )
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """The JSON values `text` consists of (arrays flattened), separated by whitespace, commas
+    or semicolons; None if anything else is in it."""
+    decoder = json.JSONDecoder()
+    text = text.strip()
+    values: list[Any] = []
+    position = 0
+    while position < len(text):
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return None
+        values += value if isinstance(value, list) else [value]
+        while position < len(text) and text[position] in " \t\r\n,;":
+            position += 1
+    return values
+
+
+_BLOCKS = {TOOL_CALL_OPEN: TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN: TOOL_RESPONSE_CLOSE}
+_MARKUP = (TOOL_CALL_OPEN, TOOL_RESPONSE_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_CLOSE)
+"""The package's own markup (the Hermes format): never part of an answer's content."""
+
+
 class ToolCallParser:
-    """Splits model output, fed in pieces, into content and `<tool_call>` blocks.
+    """Splits model output, fed in pieces, into content and tool calls; the package's markup
+    (`<tool_call>`, `<tool_response>` and their closing tags) never reaches the content.
+
+    - a `<tool_call>` block becomes a call (`read_calls=False`: it is dropped, for turns
+      where no call may be made);
+    - a `<tool_response>` block the model writes is dropped when it repeats a tool result of
+      `echoes`, else its text stays without the tags; stray closing tags are dropped;
+    - `bare_calls=True`: an answer that is only JSON naming bound tools with schema-valid
+      arguments (`parse_bare_calls`) is read as calls; content that starts like JSON (`{`,
+      `[`, or a ```json fence) is then held back until the end.
 
     `feed(piece)` and `finish()` return (content increment, completed calls). Content never
-    includes a partial opening tag, and whitespace right before or after a block is dropped,
-    so feeding the whole text at once gives the same content as feeding it token by token.
+    includes a partial tag, and whitespace right before or after a block is dropped, so feeding
+    the whole text at once gives the same content as feeding it token by token.
     """
 
-    def __init__(self, tools: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        tools: Sequence[Mapping[str, Any]],
+        *,
+        read_calls: bool = True,
+        bare_calls: bool = False,
+        echoes: Sequence[str] = (),
+    ) -> None:
         self._tools = {t["function"]["name"]: t for t in normalize_tools(tools)}
+        self._read_calls = read_calls
+        self._bare = bare_calls and bool(self._tools)
+        self._echoes = {e.strip() for e in echoes if e.strip()}
         self._buffer = ""
-        self._in_call = False
+        self._block: str | None = None  # the opening tag of the block being read
         self._after_block = False
         self._emitted = False  # some content was returned already
         self.calls: list[ToolCall | InvalidToolCall] = []
@@ -358,15 +541,8 @@ class ToolCallParser:
         content: list[str] = []
         calls: list[ToolCall | InvalidToolCall] = []
         while True:
-            if self._in_call:
-                end = self._buffer.find(TOOL_CALL_CLOSE)
-                if end < 0 and not final:
-                    break
-                body = self._buffer if end < 0 else self._buffer[:end]
-                self._buffer = "" if end < 0 else self._buffer[end + len(TOOL_CALL_CLOSE):]
-                calls.append(parse_call(body, self._tools))
-                self._in_call, self._after_block = False, True
-                if end < 0:
+            if self._block is not None:
+                if not self._read_block(final, calls):
                     break
                 continue
             if self._after_block:
@@ -376,11 +552,17 @@ class ToolCallParser:
                 self._buffer, self._after_block = stripped, bool(not stripped)
                 if stripped and (self._emitted or any(content)):  # text on both sides: a space
                     self._buffer = " " + stripped
-            start = self._buffer.find(TOOL_CALL_OPEN)
-            if start >= 0:
+            if self._bare and not self._read_bare(final, calls):
+                break
+            start, tag = _first_tag(self._buffer)
+            if tag is not None:
                 content.append(self._buffer[:start].rstrip())
-                self._buffer = self._buffer[start + len(TOOL_CALL_OPEN):]
-                self._in_call = True
+                self._buffer = self._buffer[start + len(tag) :]
+                self._bare = False
+                if tag in _BLOCKS:
+                    self._block = tag
+                else:  # a closing tag with no block open: dropped
+                    self._after_block = True
                 continue
             if final:
                 content.append(self._buffer)
@@ -395,13 +577,53 @@ class ToolCallParser:
         self._emitted = self._emitted or bool(text)
         return text, calls
 
+    def _read_block(self, final: bool, calls: list[ToolCall | InvalidToolCall]) -> bool:
+        """Consume the open block once it is closed (or the text ends); False: wait."""
+        assert self._block is not None
+        close = _BLOCKS[self._block]
+        end = self._buffer.find(close)
+        if end < 0 and not final:
+            return False
+        body = self._buffer if end < 0 else self._buffer[:end]
+        self._buffer = "" if end < 0 else self._buffer[end + len(close) :]
+        if self._block == TOOL_CALL_OPEN:
+            if self._read_calls:
+                calls.append(parse_call(body, self._tools))
+        elif body.strip() not in self._echoes:
+            self._buffer = body.strip() + self._buffer  # the model's own words stay
+        self._block, self._after_block = None, True
+        return bool(self._buffer) or end >= 0
+
+    def _read_bare(self, final: bool, calls: list[ToolCall | InvalidToolCall]) -> bool:
+        """While the answer may still be bare JSON calls, hold it back; at the end read it.
+        False: wait for more text."""
+        stripped = self._buffer.lstrip()
+        if not _may_be_bare(stripped):
+            self._bare = False
+            return True
+        if not final:
+            return False
+        self._bare = False
+        found = parse_bare_calls(stripped, self._tools) if stripped else None
+        if found:
+            calls += found
+            self._buffer = ""
+        return True
+
+
+def _first_tag(text: str) -> tuple[int, str | None]:
+    """Position and text of the first markup tag in `text` ((-1, None) if none)."""
+    found = [(text.find(tag), tag) for tag in _MARKUP if tag in text]
+    return min(found) if found else (-1, None)
+
 
 def _safe_length(text: str) -> int:
     """Length of the prefix of `text` that can be emitted as content now: it holds back a
-    tail that could still become the opening tag and the whitespace before such a tail."""
+    tail that could still become a markup tag and the whitespace before such a tail."""
     end = len(text)
-    for n in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
-        if TOOL_CALL_OPEN.startswith(text[-n:]):
+    longest = max(len(tag) for tag in _MARKUP)
+    for n in range(min(longest - 1, len(text)), 0, -1):
+        if any(tag.startswith(text[-n:]) for tag in _MARKUP):
             end -= n
             break
     return len(text[:end].rstrip())
