@@ -16,11 +16,17 @@ Constrained decoding (llguidance, see `constraints.GrammarConstraint`) masks the
 distribution: with a forced tool choice ("any", "required" or a tool name) the answer is a
 call that validates against the tool's schema whatever the model; with "auto" the model
 writes freely until it opens `<tool_call>`, and the rest is constrained to a valid call;
-`response_format` constrains the whole answer to JSON (a schema, or any object).
+`response_format` constrains the whole answer to JSON (a schema, or any object); tools and
+`response_format` together allow either calls or that JSON (an agent's last turn answers in
+the schema). Where the tokenizer has the markup as an added token (Qwen, Hermes), the grammar
+takes that token. In auto mode a call written as bare JSON naming a bound tool with valid
+arguments is read as a call too, and the package's markup (`<tool_call>`, `<tool_response>`)
+never reaches an answer's content.
 Unbounded strings are capped (`tool_calls.DEFAULT_MAX_STRING_LENGTH`, or the
 `max_string_length` argument) and, once the tokens left are what the shortest closing of the
-answer so far needs, decoding runs in a closing mode, so constrained output closes within
-`max_new_tokens` whenever its shortest form fits.
+answer so far needs, decoding runs in a closing mode, so constrained output closes within the
+budget: max_new_tokens, or less where the context window leaves less. A budget below the
+shortest complete answer is a ValueError naming the minimum.
 
 The grammar engine is llguidance, not xgrammar: one small self-contained wheel (xgrammar
 pulls triton, ~1 GB), masks in microseconds on CPU, and a Lark dialect that embeds JSON
@@ -39,11 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constraints import GrammarConstraint, TokenConstraint
-from .options import Usage, resolve_weights
+from .options import Usage, merge_weights
 from .tool_calls import (
     DEFAULT_MAX_STRING_LENGTH,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
+    TOOL_RESPONSE_OPEN,
     InvalidToolCall,
     ToolCall,
     ToolCallParser,
@@ -52,6 +59,7 @@ from .tool_calls import (
     new_call_id,
     normalize_tools,
     tool_call_grammar,
+    tool_call_or_json_grammar,
 )
 
 __all__ = [
@@ -85,6 +93,12 @@ Results come back as <tool_response> blocks. If no tool is needed, answer normal
 
 STRUCTURED_OUTPUT_PROMPT = "Answer with a single JSON value only{schema}."
 """System instruction added for `response_format`; the grammar enforces it either way."""
+
+STRUCTURED_WITH_TOOLS_PROMPT = (
+    "Call a tool when you need one. Once you can answer, answer with a single JSON value "
+    "only{schema}."
+)
+"""System instruction for `response_format` in a turn that may also call tools."""
 
 FORCED_CHOICES = ("any", "required")
 
@@ -133,16 +147,47 @@ class ChatRequest:
     eos_token_ids: list[int]
     arm_after: str | None = None
     """Closing mode waits for this text (free text before a tool call is not cut short)."""
+    bare_calls: bool = False
+    """Calls written as bare JSON (no tags) are read too (auto mode)."""
+    strip_markup: bool = False
+    """The prompt shows the package's markup: it is kept out of the answer's content."""
+    echoes: tuple[str, ...] = ()
+    """Tool results of the conversation (a `<tool_response>` block repeating one is dropped)."""
+    kind: str = "the answer"
+    """What the grammar makes of the answer, for error messages."""
 
-    def constraint(self, decoder: Any, budget: int | None = None) -> TokenConstraint | None:
-        """A fresh constraint for one sequence (it holds parser state); `budget` is the
-        max_new_tokens of the call, so a constrained answer closes before it."""
+    def constraint(
+        self, decoder: Any, budget: int | None = None, *, budget_note: str = ""
+    ) -> TokenConstraint | None:
+        """A fresh constraint for one sequence (it holds parser state); `budget` is the most
+        tokens the call may generate, so a constrained answer closes before it. ValueError when
+        `budget` is below the shortest complete answer (`budget_note` says where it came from)."""
         if self.grammar is None:
             return None
-        return GrammarConstraint.from_lark(
-            decoder.tokenizer, self.grammar, eos_token_ids=self.eos_token_ids,
-            vocab_size=decoder.vocab_size, budget=budget,
+        constraint = GrammarConstraint.from_lark(
+            decoder.tokenizer,
+            self.grammar,
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=decoder.vocab_size,
+            budget=budget,
             arm_after=self.arm_after,
+        )
+        if budget is not None:
+            needed = constraint.minimum_budget(limit=max(budget, 4096))
+            if budget < needed:
+                raise ValueError(
+                    f"{self.kind} needs at least {needed} new tokens (its shortest complete "
+                    f"form), but only {budget} may be generated{budget_note}; raise "
+                    f"max_new_tokens (max_tokens) to at least {needed}"
+                )
+        return constraint
+
+    def parser(self) -> ToolCallParser | None:
+        """A fresh parser of the answer, or None when the text is the content as it is."""
+        if not (self.parse_tools or self.strip_markup):
+            return None
+        return ToolCallParser(
+            self.tools, read_calls=self.parse_tools, bare_calls=self.bare_calls, echoes=self.echoes
         )
 
 
@@ -157,9 +202,16 @@ def template_supports_tools(decoder: Any) -> bool:
     """Whether the decoder's chat template renders tools (probed once per decoder)."""
     with _TOOL_SUPPORT_LOCK:
         if decoder not in _TOOL_SUPPORT:
-            probe = [{"type": "function", "function": {
-                "name": _PROBE_NAME, "description": "probe",
-                "parameters": {"type": "object", "properties": {}}}}]
+            probe = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": _PROBE_NAME,
+                        "description": "probe",
+                        "parameters": {"type": "object", "properties": {}},
+                    },
+                }
+            ]
             try:
                 rendered = decoder.format_chat([{"role": "user", "content": "hi"}], tools=probe)
             except Exception:  # a template that chokes on tools does not support them
@@ -206,10 +258,12 @@ def _fallback_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             parts += [_call_text(c) for c in message["tool_calls"]]
             converted.append({"role": "assistant", "content": "\n".join(p for p in parts if p)})
         elif role == "tool":
-            converted.append({
-                "role": "user",
-                "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>",
-            })
+            converted.append(
+                {
+                    "role": "user",
+                    "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>",
+                }
+            )
         else:
             converted.append({k: v for k, v in message.items() if k != "tool_calls"})
     return converted
@@ -224,8 +278,9 @@ def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, An
     return [{"role": "system", "content": text}, *messages]
 
 
-def _render(decoder: Any, messages: list[dict[str, Any]],
-            tools: list[dict[str, Any]] | None) -> str:
+def _render(
+    decoder: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> str:
     try:
         return decoder.format_chat(messages, tools=tools)
     except Exception:
@@ -248,7 +303,11 @@ def prepare_chat(
     response_format: Mapping[str, Any] | None = None,
     max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
 ) -> ChatRequest:
-    """Render the prompt and build the grammar for one conversation (no decoding)."""
+    """Render the prompt and build the grammar for one conversation (no decoding).
+
+    With tools and a `response_format` together (and no forced tool), the answer is either
+    tool calls or the JSON of the response format: an agent calls tools, then answers in the
+    schema. A forced tool choice makes the answer a call whatever the response format."""
     if not messages:
         raise ValueError("messages is empty: give at least one message")
     tools = normalize_tools(tools)
@@ -262,47 +321,77 @@ def prepare_chat(
     if tool_choice is not None and tool_choice != "none" and not tools:
         raise ValueError(f"tool_choice={tool_choice!r} needs tools")
     use_tools = bool(tools) and tool_choice != "none"
-    native = _native_messages(messages)
-    grammar = None
-    arm_after: str | None = None
-
-    if use_tools and template_supports_tools(decoder):
-        rendered_messages, template_tools = native, tools
-    elif use_tools:
-        listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-        rendered_messages = _with_system(
-            _fallback_messages(native), FALLBACK_TOOL_PROMPT.format(tools=listing)
-        )
-        template_tools = None
-    else:
-        rendered_messages, template_tools = _fallback_messages(native), None
-
-    if response_format is not None:
-        schema = _response_schema(response_format)
+    forced = use_tools and (tool_choice in FORCED_CHOICES or tool_choice in names)
+    schema = _response_schema(response_format) if response_format is not None else None
+    rendered_messages, template_tools = _conversation(decoder, messages, tools, use_tools)
+    if response_format is not None and not forced:
         hint = f" matching this JSON schema: {json.dumps(schema)}" if schema else ""
-        rendered_messages = _with_system(
-            rendered_messages, STRUCTURED_OUTPUT_PROMPT.format(schema=hint)
-        )
-        grammar = json_grammar(schema, max_string_length)
-        arm_after = None
-    if use_tools:
-        forced = tool_choice in FORCED_CHOICES or tool_choice in names
-        chosen = [t for t in tools if t["function"]["name"] == tool_choice] or tools
-        if forced or grammar is None:
-            grammar = tool_call_grammar(
-                chosen, forced=forced, parallel=parallel_tool_calls,
-                max_string_length=max_string_length,
-            )
-            arm_after = None if forced else TOOL_CALL_OPEN
+        instruction = STRUCTURED_WITH_TOOLS_PROMPT if use_tools else STRUCTURED_OUTPUT_PROMPT
+        rendered_messages = _with_system(rendered_messages, instruction.format(schema=hint))
     prompt = _render(decoder, rendered_messages, template_tools)
+    options = {"max_string_length": max_string_length, "markup_tokens": _markup_tokens(decoder)}
+    grammar, arm_after, kind = None, None, "the answer"
+    if forced:
+        chosen = [t for t in tools if t["function"]["name"] == tool_choice] or tools
+        grammar = tool_call_grammar(chosen, forced=True, parallel=parallel_tool_calls, **options)
+        kind = "a forced tool call"
+    elif use_tools and response_format is not None:
+        grammar = tool_call_or_json_grammar(tools, schema, parallel=parallel_tool_calls, **options)
+        kind = "a tool call or the structured output"
+    elif use_tools:
+        grammar = tool_call_grammar(tools, forced=False, parallel=parallel_tool_calls, **options)
+        arm_after, kind = TOOL_CALL_OPEN, "a tool call"
+    elif response_format is not None:
+        grammar, kind = json_grammar(schema, max_string_length), "the structured output"
     return ChatRequest(
         prompt=prompt,
         tools=tools,
         parse_tools=use_tools,
         grammar=grammar,
         eos_token_ids=sorted(decoder.eos_token_ids),
-        arm_after=arm_after if grammar else None,
+        arm_after=arm_after,
+        bare_calls=use_tools and not forced and response_format is None,
+        strip_markup=use_tools or any(t in prompt for t in (TOOL_CALL_OPEN, TOOL_RESPONSE_OPEN)),
+        echoes=tuple(_text(m.get("content")) for m in messages if m.get("role") == "tool"),
+        kind=kind,
     )
+
+
+def _conversation(
+    decoder: Any,
+    messages: Sequence[Mapping[str, Any]],
+    tools: list[dict[str, Any]],
+    use_tools: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages to render and the tools for the template: natively where the template
+    renders tools, else in the fallback format (a system prompt, calls and results as text)."""
+    native = _native_messages(messages)
+    if use_tools and template_supports_tools(decoder):
+        return native, tools
+    if use_tools:
+        listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+        fallback = _fallback_messages(native)
+        return _with_system(fallback, FALLBACK_TOOL_PROMPT.format(tools=listing)), None
+    return _fallback_messages(native), None
+
+
+def _markup_tokens(decoder: Any) -> dict[str, int]:
+    """The tokenizer's added tokens for the tool-call markup (`<tool_call>` ...), if any."""
+    added = getattr(decoder.tokenizer, "get_added_vocab", dict)()
+    return {
+        tag: added[tag]
+        for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+        if added.get(tag, decoder.vocab_size) < decoder.vocab_size
+    }
+
+
+def _text(content: Any) -> str:
+    """A message's content as text (content blocks joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "".join(b.get("text", "") if isinstance(b, Mapping) else str(b) for b in content)
+    return "" if content is None else str(content)
 
 
 def _response_schema(response_format: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -325,14 +414,15 @@ def _response_schema(response_format: Mapping[str, Any]) -> dict[str, Any] | Non
 # ------------------------------------------------------------------------------ parsing
 
 
-def _parse(decoder: Any, request: ChatRequest, text: str
-           ) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
-    if not request.parse_tools:
+def _parse(
+    decoder: Any, request: ChatRequest, text: str
+) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    parser = request.parser()
+    if parser is None:
         return text, [], []
     parsed = _parse_with_response_template(decoder, request, text)
     if parsed is not None:
         return parsed
-    parser = ToolCallParser(request.tools)
     content, calls = parser.feed(text)
     tail, more = parser.finish()
     calls = calls + more
@@ -348,7 +438,7 @@ def _parse_with_response_template(
 ) -> tuple[str, list[ToolCall], list[InvalidToolCall]] | None:
     """The tokenizer's own response parser (transformers `parse_response`), where it has one."""
     tokenizer = decoder.tokenizer
-    if getattr(tokenizer, "response_template", None) is None:
+    if not request.parse_tools or getattr(tokenizer, "response_template", None) is None:
         return None
     try:
         message = tokenizer.parse_response(text, prefix=request.prompt, tools=request.tools)
@@ -361,12 +451,24 @@ def _parse_with_response_template(
         function = call.get("function", call)
         name, arguments = function.get("name"), function.get("arguments", {})
         if name not in by_name or not isinstance(arguments, dict):
-            invalid.append(InvalidToolCall(None, name, json.dumps(arguments),
-                                           "unknown tool or arguments that are not an object"))
+            invalid.append(
+                InvalidToolCall(
+                    None,
+                    name,
+                    json.dumps(arguments),
+                    "unknown tool or arguments that are not an object",
+                )
+            )
             continue
         parameters = by_name[name]["function"]["parameters"]
         calls.append(ToolCall(new_call_id(), name, cast_arguments(arguments, parameters)))
-    return str(message.get("content") or ""), calls, invalid
+    return _without_markup(request, str(message.get("content") or "")), calls, invalid
+
+
+def _without_markup(request: ChatRequest, content: str) -> str:
+    """`content` with the package's markup taken out (calls in it are not read)."""
+    parser = ToolCallParser([], read_calls=False, echoes=request.echoes)
+    return parser.feed(content)[0] + parser.finish()[0]
 
 
 def _finish_reason(reason: str, calls: Sequence[ToolCall]) -> str:
@@ -375,8 +477,9 @@ def _finish_reason(reason: str, calls: Sequence[ToolCall]) -> str:
 
 def _chunk(index: int, call: ToolCall | InvalidToolCall) -> ToolCallChunk:
     if isinstance(call, ToolCall):
-        return ToolCallChunk(index, call.id, call.name,
-                             json.dumps(call.arguments, ensure_ascii=False))
+        return ToolCallChunk(
+            index, call.id, call.name, json.dumps(call.arguments, ensure_ascii=False)
+        )
     return ToolCallChunk(index, call.id or new_call_id(), call.name, call.arguments, call.error)
 
 
@@ -385,7 +488,7 @@ def _chunk(index: int, call: ToolCall | InvalidToolCall) -> ToolCallChunk:
 
 def resolved_weights(decoder: Any, weights: Mapping[str, float] | None) -> dict[str, float]:
     """The full weight dict a call with `weights` decodes with (defaults filled in)."""
-    return resolve_weights(weights, decoder.default_weights, 1)[0][0]
+    return merge_weights(weights, decoder.default_weights)
 
 
 def _result(decoder: Any, request: ChatRequest, generated: Any) -> ChatResult:
@@ -416,13 +519,18 @@ def chat(
     (max_new_tokens, temperature, top_p, top_k, conservative_top_p, stop, seed,
     speculative_k, cancel); speculative_k applies to unconstrained turns only."""
     request = prepare_chat(
-        decoder, messages, tools=tools, tool_choice=tool_choice,
-        parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+        decoder,
+        messages,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+        response_format=response_format,
         max_string_length=max_string_length,
     )
     generated = decoder.generate(
-        request.prompt, weights=weights,
-        constraints=[request.constraint(decoder, _budget(generation_options))],
+        request.prompt,
+        weights=weights,
+        constraints=[_constraint(decoder, request, generation_options)],
         **_decoding(generation_options, [request]),
     )
     return _result(decoder, request, generated)
@@ -445,15 +553,21 @@ def chat_batch(
     if not conversations:
         return []
     requests = [
-        prepare_chat(decoder, messages, tools=tools, tool_choice=tool_choice,
-                     parallel_tool_calls=parallel_tool_calls, response_format=response_format,
-                     max_string_length=max_string_length)
+        prepare_chat(
+            decoder,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            response_format=response_format,
+            max_string_length=max_string_length,
+        )
         for messages in conversations
     ]
     generated = decoder.generate(
         [r.prompt for r in requests],
         weights=list(weights) if isinstance(weights, Sequence) else weights,
-        constraints=[r.constraint(decoder, _budget(generation_options)) for r in requests],
+        constraints=[_constraint(decoder, r, generation_options) for r in requests],
         **_decoding(generation_options, requests),
     )
     return [_result(decoder, r, g) for r, g in zip(requests, generated, strict=True)]
@@ -472,7 +586,7 @@ class _DeltaBuilder:
         self._whole = request.parse_tools and (
             getattr(decoder.tokenizer, "response_template", None) is not None
         )
-        self._parser = ToolCallParser(request.tools) if request.parse_tools else None
+        self._parser = request.parser()
         self._text: list[str] = []
         self._index = 0
         self._valid = 0
@@ -522,27 +636,33 @@ def stream_chat(
     call arrives as one `ToolCallChunk` once complete; the last delta carries finish_reason
     and usage. Setting `cancel` stops decoding."""
     request = prepare_chat(
-        decoder, messages, tools=tools, tool_choice=tool_choice,
-        parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+        decoder,
+        messages,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+        response_format=response_format,
         max_string_length=max_string_length,
     )
-    chunks = decoder.stream(request.prompt, weights=weights,
-                            constraint=request.constraint(decoder, _budget(generation_options)),
-                            cancel=cancel,
-                            **_decoding(generation_options, [request]))
+    chunks = decoder.stream(
+        request.prompt,
+        weights=weights,
+        constraint=_constraint(decoder, request, generation_options),
+        cancel=cancel,
+        **_decoding(generation_options, [request]),
+    )
     builder = _DeltaBuilder(decoder, request)
     for chunk in chunks:
         yield from builder.push(chunk)
 
 
-async def achat(
-    decoder: Any, messages: Sequence[Mapping[str, Any]], **kwargs: Any
-) -> ChatResult:
+async def achat(decoder: Any, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> ChatResult:
     """`chat` without blocking the event loop (rendering and decoding on worker threads)."""
     options = dict(kwargs)
     request = await asyncio.to_thread(_prepare_from_kwargs, decoder, messages, options)
     generated = await decoder.agenerate(
-        request.prompt, constraints=[request.constraint(decoder, _budget(options))],
+        request.prompt,
+        constraints=[_constraint(decoder, request, options)],
         **_decoding(options, [request]),
     )
     return _result(decoder, request, generated)
@@ -556,10 +676,9 @@ async def astream_chat(
     options = dict(kwargs)
     options.pop("cancel", None)  # astream owns cancellation
     request = await asyncio.to_thread(_prepare_from_kwargs, decoder, messages, options)
-    constraint = await asyncio.to_thread(request.constraint, decoder, _budget(options))
+    constraint = await asyncio.to_thread(_constraint, decoder, request, options)
     builder = _DeltaBuilder(decoder, request)
-    stream = decoder.astream(request.prompt, constraint=constraint,
-                             **_decoding(options, [request]))
+    stream = decoder.astream(request.prompt, constraint=constraint, **_decoding(options, [request]))
     try:
         async for chunk in stream:
             for delta in builder.push(chunk):
@@ -578,9 +697,37 @@ def _decoding(options: Mapping[str, Any], requests: Sequence[ChatRequest]) -> di
     return options
 
 
-def _budget(options: Mapping[str, Any]) -> int:
-    """max_new_tokens of a call (the decoder's default when not given)."""
-    return int(options.get("max_new_tokens") or _DEFAULT_MAX_NEW_TOKENS)
+def _constraint(
+    decoder: Any, request: ChatRequest, options: Mapping[str, Any]
+) -> TokenConstraint | None:
+    """The request's constraint, planned against the tokens the call may really generate."""
+    if request.grammar is None:
+        return None
+    budget, note = _budget(decoder, request, options)
+    return request.constraint(decoder, budget, budget_note=note)
+
+
+def _budget(decoder: Any, request: ChatRequest, options: Mapping[str, Any]) -> tuple[int, str]:
+    """The tokens a call may generate, as the decoder counts them: max_new_tokens (the
+    decoder's default when not given), cut to what the context window leaves after the prompt
+    (the longer of the prompt and `base_prompt`); and a note saying which limit it is."""
+    asked = int(options.get("max_new_tokens") or _DEFAULT_MAX_NEW_TOKENS)
+    window = getattr(decoder, "context_window", None)
+    if window is None:
+        return asked, f" (max_new_tokens={asked})"
+    prompts = [request.prompt, options.get("base_prompt")]
+    used = max(len(decoder.encode(p)) for p in prompts if p is not None)
+    if window - used < 1:
+        raise ValueError(
+            f"the prompt ({used} tokens) fills the context window ({window} tokens): no "
+            "room to generate; shorten the prompt"
+        )
+    if window - used < asked:
+        return window - used, (
+            f" (max_new_tokens={asked}, but the context window of {window} tokens leaves "
+            f"{window - used} after the {used}-token prompt)"
+        )
+    return asked, f" (max_new_tokens={asked})"
 
 
 _DEFAULT_MAX_NEW_TOKENS = 128  # EFTDecoder.generate's default
@@ -591,7 +738,8 @@ def _prepare_from_kwargs(
 ) -> ChatRequest:
     """Pop the chat arguments from `options` (the rest are generation options)."""
     return prepare_chat(
-        decoder, messages,
+        decoder,
+        messages,
         tools=options.pop("tools", None),
         tool_choice=options.pop("tool_choice", None),
         parallel_tool_calls=options.pop("parallel_tool_calls", True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 import jsonschema
@@ -47,8 +48,11 @@ WEATHER = {
             },
             "required": ["city", "days"],
             "$defs": {
-                "Point": {"type": "object", "properties": {"lat": {"type": "number"}},
-                          "required": ["lat"]},
+                "Point": {
+                    "type": "object",
+                    "properties": {"lat": {"type": "number"}},
+                    "required": ["lat"],
+                },
             },
         },
     },
@@ -58,19 +62,30 @@ ADD = {
     "function": {
         "name": "add",
         "description": "Add two integers",
-        "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
-                                                          "b": {"type": "integer"}},
-                       "required": ["a", "b"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
     },
 }
-NO_ARGS = {"type": "function", "function": {"name": "ping", "description": "Ping",
-                                            "parameters": {"type": "object", "properties": {}}}}
+NO_ARGS = {
+    "type": "function",
+    "function": {
+        "name": "ping",
+        "description": "Ping",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
 TOOLS = [WEATHER, ADD, NO_ARGS]
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 JOKE = {
     "type": "object",
-    "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"},
-                   "rating": {"type": "integer"}},
+    "properties": {
+        "setup": {"type": "string"},
+        "punchline": {"type": "string"},
+        "rating": {"type": "integer"},
+    },
     "required": ["setup", "punchline"],
 }
 
@@ -96,8 +111,12 @@ def test_parser_reads_content_calls_and_casts_arguments():
     calls += more
     assert content + tail == "Let me check."
     assert [c.name for c in calls] == ["get_weather", "add"]
-    assert calls[0].arguments == {"city": "Paris", "days": 3, "detailed": True,
-                                  "where": {"lat": 48}}
+    assert calls[0].arguments == {
+        "city": "Paris",
+        "days": 3,
+        "detailed": True,
+        "where": {"lat": 48},
+    }
     assert calls[1].arguments == {"a": 1, "b": 2}  # double-encoded arguments, 2.0 -> 2
     assert len({c.id for c in calls}) == 2
     assert all(c.id.startswith("call_") for c in calls)
@@ -129,8 +148,10 @@ def test_call_cut_inside_its_closing_tag_is_complete():
 
 
 def test_parser_fed_token_by_token_equals_whole_text():
-    text = ("Sure <tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n"
-            "</tool_call> and then <tool")
+    text = (
+        'Sure <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n'
+        "</tool_call> and then <tool"
+    )
     whole = ToolCallParser(TOOLS)
     content = whole.feed(text)[0] + whole.finish()[0]
     pieces = ToolCallParser(TOOLS)
@@ -142,7 +163,9 @@ def test_parser_fed_token_by_token_equals_whole_text():
 def test_cast_arguments_follows_the_schema():
     schema = WEATHER["function"]["parameters"]
     assert cast_arguments({"days": 2.0, "city": 7, "tags": [1, "x"]}, schema) == {
-        "days": 2, "city": "7", "tags": ["1", "x"]
+        "days": 2,
+        "city": "7",
+        "tags": ["1", "x"],
     }
     assert cast_arguments({"where": None}, schema) == {"where": None}
     assert cast_arguments({"days": "two"}, schema) == {"days": "two"}  # left as it is
@@ -172,9 +195,17 @@ def test_tool_choice_is_validated():
 HISTORY = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Add 1 and 2"},
-    {"role": "assistant", "content": "",
-     "tool_calls": [{"id": "call_1", "type": "function",
-                     "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'},
+            }
+        ],
+    },
     {"role": "tool", "content": "3", "tool_call_id": "call_1", "name": "add"},
 ]
 
@@ -231,8 +262,15 @@ def test_grammar_mask_is_a_bool_vector_over_the_vocabulary():
 def test_forced_calls_validate_on_random_models(tools_template, seed):
     decoder = chat_decoder(tools_template)
     for choice in ("any", "get_weather", "ping"):
-        result = core.chat(decoder, USER, tools=TOOLS, tool_choice=choice,
-                           temperature=1.0, seed=seed, max_new_tokens=160)
+        result = core.chat(
+            decoder,
+            USER,
+            tools=TOOLS,
+            tool_choice=choice,
+            temperature=1.0,
+            seed=seed,
+            max_new_tokens=160,
+        )
         assert result.finish_reason == "tool_calls", result
         assert not result.invalid_tool_calls
         (call,) = result.tool_calls if choice != "any" else result.tool_calls[:1]
@@ -244,42 +282,138 @@ def test_forced_calls_validate_on_random_models(tools_template, seed):
 
 def test_a_tight_budget_still_closes_the_call():
     # the shortest call is ~70 tokens in this tiny vocabulary; closing mode starts at once
-    result = core.chat(chat_decoder(), USER, tools=[ADD], tool_choice="add",
-                       temperature=1.0, seed=3, max_new_tokens=90)
+    result = core.chat(
+        chat_decoder(),
+        USER,
+        tools=[ADD],
+        tool_choice="add",
+        temperature=1.0,
+        seed=3,
+        max_new_tokens=90,
+    )
     assert result.finish_reason == "tool_calls", result
     _validate_call(result.tool_calls[0])
 
 
-def test_closing_mode_waits_for_the_closing_of_the_answer_so_far():
+def test_closing_mode_lets_the_model_finish_the_number_it_is_writing():
     # after `{"a": 1` the answer closes with `}` alone (nothing may follow it: the decoder
-    # stops). With the margin of 4 the model writes its own digits while 6 or more tokens are
-    # left; a fixed share (the shortest whole answer plus 4) used to cut the number there.
+    # stops). Closing mode starts at 5 tokens left (the closing plus the margin of 4), yet the
+    # model's own digits stay allowed while a digit and the `}` still fit: `born=1900` used
+    # to become `born=19` there.
     decoder = chat_decoder()
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    request = prepare_chat(decoder, USER, response_format={"type": "json_schema",
-                                                           "schema": schema})
+    request = prepare_chat(decoder, USER, response_format={"type": "json_schema", "schema": schema})
     written = decoder.tokenizer('{"a": 1', add_special_tokens=False)["input_ids"]
     digits = decoder.tokenizer("2", add_special_tokens=False)["input_ids"]
     close = decoder.tokenizer("}", add_special_tokens=False)["input_ids"]
     assert len(digits) == len(close) == 1
-    for left, closing in ((6, False), (5, True)):
-        constraint = request.constraint(decoder, budget=len(written) + left)
+    for left, digit_allowed in ((6, True), (5, True), (3, True), (2, True), (1, False)):
+        constraint = GrammarConstraint.from_lark(  # no minimum check: the case of 1 left
+            decoder.tokenizer,
+            request.grammar,
+            eos_token_ids=request.eos_token_ids,
+            vocab_size=decoder.vocab_size,
+            budget=len(written) + left,
+        )
         for token in written:
             constraint.advance(token)
         mask = constraint.allowed_mask(decoder.vocab_size)
         assert bool(mask[close[0]])
-        assert bool(mask[digits[0]]) is not closing, left
+        assert bool(mask[digits[0]]) is digit_allowed, left
+
+
+def test_closing_mode_at_the_smallest_budget_leaves_a_string_to_the_model():
+    # at the smallest budget closing mode is on from the first token; where a string must hold
+    # a character, the model's own letters are allowed (not only `}`: title='}')
+    decoder = chat_decoder()
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    request = prepare_chat(decoder, USER, response_format={"type": "json_schema", "schema": schema})
+    smallest = request.constraint(decoder, budget=400).minimum_budget()
+    constraint = request.constraint(decoder, budget=smallest)
+    for token in decoder.tokenizer('{"title": "', add_special_tokens=False)["input_ids"]:
+        assert bool(constraint.allowed_mask(decoder.vocab_size)[token])
+        constraint.advance(token)
+    mask = constraint.allowed_mask(decoder.vocab_size)
+    letter = decoder.tokenizer("T", add_special_tokens=False)["input_ids"]
+    assert len(letter) == 1 and bool(mask[letter[0]])
+
+
+@pytest.mark.parametrize(
+    ("options", "kind"),
+    [
+        ({"tools": [ADD], "tool_choice": "add"}, "a forced tool call"),
+        ({"response_format": {"type": "json_schema", "schema": JOKE}}, "the structured output"),
+    ],
+)
+def test_a_budget_below_the_shortest_answer_is_an_error_naming_it(options, kind):
+    decoder = chat_decoder()
+    with pytest.raises(ValueError, match=rf"{kind} needs at least (\d+) new tokens") as error:
+        core.chat(decoder, USER, max_new_tokens=12, temperature=1.0, seed=0, **options)
+    assert "max_new_tokens=12" in str(error.value)
+    with pytest.raises(ValueError, match="needs at least"):
+        next(core.stream_chat(decoder, USER, max_new_tokens=12, **options))
+    needed = int(str(error.value).split("at least ")[1].split()[0])
+    result = core.chat(decoder, USER, max_new_tokens=needed, temperature=1.0, seed=0, **options)
+    assert result.finish_reason in ("stop", "tool_calls"), result  # complete at the minimum
+    assert result.tool_calls or json.loads(result.content)
+
+
+def _user_leaving(decoder, room: int, **options) -> list[dict]:
+    """A user turn whose rendered prompt leaves `room` (or room + 1) tokens of the window."""
+    filler = "Numbers: 1 2 3 4 5 6 7 8 9 10, and more numbers. " * 400
+
+    def room_left(chars: int) -> int:
+        messages = [{"role": "user", "content": filler[:chars] + " Add 1 and 2."}]
+        prompt = prepare_chat(decoder, messages, **options).prompt
+        try:
+            return decoder.context_window - len(decoder.encode(prompt))
+        except ValueError:  # longer than the window
+            return -1
+
+    low, high = 0, len(filler)  # room_left(low) > room >= room_left(high)
+    assert room_left(high) < room < room_left(low)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if room_left(middle) > room else (low, middle)
+    chars = high if room_left(high) == room else low
+    assert room <= room_left(chars) <= room + 1
+    return [{"role": "user", "content": filler[:chars] + " Add 1 and 2."}]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_closing_plans_against_what_the_context_window_leaves(seed):
+    # max_new_tokens=400, but the window leaves ~100: closing mode must plan for those 100
+    decoder = chat_decoder()
+    options = {"tools": [ADD], "tool_choice": "add"}
+    messages = _user_leaving(decoder, 100, **options)
+    result = core.chat(decoder, messages, temperature=1.0, seed=seed, max_new_tokens=400, **options)
+    assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls, result
+    _validate_call(result.tool_calls[0])
+    with pytest.raises(ValueError, match="context window of 4096 tokens leaves"):
+        core.chat(decoder, _user_leaving(decoder, 30, **options), max_new_tokens=400, **options)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_response_format_constrains_the_whole_answer(seed):
     decoder = chat_decoder()
-    result = core.chat(decoder, USER, response_format={"type": "json_schema", "schema": JOKE},
-                       temperature=1.0, seed=seed, max_new_tokens=160)
+    result = core.chat(
+        decoder,
+        USER,
+        response_format={"type": "json_schema", "schema": JOKE},
+        temperature=1.0,
+        seed=seed,
+        max_new_tokens=160,
+    )
     assert result.finish_reason == "stop"
     jsonschema.validate(json.loads(result.content), JOKE)
-    anything = core.chat(decoder, USER, response_format={"type": "json_object"},
-                         temperature=1.0, seed=seed, max_new_tokens=120)
+    anything = core.chat(
+        decoder,
+        USER,
+        response_format={"type": "json_object"},
+        temperature=1.0,
+        seed=seed,
+        max_new_tokens=120,
+    )
     assert isinstance(json.loads(anything.content), dict)
 
 
@@ -300,8 +434,13 @@ def _reassemble(deltas: list[core.ChatDelta]) -> tuple[str, dict[int, dict]]:
 
 def test_stream_chunks_reassemble_to_the_chat_result():
     decoder = chat_decoder()
-    options = {"tools": TOOLS, "tool_choice": "required", "temperature": 1.0, "seed": 5,
-               "max_new_tokens": 160}
+    options = {
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "temperature": 1.0,
+        "seed": 5,
+        "max_new_tokens": 160,
+    }
     result = core.chat(decoder, USER, **options)
     deltas = list(core.stream_chat(decoder, USER, **options))
     assert all(d.finish_reason is None for d in deltas[:-1])
@@ -328,15 +467,23 @@ def test_chat_batch_is_one_batched_decode():
     conversations = [USER, [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]]
     weights = [{"chat": 0.0}, {"chat": 1.0}, {"chat": 2.0}]
     before = decoder.forward_calls
-    results = core.chat_batch(decoder, conversations, weights=weights, temperature=0.0,
-                              max_new_tokens=12)
+    results = core.chat_batch(
+        decoder, conversations, weights=weights, temperature=0.0, max_new_tokens=12
+    )
     forwards = decoder.forward_calls - before
     assert [r.weights["chat"] for r in results] == [0.0, 1.0, 2.0]
     assert all(isinstance(r, ChatResult) for r in results)
     # 4 distinct models, one prefill and at most 11 decode steps for the whole batch
     assert forwards <= 4 * 12
-    forced = core.chat_batch(decoder, conversations, tools=TOOLS, tool_choice="ping",
-                             temperature=1.0, seed=0, max_new_tokens=80)
+    forced = core.chat_batch(
+        decoder,
+        conversations,
+        tools=TOOLS,
+        tool_choice="ping",
+        temperature=1.0,
+        seed=0,
+        max_new_tokens=80,
+    )
     assert [r.tool_calls[0].name for r in forced] == ["ping"] * 3
 
 
@@ -344,10 +491,12 @@ async def test_async_chat_does_not_block_the_event_loop():
     decoder = chat_decoder()
 
     async def turns():
-        result = await core.achat(decoder, USER, tools=TOOLS, tool_choice="ping",
-                                  temperature=0.0, max_new_tokens=60)
-        deltas = [d async for d in core.astream_chat(decoder, USER, temperature=0.0,
-                                                     max_new_tokens=30)]
+        result = await core.achat(
+            decoder, USER, tools=TOOLS, tool_choice="ping", temperature=0.0, max_new_tokens=60
+        )
+        deltas = [
+            d async for d in core.astream_chat(decoder, USER, temperature=0.0, max_new_tokens=30)
+        ]
         return result, deltas
 
     probe = await run_beside_ticker(turns)
@@ -376,11 +525,19 @@ def test_the_tokenizers_own_response_parser_is_used_when_it_has_one():
 
     decoder = EFTDecoder.from_pretrained(**from_pretrained_args())  # its own tokenizer object
     tokenizer = decoder.tokenizer
-    tokenizer.response_template = {"version": 1, "start_anchor": "<|assistant|>", "fields": {
-        "content": {},
-        "tool_calls": {"open": "<tool_call>", "close": "</tool_call>", "content": "json",
-                       "repeats": True},
-    }}
+    tokenizer.response_template = {
+        "version": 1,
+        "start_anchor": "<|assistant|>",
+        "fields": {
+            "content": {},
+            "tool_calls": {
+                "open": "<tool_call>",
+                "close": "</tool_call>",
+                "content": "json",
+                "repeats": True,
+            },
+        },
+    }
     parsed = []
     original = tokenizer.parse_response
 
@@ -389,8 +546,13 @@ def test_the_tokenizers_own_response_parser_is_used_when_it_has_one():
         return original(*args, **kwargs)
 
     tokenizer.parse_response = counting_parse
-    options = {"tools": [ADD], "tool_choice": "add", "temperature": 1.0, "seed": 0,
-               "max_new_tokens": 120}
+    options = {
+        "tools": [ADD],
+        "tool_choice": "add",
+        "temperature": 1.0,
+        "seed": 0,
+        "max_new_tokens": 120,
+    }
     result = core.chat(decoder, USER, **options)
     assert parsed and result.finish_reason == "tool_calls"
     _validate_call(result.tool_calls[0])  # cast by the schema after the tokenizer parsed it
@@ -426,13 +588,222 @@ class _Opening:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_auto_mode_constrains_the_call_once_the_model_opens_one(seed):
     decoder = chat_decoder()
-    request = prepare_chat(decoder, USER, tools=TOOLS, tool_choice="auto",
-                           parallel_tool_calls=False)
+    request = prepare_chat(
+        decoder, USER, tools=TOOLS, tool_choice="auto", parallel_tool_calls=False
+    )
     opening = decoder.tokenizer("Let me see. <tool_call>", add_special_tokens=False)["input_ids"]
     constraint = _Opening(request.constraint(decoder, budget=160), opening)
-    generated = decoder.generate(request.prompt, constraints=[constraint], temperature=1.0,
-                                 seed=seed, max_new_tokens=160)
+    generated = decoder.generate(
+        request.prompt, constraints=[constraint], temperature=1.0, seed=seed, max_new_tokens=160
+    )
     result = core._result(decoder, request, generated)
     assert result.content == "Let me see."
     assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls
+    _validate_call(result.tool_calls[0])
+
+
+# ------------------------------------------------------------------------------ model formats
+
+
+class _Scripted:
+    """Test helper: the model writes exactly `token_ids`, then ends its turn."""
+
+    def __init__(self, token_ids: list[int], eos: int) -> None:
+        self.pending, self.eos = list(token_ids), eos
+
+    def allowed_mask(self, vocab_size):
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[self.pending[0] if self.pending else self.eos] = True
+        return mask
+
+    def advance(self, token_id):
+        if self.pending:
+            self.pending.pop(0)
+
+    def is_finished(self):
+        return False
+
+
+def _scripted(decoder, request, text: str) -> core.ChatResult:
+    """The turn `request` gives when the model writes `text`; streaming must agree."""
+    ids = decoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = min(decoder.eos_token_ids)
+    generated = decoder.generate(
+        request.prompt,
+        constraints=[_Scripted(ids, eos)],
+        temperature=0.0,
+        max_new_tokens=len(ids) + 2,
+    )
+    result = core._result(decoder, request, generated)
+    builder = core._DeltaBuilder(decoder, request)
+    deltas = [
+        d
+        for chunk in decoder.stream(
+            request.prompt,
+            constraint=_Scripted(ids, eos),
+            temperature=0.0,
+            max_new_tokens=len(ids) + 2,
+        )
+        for d in builder.push(chunk)
+    ]
+    content, calls = _reassemble(deltas)
+    assert content == result.content
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        (c.name, c.arguments) for c in result.tool_calls
+    ]
+    return result
+
+
+TOOL_HISTORY = [
+    {"role": "user", "content": "Add 1 and 2"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'},
+            }
+        ],
+    },
+    {"role": "tool", "content": "3", "tool_call_id": "call_1", "name": "add"},
+]
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "written", "content"),
+    [
+        ("auto", "<tool_response>\n3\n</tool_response>\nThe sum is 3.", "The sum is 3."),
+        ("auto", "<tool_response>The sum is 3.</tool_response>", "The sum is 3."),
+        ("auto", "The sum is 3.\n</tool_response>", "The sum is 3."),
+        (
+            "none",
+            'The sum is 3. <tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 0}}\n'
+            "</tool_call>",
+            "The sum is 3.",
+        ),
+        ("none", "<tool_response>\n3\n</tool_response> The sum is 3.", "The sum is 3."),
+    ],
+)
+def test_final_content_never_carries_the_packages_markup(tool_choice, written, content):
+    # the fallback format shows results as <tool_response> blocks and calls as <tool_call>
+    # blocks; a model that echoes them (or calls anyway under tool_choice="none") does not
+    # leak them into the answer: an echoed result is dropped, other text keeps its words
+    decoder = chat_decoder()
+    request = prepare_chat(decoder, TOOL_HISTORY, tools=[ADD], tool_choice=tool_choice)
+    assert "<tool_response>\n3\n</tool_response>" in request.prompt
+    result = _scripted(decoder, request, written)
+    assert result.content == content
+    assert not result.tool_calls and not result.invalid_tool_calls
+
+
+def test_tools_and_a_response_format_allow_a_call_or_the_schema():
+    # LangChain's create_agent(model, tools, response_format=...): each turn either calls a
+    # tool or gives the final answer in the schema
+    decoder = chat_decoder()
+    fmt = {"type": "json_schema", "schema": JOKE}
+    request = prepare_chat(decoder, USER, tools=[ADD], response_format=fmt)
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    answer = '{"setup": "Why?", "punchline": "Because."}'
+    for text in (call, answer, "Sure."):
+        ids = decoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        constraint = request.constraint(decoder, budget=200)
+        accepted = []
+        for token in ids:
+            accepted.append(bool(constraint.allowed_mask(decoder.vocab_size)[token]))
+            constraint.advance(token)
+        assert all(accepted) is (text != "Sure."), text  # prose is neither
+    called = _scripted(decoder, request, call)
+    assert [(c.name, c.arguments) for c in called.tool_calls] == [("add", {"a": 1, "b": 2})]
+    assert called.content == "" and called.finish_reason == "tool_calls"
+    answered = _scripted(decoder, request, answer)
+    assert json.loads(answered.content) == json.loads(answer) and not answered.tool_calls
+    for seed in range(3):  # whatever the model picks, it is one of the two, complete
+        result = core.chat(
+            decoder,
+            USER,
+            tools=[ADD],
+            response_format=fmt,
+            temperature=1.0,
+            seed=seed,
+            max_new_tokens=200,
+        )
+        if result.tool_calls:
+            _validate_call(result.tool_calls[0])
+        else:
+            jsonschema.validate(json.loads(result.content), JOKE)
+
+
+@pytest.mark.parametrize(
+    ("written", "calls"),
+    [
+        ('{"name": "add", "arguments": {"a": 1, "b": 2}}', [("add", {"a": 1, "b": 2})]),
+        (
+            '  {"name": "add", "parameters": {"a": "4", "b": 2}}\n'
+            '{"name": "ping", "arguments": {}}',
+            [("add", {"a": 4, "b": 2}), ("ping", {})],
+        ),
+        ('[{"name": "ping", "arguments": {}}]', [("ping", {})]),
+        ('```json\n{\n  "name": "ping",\n  "arguments": {}\n}\n```', [("ping", {})]),
+        ("```python\nprint(1 + 2)\n```", []),
+        ('{"name": "add", "arguments": {"a": "one", "b": 2}}', []),  # not schema-valid
+        ('{"name": "divide", "arguments": {"a": 1, "b": 2}}', []),  # no such tool
+        ('{"a": 1, "b": 2}', []),
+        ('{"name": "add", "arguments": {"a": 1, "b": 2}} and more', []),
+    ],
+)
+def test_auto_mode_reads_calls_written_as_bare_json(written, calls):
+    # many tool-trained models (Qwen 2.5, Llama 3) write a call as a bare JSON object (Qwen's
+    # coder models in a ```json fence); read it as vLLM's and Ollama's parsers do: it names a
+    # bound tool and its arguments are valid
+    decoder = chat_decoder(tools_template=True)
+    request = prepare_chat(decoder, USER, tools=TOOLS)
+    result = _scripted(decoder, request, written)
+    assert [(c.name, c.arguments) for c in result.tool_calls] == calls
+    assert result.content == ("" if calls else written.strip())
+    assert result.finish_reason == ("tool_calls" if calls else "stop")
+
+
+@functools.lru_cache(maxsize=1)
+def _markup_token_decoder():
+    """A tiny model whose tokenizer has `<tool_call>` and `</tool_call>` as added (not
+    special) tokens, as Qwen's and Hermes' tokenizers do."""
+    from eft_integrations import EFTDecoder
+
+    from .chat_family import TOOLS_TEMPLATE
+    from .tiny_models import build_tokenizer, llama
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])
+    model = llama(len(tokenizer), seed=21, window=4096)
+    return EFTDecoder(base=model, behaviors={}, tokenizer=tokenizer, chat_template=TOOLS_TEMPLATE)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forced_calls_validate_where_the_markup_is_an_added_token(seed):
+    decoder = _markup_token_decoder()
+    opening = decoder.tokenizer("<tool_call>", add_special_tokens=False)["input_ids"]
+    assert len(opening) == 1  # the model writes the tag as one token
+    for choice in ("any", "add", "ping"):
+        result = core.chat(
+            decoder,
+            USER,
+            tools=TOOLS,
+            tool_choice=choice,
+            temperature=1.0,
+            seed=seed,
+            max_new_tokens=160,
+        )
+        assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls, result
+        for call in result.tool_calls:
+            _validate_call(call)
+    # in auto mode the model opens a call with the token: the rest is constrained too
+    request = prepare_chat(decoder, USER, tools=TOOLS, parallel_tool_calls=False)
+    constraint = _Opening(request.constraint(decoder, budget=160), opening)
+    generated = decoder.generate(
+        request.prompt, constraints=[constraint], temperature=1.0, seed=seed, max_new_tokens=160
+    )
+    result = core._result(decoder, request, generated)
+    assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls, result
     _validate_call(result.tool_calls[0])
