@@ -148,7 +148,8 @@ class ChatRequest:
     arm_after: str | None = None
     """Closing mode waits for this text (free text before a tool call is not cut short)."""
     bare_calls: bool = False
-    """Calls written as bare JSON (no tags) are read too (auto mode)."""
+    """Calls written as bare JSON (no tags) are read too: in auto mode, and for forced calls
+    whose tags a tokenizer decodes to nothing (markup that is a special token)."""
     strip_markup: bool = False
     """The prompt shows the package's markup: it is kept out of the answer's content."""
     echoes: tuple[str, ...] = ()
@@ -329,7 +330,7 @@ def prepare_chat(
         instruction = STRUCTURED_WITH_TOOLS_PROMPT if use_tools else STRUCTURED_OUTPUT_PROMPT
         rendered_messages = _with_system(rendered_messages, instruction.format(schema=hint))
     prompt = _render(decoder, rendered_messages, template_tools)
-    options = {"max_string_length": max_string_length, "markup_tokens": _markup_tokens(decoder)}
+    options = {"max_string_length": max_string_length, **_markup_tokens(decoder)}
     grammar, arm_after, kind = None, None, "the answer"
     if forced:
         chosen = [t for t in tools if t["function"]["name"] == tool_choice] or tools
@@ -350,7 +351,7 @@ def prepare_chat(
         grammar=grammar,
         eos_token_ids=sorted(decoder.eos_token_ids),
         arm_after=arm_after,
-        bare_calls=use_tools and not forced and response_format is None,
+        bare_calls=forced or (use_tools and response_format is None),
         strip_markup=use_tools or any(t in prompt for t in (TOOL_CALL_OPEN, TOOL_RESPONSE_OPEN)),
         echoes=tuple(_text(m.get("content")) for m in messages if m.get("role") == "tool"),
         kind=kind,
@@ -375,14 +376,20 @@ def _conversation(
     return _fallback_messages(native), None
 
 
-def _markup_tokens(decoder: Any) -> dict[str, int]:
-    """The tokenizer's added tokens for the tool-call markup (`<tool_call>` ...), if any."""
-    added = getattr(decoder.tokenizer, "get_added_vocab", dict)()
-    return {
+def _markup_tokens(decoder: Any) -> dict[str, Any]:
+    """Grammar options for the tokenizer's added tokens for the tool-call markup, if any:
+    `markup_tokens` (tag -> id) and `spelled_markup` (False where they are special tokens,
+    whose text the decoded answer leaves out: the tags must be those tokens)."""
+    tokenizer = decoder.tokenizer
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    tokens = {
         tag: added[tag]
         for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
         if added.get(tag, decoder.vocab_size) < decoder.vocab_size
     }
+    decoders = getattr(tokenizer, "added_tokens_decoder", {})
+    special = any(getattr(decoders.get(i), "special", False) for i in tokens.values())
+    return {"markup_tokens": tokens, "spelled_markup": not special}
 
 
 def _text(content: Any) -> str:

@@ -178,13 +178,15 @@ def _json_rule(schema: Mapping[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT})
 
 
-def _literal(text: str, markup_tokens: Mapping[str, int] | None) -> str:
+def _literal(text: str, markup_tokens: Mapping[str, int] | None, spelled: bool = True) -> str:
     """Lark for markup `text`: the tokenizer's added token for it (the way a model trained on
-    the markup writes it) or the text itself. llguidance treats every added token as a special
-    token, which a quoted literal never matches, hence `<[id]>`."""
+    the markup writes it) or, when `spelled`, the text itself. llguidance treats every added
+    token as a special token, which a quoted literal never matches, hence `<[id]>`."""
     quoted = json.dumps(text)
     token = (markup_tokens or {}).get(text)
-    return quoted if token is None else f"(<[{token}]> | {quoted})"
+    if token is None:
+        return quoted
+    return f"(<[{token}]> | {quoted})" if spelled else f"<[{token}]>"
 
 
 def _call_rules(
@@ -192,6 +194,7 @@ def _call_rules(
     parallel: bool,
     max_string_length: int | None,
     markup_tokens: Mapping[str, int] | None,
+    spelled: bool = True,
 ) -> list[str]:
     """Rules `calls` (after an opening tag: a call, its closing tag, and when `parallel` more
     tagged calls), `call` (the JSON), `open` and `close` (the tags). The last call's closing
@@ -209,8 +212,8 @@ def _call_rules(
     return [
         f'calls: "\\n" call ("\\n" close{more})?',
         f"call: {call}",
-        f"open: {_literal(TOOL_CALL_OPEN, markup_tokens)}",
-        f"close: {_literal(TOOL_CALL_CLOSE, markup_tokens)}",
+        f"open: {_literal(TOOL_CALL_OPEN, markup_tokens, spelled)}",
+        f"close: {_literal(TOOL_CALL_CLOSE, markup_tokens, spelled)}",
     ]
 
 
@@ -221,6 +224,7 @@ def tool_call_grammar(
     parallel: bool = True,
     max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
     markup_tokens: Mapping[str, int] | None = None,
+    spelled_markup: bool = True,
 ) -> str:
     """llguidance Lark grammar for tool calls over normalized `tools`.
 
@@ -228,19 +232,26 @@ def tool_call_grammar(
     forced=False: free text without `<tool_call>`, or free text, `<tool_call>`, and from there
     a valid call (then more calls when `parallel`).
     `markup_tokens` maps markup (`<tool_call>`, `</tool_call>`) to the tokenizer's added token
-    for it, when it has one: the grammar then takes that token (or the text spelled out).
+    for it, when it has one: the grammar then takes that token, or the text spelled out unless
+    `spelled_markup=False` (special tokens: their text is not part of the decoded answer).
     """
-    lines = _call_rules(tools, parallel, max_string_length, markup_tokens)
+    lines = _call_rules(tools, parallel, max_string_length, markup_tokens, spelled_markup)
     if forced:
         return "\n".join(["start: open calls", *lines]) + "\n"
-    opening = re.escape(TOOL_CALL_OPEN)
+    tag = re.escape(TOOL_CALL_OPEN)
     token = (markup_tokens or {}).get(TOOL_CALL_OPEN)
+    text_then_tag = f"[lazy]: /(.|\\n)*{tag}/"  # text up to the first tag, spelled out
+    if token is None:
+        opening = [f"opening{text_then_tag}"]
+    elif spelled_markup:
+        opening = [f"opening: TEXT? <[{token}]> | spelled", f"spelled{text_then_tag}"]
+    else:
+        opening = [f"opening: TEXT? <[{token}]>"]
     lines = [
         # free text that never contains the opening tag, or text up to the first tag
         "start: TEXT | opening calls",
-        f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{opening}(.|\\n)*/",
-        *([f"opening: TEXT? <[{token}]> | opening_text"] if token is not None else []),
-        f"{'opening_text' if token is not None else 'opening'}[lazy]: /(.|\\n)*{opening}/",
+        f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{tag}(.|\\n)*/",
+        *opening,
         *lines,
     ]
     return "\n".join(lines) + "\n"
@@ -253,6 +264,7 @@ def tool_call_or_json_grammar(
     parallel: bool = True,
     max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
     markup_tokens: Mapping[str, int] | None = None,
+    spelled_markup: bool = True,
 ) -> str:
     """Either tool calls (as `tool_call_grammar(forced=True)`) or one JSON value of `schema`
     (None: any JSON object): a turn with tools and a response format, which ends the tool
@@ -261,7 +273,7 @@ def tool_call_or_json_grammar(
     lines = [
         "start: open calls | answer",
         f"answer: {_json_rule(answer)}",
-        *_call_rules(tools, parallel, max_string_length, markup_tokens),
+        *_call_rules(tools, parallel, max_string_length, markup_tokens, spelled_markup),
     ]
     return "\n".join(lines) + "\n"
 

@@ -765,24 +765,25 @@ def test_auto_mode_reads_calls_written_as_bare_json(written, calls):
     assert result.finish_reason == ("tool_calls" if calls else "stop")
 
 
-@functools.lru_cache(maxsize=1)
-def _markup_token_decoder():
-    """A tiny model whose tokenizer has `<tool_call>` and `</tool_call>` as added (not
-    special) tokens, as Qwen's and Hermes' tokenizers do."""
+@functools.lru_cache(maxsize=2)
+def _markup_token_decoder(special: bool = False):
+    """A tiny model whose tokenizer has `<tool_call>` and `</tool_call>` as added tokens: not
+    special, as Qwen's and Hermes' tokenizers have them, or special (decoded to nothing)."""
     from eft_integrations import EFTDecoder
 
     from .chat_family import TOOLS_TEMPLATE
     from .tiny_models import build_tokenizer, llama
 
     tokenizer = build_tokenizer()
-    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=special)
     model = llama(len(tokenizer), seed=21, window=4096)
     return EFTDecoder(base=model, behaviors={}, tokenizer=tokenizer, chat_template=TOOLS_TEMPLATE)
 
 
+@pytest.mark.parametrize("special", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_forced_calls_validate_where_the_markup_is_an_added_token(seed):
-    decoder = _markup_token_decoder()
+def test_forced_calls_validate_where_the_markup_is_an_added_token(seed, special):
+    decoder = _markup_token_decoder(special)
     opening = decoder.tokenizer("<tool_call>", add_special_tokens=False)["input_ids"]
     assert len(opening) == 1  # the model writes the tag as one token
     for choice in ("any", "add", "ping"):
