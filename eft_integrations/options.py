@@ -245,7 +245,8 @@ def merge_call_weights(
     if isinstance(call_weights, Sequence) and not isinstance(call_weights, str):
         raise ValueError(
             f"weights is one dict per call, got a {type(call_weights).__name__}; for different "
-            "weights per input of a batch, make one call (one config) per input"
+            "weights per input of a batch, give each input its own call or config (in "
+            "LangChain: configurable_fields(weights=...) and one config per input)"
         )
     known = dict.fromkeys(behaviors, 1.0)
     for checked in (weights, call_weights):
