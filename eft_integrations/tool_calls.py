@@ -513,8 +513,9 @@ class ToolCallParser:
 
     - a `<tool_call>` block becomes a call (`read_calls=False`: it is dropped, for turns
       where no call may be made);
-    - a `<tool_response>` block the model writes is dropped when it repeats a tool result of
-      `echoes`, else its text stays without the tags; stray closing tags are dropped;
+    - a `<tool_response>` block the model writes keeps its text without the tags, unless it
+      repeats a tool result of `echoes`: then it is dropped, or, where the answer has no
+      words of its own (nor calls), it is the answer; stray closing tags are dropped;
     - `bare_calls=True`: an answer that is only JSON naming bound tools with schema-valid
       arguments (`parse_bare_calls`) is read as calls; content that starts like JSON (`{`,
       `[`, or a ```json fence) is then held back until the end.
@@ -540,6 +541,8 @@ class ToolCallParser:
         self._block: str | None = None  # the opening tag of the block being read
         self._after_block = False
         self._emitted = False  # some content was returned already
+        self._worded = False  # some of it was more than blanks
+        self._echo: str | None = None  # a repeated tool result, the answer if nothing else is
         self.calls: list[ToolCall | InvalidToolCall] = []
 
     def feed(self, piece: str) -> tuple[str, list[ToolCall | InvalidToolCall]]:
@@ -586,6 +589,9 @@ class ToolCallParser:
             break
         self.calls += calls
         text = "".join(content)
+        self._worded = self._worded or bool(text.strip())
+        if final and self._echo and not (self._worded or self.calls):
+            text, self._worded = self._echo, True
         self._emitted = self._emitted or bool(text)
         return text, calls
 
@@ -601,7 +607,9 @@ class ToolCallParser:
         if self._block == TOOL_CALL_OPEN:
             if self._read_calls:
                 calls.append(parse_call(body, self._tools))
-        elif body.strip() not in self._echoes:
+        elif body.strip() in self._echoes:
+            self._echo = body.strip()
+        else:
             self._buffer = body.strip() + self._buffer  # the model's own words stay
         self._block, self._after_block = None, True
         return bool(self._buffer) or end >= 0

@@ -684,12 +684,15 @@ TOOL_HISTORY = [
             "The sum is 3.",
         ),
         ("none", "<tool_response>\n3\n</tool_response> The sum is 3.", "The sum is 3."),
+        ("auto", "<tool_response>\n3\n</tool_response>", "3"),  # the echo is the answer
+        ("none", "<tool_response>\n3\n</tool_response>\n", "3"),
     ],
 )
 def test_final_content_never_carries_the_packages_markup(tool_choice, written, content):
     # the fallback format shows results as <tool_response> blocks and calls as <tool_call>
     # blocks; a model that echoes them (or calls anyway under tool_choice="none") does not
-    # leak them into the answer: an echoed result is dropped, other text keeps its words
+    # leak them into the answer: an echoed result is dropped (it is the answer when the model
+    # wrote nothing else), other text keeps its words
     decoder = chat_decoder()
     request = prepare_chat(decoder, TOOL_HISTORY, tools=[ADD], tool_choice=tool_choice)
     assert "<tool_response>\n3\n</tool_response>" in request.prompt
