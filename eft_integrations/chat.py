@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 import weakref
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constraints import GrammarConstraint, TokenConstraint
-from .options import Usage, merge_weights
+from .options import DEFAULT_MAX_NEW_TOKENS, RequestStats, Usage, merge_weights
 from .tool_calls import (
     DEFAULT_MAX_STRING_LENGTH,
     TOOL_CALL_CLOSE,
@@ -74,6 +75,7 @@ __all__ = [
     "astream_chat",
     "chat",
     "chat_batch",
+    "normalize_tool_choice",
     "prepare_chat",
     "resolved_weights",
     "stream_chat",
@@ -124,16 +126,24 @@ class ChatResult:
     finish_reason: str  # "stop" | "length" | "tool_calls"
     usage: Usage
     weights: dict[str, float] = field(default_factory=dict)
+    stats: RequestStats | None = None
+    """How the request went through the engine (see `GenerationResult.stats`)."""
 
 
 @dataclass(frozen=True)
 class ChatDelta:
-    """An increment of a streamed assistant turn; the last one has finish_reason and usage."""
+    """An increment of a streamed assistant turn; the last one has finish_reason, usage and
+    the engine's stats. Each tool call arrives whole, in one delta: as a chunk (its JSON text,
+    `error` set when unreadable) and as the call itself, read (`tool_calls`, arguments cast
+    to the schema) or not (`invalid_tool_calls`), so no adapter parses it again."""
 
     content: str
     tool_call_chunks: list[ToolCallChunk]
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+    stats: RequestStats | None = None
 
 
 @dataclass
@@ -294,6 +304,25 @@ def _render(
         return decoder.format_chat([merged, *rest], tools=tools)
 
 
+def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
+    """A tool choice as the core takes it: None or "auto" (the model decides), "none", "any"
+    or "required" (a call is forced), or a tool name (that tool is forced). The adapters' and
+    OpenAI's spellings are read too: True is "any", False is None, and a dict
+    {"type": "function", "function": {"name": ...}} (or {"name": ...}) names a tool.
+    ValueError otherwise, naming the choices."""
+    if isinstance(tool_choice, Mapping):
+        tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+    elif isinstance(tool_choice, bool):
+        tool_choice = "any" if tool_choice else None
+    choices = (None, "auto", "none", *FORCED_CHOICES)
+    if tool_choice not in choices and tool_choice not in names:
+        raise ValueError(
+            f"tool_choice must be one of {list(choices)} or a tool name {list(names)}, "
+            f"got {tool_choice!r}"
+        )
+    return tool_choice
+
+
 def prepare_chat(
     decoder: Any,
     messages: Sequence[Mapping[str, Any]],
@@ -313,12 +342,7 @@ def prepare_chat(
         raise ValueError("messages is empty: give at least one message")
     tools = normalize_tools(tools)
     names = [t["function"]["name"] for t in tools]
-    choices = (None, "auto", "none", *FORCED_CHOICES)
-    if tool_choice not in choices and tool_choice not in names:
-        raise ValueError(
-            f"tool_choice must be one of {list(choices)} or a tool name {names}, "
-            f"got {tool_choice!r}"
-        )
+    tool_choice = normalize_tool_choice(tool_choice, names)
     if tool_choice is not None and tool_choice != "none" and not tools:
         raise ValueError(f"tool_choice={tool_choice!r} needs tools")
     use_tools = bool(tools) and tool_choice != "none"
@@ -507,6 +531,7 @@ def _result(decoder: Any, request: ChatRequest, generated: Any) -> ChatResult:
         finish_reason=_finish_reason(generated.finish_reason, calls),
         usage=generated.usage,
         weights=dict(generated.weights),
+        stats=generated.stats,
     )
 
 
@@ -613,17 +638,27 @@ class _DeltaBuilder:
             if final:
                 tail, more = self._parser.finish()
                 content, calls = content + tail, calls + more
-        pieces = []
+        pieces, valid, invalid = [], [], []
         for call in calls:
-            pieces.append(_chunk(self._index, call))
+            piece = _chunk(self._index, call)
             self._index += 1
-            self._valid += isinstance(call, ToolCall)
+            pieces.append(piece)
+            if isinstance(call, ToolCall):
+                valid.append(call)
+            else:  # the id its chunk carries
+                invalid.append(dataclasses.replace(call, id=piece.id))
+        self._valid += len(valid)
+        delta = ChatDelta(content, pieces, valid, invalid)
         if final:
             reason = chunk.finish_reason
             if self._valid and reason != "length":
                 reason = "tool_calls"
-            return [ChatDelta(content, pieces, reason, chunk.usage)]
-        return [ChatDelta(content, pieces)] if content or pieces else []
+            return [
+                dataclasses.replace(
+                    delta, finish_reason=reason, usage=chunk.usage, stats=chunk.stats
+                )
+            ]
+        return [delta] if content or pieces else []
 
 
 def stream_chat(
@@ -718,7 +753,7 @@ def _budget(decoder: Any, request: ChatRequest, options: Mapping[str, Any]) -> t
     """The tokens a call may generate, as the decoder counts them: max_new_tokens (the
     decoder's default when not given), cut to what the context window leaves after the prompt
     (the longer of the prompt and `base_prompt`); and a note saying which limit it is."""
-    asked = int(options.get("max_new_tokens") or _DEFAULT_MAX_NEW_TOKENS)
+    asked = int(options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
     window = getattr(decoder, "context_window", None)
     if window is None:
         return asked, f" (max_new_tokens={asked})"
@@ -735,9 +770,6 @@ def _budget(decoder: Any, request: ChatRequest, options: Mapping[str, Any]) -> t
             f"{window - used} after the {used}-token prompt)"
         )
     return asked, f" (max_new_tokens={asked})"
-
-
-_DEFAULT_MAX_NEW_TOKENS = 128  # EFTDecoder.generate's default
 
 
 def _prepare_from_kwargs(

@@ -19,6 +19,7 @@ from eft_integrations.chat import (
     template_supports_tools,
 )
 from eft_integrations.constraints import GrammarConstraint
+from eft_integrations.options import StreamChunk, Usage
 from eft_integrations.tool_calls import (
     InvalidToolCall,
     ToolCallParser,
@@ -811,3 +812,68 @@ def test_forced_calls_validate_where_the_markup_is_an_added_token(seed, special)
     result = core._result(decoder, request, generated)
     assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls, result
     _validate_call(result.tool_calls[0])
+
+
+# ------------------------------------------------------------------------------ the adapters' layer
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, None),
+        ("auto", "auto"),
+        ("none", "none"),
+        ("any", "any"),
+        ("required", "required"),
+        (True, "any"),
+        (False, None),
+        ("add", "add"),
+        ({"type": "function", "function": {"name": "add"}}, "add"),
+        ({"name": "get_weather"}, "get_weather"),
+    ],
+)
+def test_every_tool_choice_spelling_becomes_the_cores(given, expected):
+    """One normalisation for the adapters and the core: OpenAI's dict, LangChain's bools."""
+    assert core.normalize_tool_choice(given, ["get_weather", "add"]) == expected
+
+
+def test_prepare_chat_takes_a_tool_choice_dict_and_names_the_choices():
+    decoder = chat_decoder()
+    named = {"type": "function", "function": {"name": "add"}}
+    assert prepare_chat(decoder, USER, tools=TOOLS, tool_choice=named).kind == "a forced tool call"
+    with pytest.raises(
+        ValueError, match=r"or a tool name \['get_weather', 'add', 'ping'\], got 'x'"
+    ):
+        prepare_chat(decoder, USER, tools=TOOLS, tool_choice={"function": {"name": "x"}})
+
+
+def test_results_and_the_last_delta_carry_the_engines_stats():
+    decoder = chat_decoder()
+    result = core.chat(decoder, USER, temperature=0.0, max_new_tokens=8)
+    deltas = list(core.stream_chat(decoder, USER, temperature=0.0, max_new_tokens=8))
+    for stats in (result.stats, deltas[-1].stats):
+        assert stats is not None and stats.total_time >= stats.queue_time >= 0.0
+        assert stats.drafted_tokens is None  # not speculative
+    assert all(d.stats is None for d in deltas[:-1])
+
+
+def test_deltas_carry_the_calls_they_complete_read_or_not():
+    """Each call arrives whole in one delta, as a chunk and as the call the core read (or
+    could not read), with one id: an adapter needs neither to merge nor to parse."""
+    decoder = chat_decoder()
+    request = prepare_chat(decoder, USER, tools=TOOLS, tool_choice="auto")
+    builder = core._DeltaBuilder(decoder, request)
+    text = (
+        'Checking.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": "2"}}\n</tool_call>'
+        '<tool_call>\n{"name": "launch_rocket", "arguments": {}}\n</tool_call>'
+    )
+    chunk = StreamChunk(text, [], finish_reason="stop", usage=Usage(3, 4))
+    [delta] = builder.push(chunk)
+    assert delta.content == "Checking."
+    assert [(c.name, c.arguments) for c in delta.tool_calls] == [("add", {"a": 1, "b": 2})]
+    [invalid] = delta.invalid_tool_calls
+    assert invalid.name == "launch_rocket" and invalid.error
+    pieces = delta.tool_call_chunks
+    assert [p.id for p in pieces] == [delta.tool_calls[0].id, invalid.id]
+    assert [p.error for p in pieces] == [None, invalid.error]
+    assert delta.finish_reason == "tool_calls" and delta.usage == Usage(3, 4)
