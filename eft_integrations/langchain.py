@@ -17,7 +17,6 @@ paths loads only the tokenizer for them.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -42,7 +41,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.messages.tool import invalid_tool_call, tool_call_chunk
 from langchain_core.output_parsers import (
     JsonOutputKeyToolsParser,
     JsonOutputParser,
@@ -63,20 +62,33 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from . import chat as core
 from .decoder import EFTDecoder
-from .loading import LazyDecoder
+from .loading import LazyDecoder, aget_decoder, get_decoder
+from .options import (
+    DEFAULT_CHAT_MAX_TOKENS,
+    DEFAULT_CHAT_TEMPERATURE,
+    GenerationOptions,
+    merge_call_options,
+)
+from .tool_calls import DEFAULT_MAX_STRING_LENGTH
 
 __all__ = ["ChatEFT"]
 
-# per-call options that go to the decoder, with the field they default to
-_SAMPLING_FIELDS = (
+# fields that go to the core under their own name (max_tokens goes as max_new_tokens)
+_CALL_FIELDS = (
+    "weights",
     "temperature",
     "top_p",
     "top_k",
     "seed",
     "conservative_top_p",
     "speculative_k",
+    "max_string_length",
 )
+# call options without a field: the chat arguments of `bind_tools` and structured output
 _CHAT_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+# the fields a ChatEFT built from model paths hands to `EFTDecoder.from_pretrained`
+_LOAD_FIELDS = ("base", "behaviors", "default_weights", "dtype", "device_map", "chat_template")
+_INVALID_KEY = "eft_invalid_tool_calls"
 
 
 class ChatEFT(BaseChatModel):
@@ -87,7 +99,9 @@ class ChatEFT(BaseChatModel):
     first use, so building a `ChatEFT` is cheap. Copies (`bind`, `configurable_fields`,
     `copy.deepcopy`) share the decoder; models are never copied. Every sampling field, and
     `weights`, can be given per call (`invoke(..., weights=...)`, `bind(...)`,
-    `configurable_fields`).
+    `configurable_fields`). The final message's `response_metadata` holds `finish_reason`,
+    the full `weights` and the engine's `stats` (queue time, time to first token, speed,
+    speculative acceptance).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
@@ -113,13 +127,13 @@ class ChatEFT(BaseChatModel):
     weights: dict[str, float] | None = None
     """Behavior weights, e.g. {"helpful": 0.3, "harmless": 0.7}; None takes the defaults.
     Per-call `weights` update these (names a call leaves out keep the values here)."""
-    temperature: float = 0.7
+    temperature: float = DEFAULT_CHAT_TEMPERATURE
     """Sampling temperature of the composed distribution; 0 decodes greedily."""
-    max_tokens: int | None = 256
+    max_tokens: int | None = DEFAULT_CHAT_MAX_TOKENS
     """Most tokens to generate (None: the decoder's default)."""
-    top_p: float = 1.0
+    top_p: float = GenerationOptions.top_p
     """Nucleus sampling over the composed distribution; 1 disables it."""
-    top_k: int = 0
+    top_k: int = GenerationOptions.top_k
     """Keep only the k most likely composed tokens; 0 disables it."""
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     """Stop strings (trimmed from the output); per-call `stop` adds to them."""
@@ -133,7 +147,7 @@ class ChatEFT(BaseChatModel):
     structured output decode token by token."""
     streaming: bool = False
     """Whether `invoke` streams internally (callbacks then see every token)."""
-    max_string_length: int | None = 256
+    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH
     """Cap on free strings inside constrained tool calls and structured output, so that
     forced JSON always closes within `max_tokens` (None: no cap)."""
 
@@ -146,14 +160,7 @@ class ChatEFT(BaseChatModel):
     def _lazy_decoder(self) -> ChatEFT:
         """From model paths, hold a `LazyDecoder`: building stays cheap, copies share it."""
         if self.decoder is None and self.base is not None:
-            self.decoder = LazyDecoder(
-                base=self.base,
-                behaviors=self.behaviors,
-                default_weights=self.default_weights,
-                dtype=self.dtype,
-                device_map=self.device_map,
-                chat_template=self.chat_template,
-            )
+            self.decoder = LazyDecoder(**{name: getattr(self, name) for name in _LOAD_FIELDS})
         return self
 
     # ------------------------------------------------------------------ identity
@@ -177,35 +184,16 @@ class ChatEFT(BaseChatModel):
         }
 
     def _reported_model_name(self) -> str:
+        """The `model_name` field, else the decoder's (a lazy one names its base unloaded)."""
         if self.model_name:
             return self.model_name
-        if isinstance(self.decoder, EFTDecoder):
-            return self.decoder.model_name
-        if isinstance(self.decoder, LazyDecoder):  # named without loading the models
-            return (
-                self.decoder.get().model_name
-                if self.decoder.loaded
-                else str(self.decoder.load_args["base"])
-            )
-        return "eft"
+        return self.decoder.model_name if self.decoder is not None else "eft"
 
     def _resolve_model_profile(self) -> ModelProfile | None:
         """What LangChain may rely on (create_agent reads `structured_output` to constrain the
         answer itself instead of forcing a tool call every turn): tools, tool choice and
-        structured output are grammar-constrained over the composed distribution."""
-        profile = ModelProfile(
-            text_inputs=True,
-            image_inputs=False,
-            audio_inputs=False,
-            video_inputs=False,
-            pdf_inputs=False,
-            text_outputs=True,
-            tool_calling=True,
-            tool_choice=True,
-            tool_call_streaming=True,
-            structured_output=True,
-            temperature=True,
-        )
+        structured output are grammar-constrained over the composed distribution; text only."""
+        profile = ModelProfile(**_SUPPORTED, **_UNSUPPORTED)  # type: ignore[typeddict-item]
         if isinstance(self.decoder, EFTDecoder) and self.decoder.context_window is not None:
             profile["max_input_tokens"] = self.decoder.context_window
         return profile
@@ -225,16 +213,9 @@ class ChatEFT(BaseChatModel):
             params["ls_stop"] = stops
         return params
 
-    # ------------------------------------------------------------------ decoder
-
-    def _get_decoder(self) -> EFTDecoder:
-        """The shared decoder (a lazy one loads its models on the first call)."""
-        renderer = self._renderer()
-        return renderer.get() if isinstance(renderer, LazyDecoder) else renderer
-
-    def _renderer(self) -> EFTDecoder | LazyDecoder:
+    def _holder(self) -> EFTDecoder | LazyDecoder:
         """The decoder as given: it renders prompts and holds the tokenizer, and a lazy one
-        renders them without loading the models."""
+        does both without loading the models."""
         if self.decoder is None:
             raise ValueError(
                 "ChatEFT needs decoder=EFTDecoder(...) or base=... (and behaviors=...) "
@@ -248,19 +229,19 @@ class ChatEFT(BaseChatModel):
         """Token ids of `text` in the decoder's tokenizer (no special tokens added)."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        return list(self._renderer().tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self._holder().tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
     ) -> int:
         """Tokens of the prompt these messages (and tools) render to through the decoder's
         chat template, generation prompt included: what a call with them reads."""
-        renderer = self._renderer()
-        prompt = renderer.format_chat(
+        holder = self._holder()
+        prompt = holder.format_chat(
             _to_core_messages(messages),
             tools=[convert_to_openai_tool(t) for t in tools] if tools else None,
         )
-        tokenizer = renderer.tokenizer
+        tokenizer = holder.tokenizer
         bos = tokenizer.bos_token  # special tokens as the decoder encodes a rendered prompt
         special = not (bos and prompt.startswith(bos))
         return len(tokenizer(prompt, add_special_tokens=special)["input_ids"])
@@ -273,76 +254,25 @@ class ChatEFT(BaseChatModel):
         return [*(self.stop or []), *(stop or [])]
 
     def _call_options(self, stop: Sequence[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Per-call options for the core: fields, overridden by invoke/bind kwargs."""
-        kwargs = dict(kwargs)
-        options: dict[str, Any] = {
-            name: kwargs.pop(name, getattr(self, name)) for name in _SAMPLING_FIELDS
-        }
-        options["weights"] = self._weights(kwargs.pop("weights", None))
-        max_tokens = kwargs.pop("max_tokens", self.max_tokens)
-        if max_tokens is not None:
-            options["max_new_tokens"] = max_tokens
-        options["stop"] = self._stops(stop) or None
-        options["max_string_length"] = kwargs.pop("max_string_length", self.max_string_length)
-        for name in _CHAT_KWARGS:
-            if name in kwargs:
-                options[name] = kwargs.pop(name)
+        """The core's options for one call: the fields, overridden by invoke/bind kwargs
+        (LangChain's own `ls_*` tracing kwargs are not options)."""
         model = kwargs.pop("model", None)
         if model is not None and model != self._reported_model_name():
             raise ValueError(
                 f"ChatEFT cannot switch models per call (got model={model!r}); the models are "
                 "fixed when the decoder is built: use another ChatEFT"
             )
-        unknown = [k for k in kwargs if not k.startswith("ls_")]
-        if unknown:
-            raise ValueError(
-                f"unknown ChatEFT call options {unknown}; known: weights, max_tokens, stop, "
-                f"{', '.join(_SAMPLING_FIELDS)}, tools, tool_choice, response_format"
-            )
-        return options
-
-    def _weights(self, call_weights: Any) -> Any:
-        """Per-call weights over the instance's: names the call leaves out keep the
-        instance's weight (then the decoder's default)."""
-        if isinstance(call_weights, Sequence) and not isinstance(call_weights, (str, Mapping)):
-            raise ValueError(
-                "weights is one dict per call; for different weights per input of a batch, "
-                "make weights configurable (configurable_fields) and give one config per input"
-            )
-        if call_weights is not None and not isinstance(call_weights, Mapping):
-            return call_weights  # the decoder names the error
-        if self.weights is None and call_weights is None:
-            return None
-        return {**(self.weights or {}), **(call_weights or {})}
-
-    def _metadata(self, options: Mapping[str, Any], finish_reason: str | None) -> dict[str, Any]:
-        decoder = self._get_decoder()
-        return {
-            "model_name": self._reported_model_name(),
-            "model_provider": "eft",
-            "finish_reason": finish_reason,
-            "weights": core.resolved_weights(decoder, options.get("weights")),
-        }
+        fields = {name: getattr(self, name) for name in _CALL_FIELDS}
+        fields.update(max_new_tokens=self.max_tokens, stop=self._stops(stop) or None)
+        return merge_call_options(
+            fields,
+            {k: v for k, v in kwargs.items() if not k.startswith("ls_")},
+            owner="ChatEFT",
+            passthrough=_CHAT_KWARGS,
+            behaviors=self._holder().behavior_names,
+        )
 
     # ------------------------------------------------------------------ decoding
-
-    def _chunk(self, delta: core.ChatDelta, options: Mapping[str, Any]) -> ChatGenerationChunk:
-        chunks = [
-            tool_call_chunk(name=c.name, args=c.arguments, id=c.id, index=c.index)
-            for c in delta.tool_call_chunks
-        ]
-        message = AIMessageChunk(content=delta.content, tool_call_chunks=chunks)
-        info: dict[str, Any] = {}
-        if delta.finish_reason is not None:
-            message.response_metadata = self._metadata(options, delta.finish_reason)
-            message.chunk_position = "last"
-            if delta.usage is not None:
-                message.usage_metadata = _usage(delta.usage)
-            info["finish_reason"] = delta.finish_reason
-        errors = {c.id: c.error for c in delta.tool_call_chunks if c.error is not None}
-        if errors:  # LangChain re-parses chunk args leniently; _generate restores these
-            info[_INVALID_KEY] = errors
-        return ChatGenerationChunk(message=message, generation_info=info or None)
 
     def _stream(
         self,
@@ -351,13 +281,15 @@ class ChatEFT(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        """The one decoding path: the core's chat deltas as LangChain chunks."""
         options = self._call_options(stop, kwargs)
-        decoder = self._get_decoder()
+        decoder = get_decoder(self._holder())
+        metadata = self._metadata(decoder, options)
         cancel = threading.Event()
         deltas = core.stream_chat(decoder, _to_core_messages(messages), cancel=cancel, **options)
         try:
             for delta in deltas:
-                chunk = self._chunk(delta, options)
+                chunk = _chunk(delta, metadata)
                 if run_manager is not None:
                     run_manager.on_llm_new_token(delta.content, chunk=chunk)
                 yield chunk
@@ -372,17 +304,19 @@ class ChatEFT(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        """`_stream` on the event loop: decoding runs on the engine, loading on a thread."""
         options = self._call_options(stop, kwargs)
-        decoder = await asyncio.to_thread(self._get_decoder)  # loading must not block the loop
+        decoder = await aget_decoder(self._holder())
+        metadata = self._metadata(decoder, options)
         deltas = core.astream_chat(decoder, _to_core_messages(messages), **options)
         try:
             async for delta in deltas:
-                chunk = self._chunk(delta, options)
+                chunk = _chunk(delta, metadata)
                 if run_manager is not None:
                     await run_manager.on_llm_new_token(delta.content, chunk=chunk)
                 yield chunk
         finally:
-            await deltas.aclose()
+            await deltas.aclose()  # closing the stream stops decoding
 
     def _generate(
         self,
@@ -391,9 +325,9 @@ class ChatEFT(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _mark_invalid(
-            generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
-        )
+        """`_stream`, aggregated (LangChain reads `run_manager` here to stream callbacks)."""
+        chunks = self._stream(messages, stop, run_manager, **kwargs)
+        return _mark_invalid(generate_from_stream(chunks))
 
     async def _agenerate(
         self,
@@ -402,9 +336,17 @@ class ChatEFT(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _mark_invalid(
-            await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
-        )
+        """`_astream`, aggregated."""
+        chunks = self._astream(messages, stop, run_manager, **kwargs)
+        return _mark_invalid(await agenerate_from_stream(chunks))
+
+    def _metadata(self, decoder: EFTDecoder, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Response metadata of a call (the last chunk adds finish_reason and stats)."""
+        return {
+            "model_name": self._reported_model_name(),
+            "model_provider": "eft",
+            "weights": core.resolved_weights(decoder, options.get("weights")),
+        }
 
     # ------------------------------------------------------------------ tools
 
@@ -420,25 +362,15 @@ class ChatEFT(BaseChatModel):
 
         tool_choice: None / "auto" (the model decides; once it opens a call, the call is
         constrained to a valid one), "none", "any" / "required" / True (a call is forced), or
-        a tool name (that tool is forced). A forced choice makes one call unless
-        `parallel_tool_calls=True`."""
+        a tool name or OpenAI's {"type": "function", "function": {"name": ...}} (that tool is
+        forced). A forced choice makes one call unless `parallel_tool_calls=True`."""
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [t["function"]["name"] for t in formatted]
-        if isinstance(tool_choice, dict):
-            tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        if tool_choice is True:
-            tool_choice = "any"
-        if tool_choice is False:
-            tool_choice = None
-        if tool_choice not in (None, "auto", "none", "any", "required", *names):
-            raise ValueError(
-                f"tool_choice must be auto, none, any, required or one of {names}, "
-                f"got {tool_choice!r}"
-            )
+        tool_choice = core.normalize_tool_choice(tool_choice, names)
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
         if tool_choice is not None:
             bound["tool_choice"] = tool_choice
-        if parallel_tool_calls is None and tool_choice in ("any", "required", *names):
+        if parallel_tool_calls is None and tool_choice not in (None, "auto", "none"):
             # a forced call is one call unless asked otherwise: small models tend to repeat it
             parallel_tool_calls = False
         if parallel_tool_calls is not None:
@@ -559,44 +491,70 @@ def _is_json(message: BaseMessage) -> bool:
 
 # ---------------------------------------------------------------------------- translation
 
+# what ChatEFT's profile declares: text in and out; tools, tool choice and structured output
+# grammar-constrained over the composed distribution
+_SUPPORTED = dict.fromkeys(
+    (
+        "text_inputs",
+        "text_outputs",
+        "tool_calling",
+        "tool_choice",
+        "tool_call_streaming",
+        "structured_output",
+        "temperature",
+    ),
+    True,
+)
+_UNSUPPORTED = dict.fromkeys(("image_inputs", "audio_inputs", "video_inputs", "pdf_inputs"), False)
 
-_INVALID_KEY = "eft_invalid_tool_calls"
+
+def _chunk(delta: core.ChatDelta, metadata: Mapping[str, Any]) -> ChatGenerationChunk:
+    """A core `ChatDelta` as a LangChain chunk; the last one carries the call's metadata,
+    usage and the engine's stats."""
+    chunks = [
+        tool_call_chunk(name=c.name, args=c.arguments, id=c.id, index=c.index)
+        for c in delta.tool_call_chunks
+    ]
+    message = AIMessageChunk(content=delta.content, tool_call_chunks=chunks)
+    info: dict[str, Any] = {}
+    if delta.finish_reason is not None:
+        stats = delta.stats.as_dict() if delta.stats is not None else None
+        message.response_metadata = {
+            **metadata,
+            "finish_reason": delta.finish_reason,
+            "stats": stats,
+        }
+        message.chunk_position = "last"
+        if delta.usage is not None:
+            message.usage_metadata = _usage(delta.usage)
+        info["finish_reason"] = delta.finish_reason
+    invalid = {
+        c.id: invalid_tool_call(name=c.name, args=c.arguments, id=c.id, error=c.error)
+        for c in delta.tool_call_chunks
+        if c.error is not None
+    }
+    if invalid:  # LangChain re-parses chunk args leniently; _mark_invalid restores these
+        info[_INVALID_KEY] = invalid
+    return ChatGenerationChunk(message=message, generation_info=info or None)
 
 
 def _mark_invalid(result: ChatResult) -> ChatResult:
     """Calls the core could not read stay invalid in the aggregated message (LangChain's
     lenient partial-JSON parse of chunk arguments would otherwise accept some of them)."""
     generation = result.generations[0]
-    errors = (generation.generation_info or {}).pop(_INVALID_KEY, None)
-    if not errors:
-        return result
-    message = generation.message
-    keep = [c for c in message.tool_calls if c.get("id") not in errors]
-    invalid = [c for c in message.invalid_tool_calls if c.get("id") not in errors] + [
-        {
-            "name": c.get("name"),
-            "args": _raw_args(c),
-            "id": c.get("id"),
-            "error": errors[c.get("id")],
-            "type": "invalid_tool_call",
-        }
-        for c in [*message.tool_calls, *message.invalid_tool_calls]
-        if c.get("id") in errors
-    ]
-    generation.message = AIMessage(
-        content=message.content,
-        tool_calls=keep,
-        invalid_tool_calls=invalid,
-        usage_metadata=message.usage_metadata,
-        response_metadata=message.response_metadata,
-        id=message.id,
-    )
+    invalid = (generation.generation_info or {}).pop(_INVALID_KEY, None)
+    if invalid:
+        message = generation.message
+        generation.message = message.model_copy(
+            update={
+                "tool_calls": [c for c in message.tool_calls if c["id"] not in invalid],
+                "invalid_tool_calls": [
+                    *(c for c in message.invalid_tool_calls if c["id"] not in invalid),
+                    *invalid.values(),
+                ],
+            }
+        )
     return result
-
-
-def _raw_args(call: Mapping[str, Any]) -> str | None:
-    args = call.get("args")
-    return args if isinstance(args, str) or args is None else json.dumps(args)
 
 
 def _usage(usage: Any) -> UsageMetadata:

@@ -14,6 +14,9 @@ LlamaIndex messages and tools <-> the core's chat dicts (`eft_integrations.chat`
 LlamaIndex call options <-> `EFTDecoder` options. `complete` continues raw text (no chat
 template); `chat`, tools and structured output go through the core's chat functions.
 
+Responses carry the token usage, finish reason, full weights and the engine's per-request
+`stats` in `raw` (usage also in `additional_kwargs`, where `TokenCountingHandler` reads it).
+
 RAG packing: `metadata.context_window` is the smallest context window of the composed models
 and `num_output` is `max_new_tokens`. LlamaIndex counts prompt tokens with its global
 tokenizer (tiktoken by default); for exact packing set
@@ -22,10 +25,9 @@ tokenizer (tiktoken by default); for exact packing set
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -42,7 +44,7 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
-from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW, DEFAULT_NUM_OUTPUTS
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.llm import (
     LLMStructuredPredictEndEvent,
@@ -57,8 +59,16 @@ from llama_index.core.types import PydanticProgramMode
 
 from . import chat as core_chat
 from .decoder import EFTDecoder
-from .loading import LazyDecoder
-from .options import GenerationOptions, Usage, merge_weights
+from .loading import LazyDecoder, aget_decoder, get_decoder
+from .options import (
+    DEFAULT_CHAT_MAX_TOKENS,
+    DEFAULT_CHAT_TEMPERATURE,
+    GenerationOptions,
+    StreamChunk,
+    Usage,
+    merge_call_options,
+    merge_call_weights,
+)
 from .tool_calls import DEFAULT_MAX_STRING_LENGTH
 
 if TYPE_CHECKING:
@@ -69,10 +79,8 @@ __all__ = ["EFTLLM"]
 
 dispatcher = get_dispatcher(__name__)
 
-_DEFAULTS = GenerationOptions()
-
-# options a call may override; everything else in **kwargs is a mistake worth reporting
-_GENERATION_OPTIONS = (
+# fields a call may override, under the core's names (a call may say max_tokens too)
+_GENERATION_FIELDS = (
     "weights",
     "temperature",
     "max_new_tokens",
@@ -83,13 +91,9 @@ _GENERATION_OPTIONS = (
     "conservative_top_p",
     "speculative_k",
 )
-_CHAT_OPTIONS = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "max_string_length",
-)
+# chat calls only: a field, and the chat arguments that go to the core as given
+_CHAT_FIELDS = ("max_string_length",)
+_CHAT_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
 
 class EFTLLM(FunctionCallingLLM):
@@ -109,7 +113,9 @@ class EFTLLM(FunctionCallingLLM):
 
     Responses carry token usage in `raw["usage"]` and in `additional_kwargs`
     (`prompt_tokens`, `completion_tokens`, `total_tokens`), as LlamaIndex's
-    `TokenCountingHandler` reads them, plus `raw["finish_reason"]` and `raw["weights"]`.
+    `TokenCountingHandler` reads them, plus `raw["finish_reason"]`, `raw["weights"]` and, on
+    the final response, `raw["stats"]` (the engine's queue time, time to first token,
+    speed and speculative acceptance).
     """
 
     model_name: str = Field(
@@ -124,23 +130,23 @@ class EFTLLM(FunctionCallingLLM):
         "reverses it.",
     )
     temperature: float = Field(
-        default=0.7,
+        default=DEFAULT_CHAT_TEMPERATURE,
         ge=0.0,
         description="Sampling temperature over the EFT-composed distribution; 0 is greedy.",
     )
     max_new_tokens: int = Field(
-        default=DEFAULT_NUM_OUTPUTS,
+        default=DEFAULT_CHAT_MAX_TOKENS,
         gt=0,
         description="Most tokens generated per call; reported as metadata.num_output.",
     )
     top_p: float = Field(
-        default=_DEFAULTS.top_p,
+        default=GenerationOptions.top_p,
         gt=0.0,
         le=1.0,
         description="Nucleus sampling over the composed distribution; 1 disables it.",
     )
     top_k: int = Field(
-        default=_DEFAULTS.top_k,
+        default=GenerationOptions.top_k,
         ge=0,
         description="Keep the k most likely composed tokens; 0 disables it.",
     )
@@ -219,20 +225,7 @@ class EFTLLM(FunctionCallingLLM):
     @property
     def decoder(self) -> EFTDecoder:
         """The `EFTDecoder` (loaded now if this LLM was built from model names)."""
-        holder = self._holder
-        return holder.get() if isinstance(holder, LazyDecoder) else holder
-
-    def _unloaded(self) -> LazyDecoder | None:
-        """The lazy holder while its models are not loaded yet, else None."""
-        holder = self._holder
-        return holder if isinstance(holder, LazyDecoder) and not holder.loaded else None
-
-    async def _adecoder(self) -> EFTDecoder:
-        # a first lazy load takes a while: keep it off the event loop too
-        lazy = self._unloaded()
-        if lazy is None:
-            return self.decoder
-        return await asyncio.to_thread(lazy.get)
+        return get_decoder(self._holder)
 
     def with_options(self, **options: Any) -> EFTLLM:
         """A copy with other default options (fields), sharing this LLM's decoder.
@@ -241,7 +234,7 @@ class EFTLLM(FunctionCallingLLM):
         """
         unknown = sorted(set(options) - set(type(self).model_fields))
         if unknown:
-            raise ValueError(f"unknown EFTLLM options {unknown}; known: {_GENERATION_OPTIONS}")
+            raise ValueError(f"unknown EFTLLM options {unknown}; known: {_GENERATION_FIELDS}")
         if isinstance(options.get("stop"), str):
             options["stop"] = [options["stop"]]
         # model_copy keeps the private holder (shared decoder), the callback manager and the
@@ -262,17 +255,9 @@ class EFTLLM(FunctionCallingLLM):
 
     def _check_weights(self) -> None:
         """Fail now, naming the known behaviors, on weights the decoder would reject later:
-        inside a query engine a failing call only shows as an empty answer."""
-        if self.weights is not None:
-            merge_weights(self.weights, dict.fromkeys(self._behavior_names(), 1.0))
-
-    def _behavior_names(self) -> list[str]:
-        """The behaviors weights may name: the decoder's, or the load arguments' while the
-        models are not loaded (nothing is loaded to find them)."""
-        lazy = self._unloaded()
-        if lazy is not None:
-            return list(lazy.load_args["behaviors"])
-        return list(self.decoder.behavior_names)
+        inside a query engine a failing call only shows as an empty answer (the behaviors
+        of a lazy decoder are known unloaded)."""
+        merge_call_weights(self.weights, None, self._holder.behavior_names)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -290,120 +275,69 @@ class EFTLLM(FunctionCallingLLM):
 
     # ------------------------------------------------------------------ options
 
-    def _generation_options(self, call: Mapping[str, Any]) -> dict[str, Any]:
-        """This LLM's options with a call's overrides; per-call weights merge over `weights`."""
-        call = dict(call)
-        if "max_tokens" in call:  # the name most LlamaIndex LLMs use
-            call["max_new_tokens"] = call.pop("max_tokens")
-        unknown = sorted(set(call) - set(_GENERATION_OPTIONS))
-        if unknown:  # a ValueError, as in ChatEFT and the core
-            raise ValueError(
-                f"unknown EFTLLM call options {unknown}; accepted: "
-                f"{[*_GENERATION_OPTIONS, 'max_tokens', *_CHAT_OPTIONS]}"
-            )
-        options = {name: getattr(self, name) for name in _GENERATION_OPTIONS}
-        options.update(call)
-        call_weights = call.get("weights")
-        if call_weights is not None and not isinstance(call_weights, Mapping):
-            raise ValueError(
-                "weights must be a dict of behavior name -> float, got "
-                f"{type(call_weights).__name__}"
-            )
-        weights = {**(self.weights or {}), **(call_weights or {})}
-        options["weights"] = weights or None
-        if options["speculative_k"] is None:  # the decoder's default: token by token
-            del options["speculative_k"]
-        return options
-
-    def _completion_prompt(self, prompt: str, formatted: bool) -> str:
-        return prompt if formatted else self.completion_to_prompt(prompt)
+    def _options(self, call: Mapping[str, Any], chat: bool = False) -> dict[str, Any]:
+        """This LLM's options with a call's overrides, for the decoder (or, with `chat`, the
+        core's chat functions); per-call weights merge over `weights`."""
+        names = (*_GENERATION_FIELDS, *_CHAT_FIELDS) if chat else _GENERATION_FIELDS
+        return merge_call_options(
+            {name: getattr(self, name) for name in names},
+            call,
+            owner="EFTLLM",
+            passthrough=_CHAT_KWARGS if chat else (),
+            behaviors=self._holder.behavior_names,
+        )
 
     def _chat_request(
         self, messages: Sequence[ChatMessage], call: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Keyword arguments for the core's chat functions."""
-        call = dict(call)
-        request: dict[str, Any] = {"max_string_length": self.max_string_length}
-        request.update({k: call.pop(k) for k in _CHAT_OPTIONS if k in call})
-        request.update(self._generation_options(call))
-        request["messages"] = _to_core_messages(messages)
-        return request
+        return {"messages": _to_core_messages(messages), **self._options(call, chat=True)}
 
-    def _resolved_weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
-        return core_chat.resolved_weights(self.decoder, weights)
+    def _completion_prompt(self, prompt: str, formatted: bool) -> str:
+        return prompt if formatted else self.completion_to_prompt(prompt)
 
     # ------------------------------------------------------------------ completion
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Continue `prompt` as raw text (no chat template); kwargs override options."""
-        options = self._generation_options(kwargs)
+        options = self._options(kwargs)
         result = self.decoder.generate(self._completion_prompt(prompt, formatted), **options)
-        return _completion_response(
-            result.text,
-            None,
-            result.usage,
-            result.finish_reason,
-            result.weights,
-            result.token_ids,
-        )
+        return _completion_response(result.text, result, result.weights, result.token_ids)
 
     @llm_completion_callback()
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
         """Stream the continuation of `prompt`: `delta` is new text, `text` is cumulative."""
-        options = self._generation_options(kwargs)
-        full_prompt = self._completion_prompt(prompt, formatted)
-        weights = self._resolved_weights(options["weights"])
-        chunks = self.decoder.stream(full_prompt, **options)
-
-        def gen() -> Iterator[CompletionResponse]:
-            text = ""
-            for chunk in chunks:
-                text += chunk.text
-                yield _completion_response(
-                    text, chunk.text, chunk.usage, chunk.finish_reason, weights
-                )
-
-        return gen()
+        options = self._options(kwargs)
+        decoder = self.decoder
+        chunks = decoder.stream(self._completion_prompt(prompt, formatted), **options)
+        return _responses(
+            chunks, _StreamedText(core_chat.resolved_weights(decoder, options["weights"]))
+        )
 
     @llm_completion_callback()
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        """`complete`, decoded on a worker thread so the event loop keeps running."""
-        options = self._generation_options(kwargs)
-        decoder = await self._adecoder()
+        """`complete`, decoded on the engine while the event loop keeps running."""
+        options = self._options(kwargs)
+        decoder = await aget_decoder(self._holder)
         result = await decoder.agenerate(self._completion_prompt(prompt, formatted), **options)
-        return _completion_response(
-            result.text,
-            None,
-            result.usage,
-            result.finish_reason,
-            result.weights,
-            result.token_ids,
-        )
+        return _completion_response(result.text, result, result.weights, result.token_ids)
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        """`stream_complete`, decoded on a worker thread; closing the stream stops decoding."""
-        options = self._generation_options(kwargs)
-        full_prompt = self._completion_prompt(prompt, formatted)
-        decoder = await self._adecoder()
-        weights = self._resolved_weights(options["weights"])
-
-        async def gen() -> AsyncIterator[CompletionResponse]:
-            text = ""
-            async for chunk in decoder.astream(full_prompt, **options):
-                text += chunk.text
-                yield _completion_response(
-                    text, chunk.text, chunk.usage, chunk.finish_reason, weights
-                )
-
-        return gen()
+        """`stream_complete` on the event loop; closing the stream stops decoding."""
+        options = self._options(kwargs)
+        decoder = await aget_decoder(self._holder)
+        chunks = decoder.astream(self._completion_prompt(prompt, formatted), **options)
+        return _aresponses(
+            chunks, _StreamedText(core_chat.resolved_weights(decoder, options["weights"]))
+        )
 
     # ------------------------------------------------------------------ chat
 
@@ -418,38 +352,30 @@ class EFTLLM(FunctionCallingLLM):
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream a reply: `delta` is new text, `message` the reply so far (tool calls too)."""
         request = self._chat_request(messages, kwargs)
-        weights = self._resolved_weights(request["weights"])  # bad weights fail here
-        deltas = core_chat.stream_chat(self.decoder, **request)
-
-        def gen() -> Iterator[ChatResponse]:
-            reply = _StreamedReply(weights)
-            for delta in deltas:
-                yield reply.add(delta)
-
-        return gen()
+        decoder = self.decoder
+        deltas = core_chat.stream_chat(decoder, **request)
+        return _responses(
+            deltas, _StreamedReply(core_chat.resolved_weights(decoder, request["weights"]))
+        )
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        """`chat`, decoded on a worker thread so the event loop keeps running."""
+        """`chat`, decoded on the engine while the event loop keeps running."""
         request = self._chat_request(messages, kwargs)
-        decoder = await self._adecoder()
+        decoder = await aget_decoder(self._holder)
         return _chat_response(await core_chat.achat(decoder, **request))
 
     @llm_chat_callback()
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        """`stream_chat`, decoded on a worker thread; closing the stream stops decoding."""
+        """`stream_chat` on the event loop; closing the stream stops decoding."""
         request = self._chat_request(messages, kwargs)
-        decoder = await self._adecoder()
-        weights = self._resolved_weights(request["weights"])
-
-        async def gen() -> AsyncIterator[ChatResponse]:
-            reply = _StreamedReply(weights)
-            async for delta in core_chat.astream_chat(decoder, **request):
-                yield reply.add(delta)
-
-        return gen()
+        decoder = await aget_decoder(self._holder)
+        deltas = core_chat.astream_chat(decoder, **request)
+        return _aresponses(
+            deltas, _StreamedReply(core_chat.resolved_weights(decoder, request["weights"]))
+        )
 
     # ------------------------------------------------------------------ tools
 
@@ -480,7 +406,7 @@ class EFTLLM(FunctionCallingLLM):
         return {
             "messages": messages,
             "tools": specs,
-            "tool_choice": _core_tool_choice(tool_choice),
+            "tool_choice": tool_choice,
             "parallel_tool_calls": allow_parallel_tool_calls,
             **kwargs,
         }
@@ -714,14 +640,8 @@ def _arguments_dict(arguments: Any) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def _core_tool_choice(tool_choice: str | Mapping[str, Any]) -> str:
-    """LlamaIndex / OpenAI tool_choice -> the core's: "auto", "none", "required" or a name."""
-    if isinstance(tool_choice, Mapping):  # {"type": "function", "function": {"name": ...}}
-        return str(tool_choice.get("function", {}).get("name") or tool_choice.get("name"))
-    return tool_choice
-
-
 def _usage_fields(usage: Usage | None) -> dict[str, int]:
+    """Usage as `TokenCountingHandler` reads it (from `raw["usage"]` or `additional_kwargs`)."""
     if usage is None:
         return {}
     return {
@@ -732,106 +652,125 @@ def _usage_fields(usage: Usage | None) -> dict[str, int]:
 
 
 def _raw(
-    usage: Usage | None,
-    finish_reason: str | None,
-    weights: Mapping[str, float],
-    token_ids: Sequence[int] | None = None,
+    source: Any, weights: Mapping[str, float], token_ids: Sequence[int] | None = None
 ) -> dict[str, Any]:
-    raw: dict[str, Any] = {"finish_reason": finish_reason, "weights": dict(weights)}
+    """`raw` of a response from the core's result or stream item `source` (a GenerationResult,
+    StreamChunk, ChatResult or ChatDelta): finish reason, weights, and once known (the final
+    item), usage and the engine's stats."""
+    raw: dict[str, Any] = {"finish_reason": source.finish_reason, "weights": dict(weights)}
     if token_ids is not None:
         raw["token_ids"] = list(token_ids)
-    if usage is not None:
-        raw["usage"] = _usage_fields(usage)
+    if source.usage is not None:
+        raw["usage"] = _usage_fields(source.usage)
+    if source.stats is not None:
+        raw["stats"] = source.stats.as_dict()
     return raw
 
 
 def _completion_response(
     text: str,
-    delta: str | None,
-    usage: Usage | None,
-    finish_reason: str | None,
+    source: Any,
     weights: Mapping[str, float],
     token_ids: Sequence[int] | None = None,
+    delta: str | None = None,
 ) -> CompletionResponse:
     return CompletionResponse(
         text=text,
         delta=delta,
-        raw=_raw(usage, finish_reason, weights, token_ids),
-        additional_kwargs=_usage_fields(usage),
+        raw=_raw(source, weights, token_ids),
+        additional_kwargs=_usage_fields(source.usage),
     )
 
 
-def _assistant_message(
+def _chat_reply(
     content: str,
-    tool_calls: Sequence[tuple[str | None, str, dict[str, Any] | str]],
-    invalid_tool_calls: Sequence[Any] = (),
-) -> ChatMessage:
+    tool_calls: Sequence[core_chat.ToolCall],
+    invalid_tool_calls: Sequence[core_chat.InvalidToolCall],
+    source: Any,
+    weights: Mapping[str, float],
+    delta: str | None = None,
+) -> ChatResponse:
+    """A LlamaIndex reply: text and tool-call blocks; calls the core could not read go to
+    `additional_kwargs["invalid_tool_calls"]`."""
     blocks: list[Any] = [TextBlock(text=content)] if content else []
     blocks += [
-        ToolCallBlock(tool_call_id=call_id, tool_name=name, tool_kwargs=arguments)
-        for call_id, name, arguments in tool_calls
+        ToolCallBlock(tool_call_id=call.id, tool_name=call.name, tool_kwargs=call.arguments)
+        for call in tool_calls
     ]
-    extra: dict[str, Any] = {}
-    if invalid_tool_calls:
-        extra["invalid_tool_calls"] = [
-            {"id": c.id, "name": c.name, "arguments": c.arguments, "error": c.error}
-            for c in invalid_tool_calls
-        ]
-    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=extra)
-
-
-def _chat_response(result: core_chat.ChatResult) -> ChatResponse:
-    message = _assistant_message(
-        result.content,
-        [(c.id, c.name, c.arguments) for c in result.tool_calls],
-        result.invalid_tool_calls,
+    extra = {"invalid_tool_calls": [asdict(c) for c in invalid_tool_calls]}
+    message = ChatMessage(
+        role=MessageRole.ASSISTANT,
+        blocks=blocks,
+        additional_kwargs=extra if invalid_tool_calls else {},
     )
     return ChatResponse(
         message=message,
-        raw=_raw(result.usage, result.finish_reason, result.weights),
-        additional_kwargs=_usage_fields(result.usage),
+        delta=delta,
+        raw=_raw(source, weights),
+        additional_kwargs=_usage_fields(source.usage),
     )
 
 
-class _StreamedReply:
-    """Accumulates the core's `ChatDelta`s into cumulative LlamaIndex `ChatResponse`s.
+def _chat_response(result: core_chat.ChatResult) -> ChatResponse:
+    return _chat_reply(
+        result.content, result.tool_calls, result.invalid_tool_calls, result, result.weights
+    )
 
-    The core streams each tool call as one complete chunk, and an unreadable call too, with
-    its `error` set: those are reported in `additional_kwargs["invalid_tool_calls"]`, as
-    `chat` does. The arguments of a readable call are the core's JSON of its cast arguments.
-    """
+
+class _StreamedText:
+    """The decoder's `StreamChunk`s as cumulative `CompletionResponse`s."""
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        self.weights = weights
+        self.text = ""
+
+    def add(self, chunk: StreamChunk) -> CompletionResponse:
+        self.text += chunk.text
+        return _completion_response(self.text, chunk, self.weights, delta=chunk.text)
+
+
+class _StreamedReply:
+    """The core's `ChatDelta`s as cumulative `ChatResponse`s. Each tool call arrives whole in
+    one delta, read by the core (`tool_calls`) or not readable (`invalid_tool_calls`)."""
 
     def __init__(self, weights: Mapping[str, float]) -> None:
         self.weights = weights
         self.content = ""
-        self.calls: dict[int, core_chat.ToolCallChunk] = {}  # chunks with one index merge
+        self.tool_calls: list[core_chat.ToolCall] = []
+        self.invalid_tool_calls: list[core_chat.InvalidToolCall] = []
 
     def add(self, delta: core_chat.ChatDelta) -> ChatResponse:
-        self.content += delta.content or ""
-        for chunk in delta.tool_call_chunks or ():
-            seen = self.calls.get(chunk.index)
-            self.calls[chunk.index] = (
-                chunk
-                if seen is None
-                else dataclasses.replace(
-                    seen,
-                    arguments=(seen.arguments or "") + (chunk.arguments or ""),
-                    error=chunk.error or seen.error,
-                )
-            )
-        calls = list(self.calls.values())
-        valid = [(c.id, c.name, json.loads(c.arguments or "{}")) for c in calls if c.error is None]
-        invalid = [
-            core_chat.InvalidToolCall(c.id, c.name, c.arguments, c.error)
-            for c in calls
-            if c.error is not None
-        ]
-        return ChatResponse(
-            message=_assistant_message(self.content, valid, invalid),
-            delta=delta.content or "",
-            raw=_raw(delta.usage, delta.finish_reason, self.weights),
-            additional_kwargs=_usage_fields(delta.usage),
+        self.content += delta.content
+        self.tool_calls += delta.tool_calls
+        self.invalid_tool_calls += delta.invalid_tool_calls
+        return _chat_reply(
+            self.content,
+            self.tool_calls,
+            self.invalid_tool_calls,
+            delta,
+            self.weights,
+            delta=delta.content,
         )
+
+
+def _responses(items: Iterator[Any], reply: _StreamedText | _StreamedReply) -> Iterator[Any]:
+    """A stream's items as cumulative responses; closing it closes the stream."""
+    try:
+        for item in items:
+            yield reply.add(item)
+    finally:
+        items.close()  # type: ignore[attr-defined]
+
+
+async def _aresponses(
+    items: AsyncIterator[Any], reply: _StreamedText | _StreamedReply
+) -> AsyncIterator[Any]:
+    """`_responses` for an async stream."""
+    try:
+        async for item in items:
+            yield reply.add(item)
+    finally:
+        await items.aclose()  # type: ignore[attr-defined]
 
 
 def _json_schema_format(output_cls: type[BaseModel]) -> dict[str, Any]:

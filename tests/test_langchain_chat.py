@@ -31,7 +31,8 @@ from transformers import AutoModelForCausalLM
 from eft_integrations import EFTDecoder, loading
 from eft_integrations import chat as core
 from eft_integrations.langchain import ChatEFT, _to_core_messages
-from eft_integrations.loading import LazyDecoder
+from eft_integrations.loading import LazyDecoder, get_decoder
+from eft_integrations.options import Usage
 
 from .chat_family import chat_decoder, chat_family_paths, from_pretrained_args
 from .event_loop import run_beside_ticker
@@ -233,6 +234,41 @@ def test_a_call_the_core_could_not_read_stays_invalid():
     ]
 
 
+def test_calls_the_core_found_invalid_stay_invalid_in_the_aggregated_message():
+    """The core streams each call whole, an unreadable one with its `error` set: LangChain's
+    lenient parse of chunk arguments must not make it a call, even when its text is JSON."""
+    from langchain_core.language_models.chat_models import generate_from_stream
+
+    from eft_integrations.langchain import _chunk, _mark_invalid
+
+    read = core.ToolCall("call_1", "add", {"a": 1, "b": 2})
+    deltas = [
+        core.ChatDelta("", [core.ToolCallChunk(0, "call_1", "add", '{"a": 1, "b": 2}')], [read]),
+        core.ChatDelta(
+            "",
+            [
+                core.ToolCallChunk(1, "call_2", "add", '{"a": 1, "b": ', "cut by max_tokens"),
+                core.ToolCallChunk(2, "call_3", "add", '{"a": "x", "b": 2}', "a is no integer"),
+            ],
+            invalid_tool_calls=[
+                core.InvalidToolCall("call_2", "add", '{"a": 1, "b": ', "cut by max_tokens"),
+                core.InvalidToolCall("call_3", "add", '{"a": "x", "b": 2}', "a is no integer"),
+            ],
+            finish_reason="tool_calls",
+            usage=Usage(3, 4),
+        ),
+    ]
+    result = _mark_invalid(generate_from_stream(_chunk(d, {"weights": {}}) for d in deltas))
+    message = result.generations[0].message
+    assert [(c["id"], c["args"]) for c in message.tool_calls] == [("call_1", {"a": 1, "b": 2})]
+    assert [(c["id"], c["args"], c["error"]) for c in message.invalid_tool_calls] == [
+        ("call_2", '{"a": 1, "b": ', "cut by max_tokens"),
+        ("call_3", '{"a": "x", "b": 2}', "a is no integer"),
+    ]
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+    assert message.usage_metadata["total_tokens"] == 7
+
+
 def test_lazy_loading_loads_once_and_copies_share_it():
     chat = ChatEFT(**from_pretrained_args(), temperature=0.0, max_tokens=4)
     assert isinstance(chat.decoder, LazyDecoder) and not chat.decoder.loaded  # cheap to build
@@ -246,7 +282,7 @@ def test_lazy_loading_loads_once_and_copies_share_it():
     # a LazyDecoder given to several chat models is one set of models
     lazy = LazyDecoder(**from_pretrained_args())
     first, second = ChatEFT(decoder=lazy), ChatEFT(decoder=lazy, weights={"chat": 0.0})
-    assert first._get_decoder() is second._get_decoder()
+    assert get_decoder(first.decoder) is get_decoder(second.decoder) is lazy.get()
 
 
 def test_speculative_decoding_gives_the_same_greedy_answer():

@@ -249,41 +249,46 @@ async def test_structured_llm_astream(llm):
 
 
 def test_streamed_calls_the_core_could_not_read_are_reported_invalid():
-    """The core streams each call as one chunk, unreadable ones too (raw text, `error` set):
-    the adapter reports what the core decided, with the core's error, and reads nothing."""
+    """The core streams each call whole, read (`tool_calls`) or not (`invalid_tool_calls`,
+    with its error): the adapter reports what the core decided and parses nothing."""
     from eft_integrations.llama_index import _StreamedReply
 
     reply = _StreamedReply({"chat": 1.0})
+    rome = '{"city": "Rome"}'
     reply.add(
         core_chat.ChatDelta(
             "Checking.",
-            [
-                core_chat.ToolCallChunk(0, "call_1", "get_weather", '{"city": "Rome"}'),
-            ],
+            [core_chat.ToolCallChunk(0, "call_1", "get_weather", rome)],
+            tool_calls=[core_chat.ToolCall("call_1", "get_weather", {"city": "Rome"})],
         )
     )
+    invalid = [
+        core_chat.InvalidToolCall("call_2", "get_weather", '{"city": ', "not valid JSON"),
+        core_chat.InvalidToolCall("call_3", "launch_rocket", "{}", "unknown tool"),
+        # readable JSON, yet the core found the call invalid: it stays invalid
+        core_chat.InvalidToolCall("call_4", "get_weather", rome, "bad call"),
+    ]
     last = reply.add(
         core_chat.ChatDelta(
             "",
             [
-                core_chat.ToolCallChunk(1, "call_2", "get_weather", '{"city": ', "not valid JSON"),
-                core_chat.ToolCallChunk(2, "call_3", "launch_rocket", "{}", "unknown tool"),
-                # readable JSON, yet the core found the call invalid: it stays invalid
-                core_chat.ToolCallChunk(3, "call_4", "get_weather", '{"city": "Rome"}', "bad call"),
+                core_chat.ToolCallChunk(i, c.id, c.name, c.arguments, c.error)
+                for i, c in enumerate(invalid, start=1)
             ],
+            invalid_tool_calls=invalid,
             finish_reason="tool_calls",
-            usage=None,
         )
     )
     assert last.message.content == "Checking."
     calls = [b for b in last.message.blocks if isinstance(b, ToolCallBlock)]
     assert [(c.tool_call_id, c.tool_kwargs) for c in calls] == [("call_1", {"city": "Rome"})]
-    invalid = last.message.additional_kwargs["invalid_tool_calls"]
-    assert [(c["id"], c["error"]) for c in invalid] == [
+    reported = last.message.additional_kwargs["invalid_tool_calls"]
+    assert [(c["id"], c["error"]) for c in reported] == [
         ("call_2", "not valid JSON"),
         ("call_3", "unknown tool"),
         ("call_4", "bad call"),
     ]
+    assert last.raw["finish_reason"] == "tool_calls" and "stats" not in last.raw
 
 
 def test_speculative_llm_chats_and_calls_tools(llm):
