@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import pickle
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, TypedDict
 
@@ -12,7 +13,6 @@ import pytest
 import torch
 from langchain.agents import create_agent
 from langchain.agents.middleware import wrap_model_call
-from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import (
     AIMessage,
     HumanMessage,
@@ -216,22 +216,23 @@ def test_streamed_tool_calls_arrive_as_chunks():
     assert full.response_metadata["finish_reason"] == "tool_calls"
 
 
-def test_a_call_the_core_could_not_read_stays_invalid():
-    """Cut by max_tokens, a forced call is an InvalidToolCall in the core; LangChain's lenient
-    parse of the streamed arguments must not turn it into a call with guessed arguments."""
-    options = {
-        "tools": [convert_to_openai_tool(add)],
-        "tool_choice": "add",
-        "temperature": 0.0,
-        "max_new_tokens": 12,
-    }
-    expected = core.chat(chat_decoder(), [{"role": "user", "content": "add 2 and 3"}], **options)
-    assert expected.invalid_tool_calls and not expected.tool_calls
-    message = _chat(max_tokens=12).bind_tools([add], tool_choice="add").invoke("add 2 and 3")
-    assert not message.tool_calls
-    assert [c["error"] for c in message.invalid_tool_calls] == [
-        c.error for c in expected.invalid_tool_calls
-    ]
+def test_a_forced_call_below_its_shortest_form_fails_up_front_in_core_and_adapter():
+    """Cut by max_tokens, a forced call could only be truncated: the core refuses the budget
+    before decoding, naming the minimum, and ChatEFT passes that error on."""
+    options = {"tools": [convert_to_openai_tool(add)], "tool_choice": "add", "temperature": 0.0}
+    with pytest.raises(ValueError, match=r"needs at least (\d+) new tokens") as core_error:
+        core.chat(
+            chat_decoder(),
+            [{"role": "user", "content": "add 2 and 3"}],
+            max_new_tokens=3,
+            **options,
+        )
+    with pytest.raises(ValueError, match=r"needs at least \d+ new tokens") as adapter_error:
+        _chat(max_tokens=3).bind_tools([add], tool_choice="add").invoke("add 2 and 3")
+    assert str(adapter_error.value) == str(core_error.value)
+    needed = int(re.search(r"needs at least (\d+)", str(core_error.value)).group(1))
+    message = _chat(max_tokens=needed).bind_tools([add], tool_choice="add").invoke("add 2 and 3")
+    assert [c["name"] for c in message.tool_calls] == ["add"]  # the minimum is enough
 
 
 def test_calls_the_core_found_invalid_stay_invalid_in_the_aggregated_message():
@@ -390,23 +391,23 @@ def test_agent_with_response_format_reaches_a_structured_response():
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
-def test_structured_output_cut_by_the_budget_says_so(method):
+def test_structured_output_below_its_shortest_answer_says_so(method):
+    """A budget below the shortest valid answer fails up front, naming the minimum, instead
+    of returning truncated JSON or schema-valid junk (with include_raw too)."""
     short = _chat(max_tokens=3)
-    out = short.with_structured_output(Joke, method=method, include_raw=True).invoke("A joke")
-    assert out["parsed"] is None
-    assert out["raw"].response_metadata["finish_reason"] == "length"
-    assert isinstance(out["parsing_error"], OutputParserException)
-    assert "max_tokens" in str(out["parsing_error"]) and "'length'" in str(out["parsing_error"])
-    with pytest.raises(OutputParserException, match="Raise max_tokens"):
+    needed = r"needs at least \d+ new tokens .* raise max_new_tokens \(max_tokens\)"
+    with pytest.raises(ValueError, match=needed):
+        short.with_structured_output(Joke, method=method, include_raw=True).invoke("A joke")
+    with pytest.raises(ValueError, match=needed):
         short.with_structured_output(Joke, method=method).invoke("A joke")
-    with pytest.raises(OutputParserException, match="Raise max_tokens"):
+    with pytest.raises(ValueError, match=needed):
         list(short.with_structured_output(Joke, method=method).stream("A joke"))
 
 
-async def test_structured_output_cut_by_the_budget_says_so_async():
+async def test_structured_output_below_its_shortest_answer_says_so_async():
     short = _chat(max_tokens=3).with_structured_output(Joke, include_raw=True)
-    out = await short.ainvoke("A joke")
-    assert "max_tokens" in str(out["parsing_error"])
+    with pytest.raises(ValueError, match="raise max_new_tokens"):
+        await short.ainvoke("A joke")
 
 
 def test_deepcopy_and_pickle_share_or_reload_the_decoder():
