@@ -38,10 +38,12 @@ demo: $(VENV)/.installed-core
 ## test: lint, then the whole test suite in two processes (GPU tests skip without CUDA)
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 ## bench: the benchmarks, each writing its section of BENCHMARKS.md (gpu.py needs CUDA)
 bench: $(VENV)/.installed-test

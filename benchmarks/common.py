@@ -36,9 +36,15 @@ HEADER = [
 
 def random_llama(hidden: int, layers: int, heads: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, max_position_embeddings=2048)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -52,23 +58,30 @@ def word_level_tokenizer() -> PreTrainedTokenizerFast:
 def realistic_family(**decoder_kwargs) -> EFTDecoder:
     """A ~134M-parameter Llama base and two ~20M small models (chat and its reference) with
     random weights and a 32k vocabulary, loaded through `EFTDecoder.from_pretrained`."""
-    made = {"base": random_llama(768, 12, 12, seed=0), "chat": random_llama(256, 4, 4, seed=1),
-            "ref": random_llama(256, 4, 4, seed=2)}
+    made = {
+        "base": random_llama(768, 12, 12, seed=0),
+        "chat": random_llama(256, 4, 4, seed=1),
+        "ref": random_llama(256, 4, 4, seed=2),
+    }
     tokenizer = word_level_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in made.items():
             model.save_pretrained(Path(tmp) / name)
             tokenizer.save_pretrained(Path(tmp) / name)
         return EFTDecoder.from_pretrained(
-            base=Path(tmp) / "base", behaviors={"chat": (Path(tmp) / "chat", Path(tmp) / "ref")},
-            dtype=torch.float32, eos_token_ids=[], chat_template=PLAIN_TEMPLATE,
+            base=Path(tmp) / "base",
+            behaviors={"chat": (Path(tmp) / "chat", Path(tmp) / "ref")},
+            dtype=torch.float32,
+            eos_token_ids=[],
+            chat_template=PLAIN_TEMPLATE,
             **decoder_kwargs,
         )
 
 
 def random_prompt(tokens: int, seed: int) -> list[int]:
-    return torch.randint(1, VOCAB, (tokens,), generator=torch.Generator().manual_seed(seed)
-                         ).tolist()
+    return torch.randint(
+        1, VOCAB, (tokens,), generator=torch.Generator().manual_seed(seed)
+    ).tolist()
 
 
 def params(model: torch.nn.Module) -> float:
@@ -86,9 +99,11 @@ def median(values: list[float]) -> float:
 
 
 def machine(threads: int) -> str:
-    return (f"{threads} torch threads, {platform.processor() or platform.machine()}, "
-            f"{platform.system()}, torch {torch.__version__}, "
-            f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    return (
+        f"{threads} torch threads, {platform.processor() or platform.machine()}, "
+        f"{platform.system()}, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
+    )
 
 
 def write_section(name: str, lines: list[str], path: Path = BENCHMARKS_MD) -> None:
@@ -99,7 +114,10 @@ def write_section(name: str, lines: list[str], path: Path = BENCHMARKS_MD) -> No
     begin, end = f"<!-- section: {name} -->", f"<!-- /section: {name} -->"
     block = "\n".join([begin, *lines, end])
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + block + "\n"
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip("\n") + "\n\n" + block + "\n"
+    )
     path.write_text(text)
     print("\n".join(lines))

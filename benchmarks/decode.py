@@ -41,7 +41,7 @@ def no_cache_eft(models_: list[LlamaForCausalLM], prompt: list[int], tokens: int
         x = torch.tensor([ids])
         lp = [torch.log_softmax(m(input_ids=x).logits[0, -1].float(), -1) for m in models_]
         ids.append(int((lp[0] + lp[1] - lp[2]).argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def overhead_section(args: argparse.Namespace) -> tuple[list[str], list]:
@@ -56,15 +56,24 @@ def overhead_section(args: argparse.Namespace) -> tuple[list[str], list]:
         assert len(out.token_ids) == n
 
     def own(model) -> None:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         assert out.shape[1] == len(prompt) + n
 
     eft()  # warm-up
     for m in loaded:
         own(m)
-    samples: dict[str, list[float]] = {"eft": [], "own_sum": [], **{f"own_{i}": [] for i in
-                                                                     range(3)}}
+    samples: dict[str, list[float]] = {
+        "eft": [],
+        "own_sum": [],
+        **{f"own_{i}": [] for i in range(3)},
+    }
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both
         samples["eft"].append(time_it(eft))
         owns = [time_it(lambda m=m: own(m)) for m in loaded]
@@ -74,8 +83,10 @@ def overhead_section(args: argparse.Namespace) -> tuple[list[str], list]:
     floor_tokens = max(8, n // 4)
     floor = time_it(lambda: no_cache_eft(loaded, prompt, floor_tokens)) / floor_tokens
     # the no-cache loop must agree with the decoder (same greedy tokens)
-    assert no_cache_eft(loaded, prompt, 8) == decoder.generate(
-        prompt, temperature=0, max_new_tokens=8).token_ids
+    assert (
+        no_cache_eft(loaded, prompt, 8)
+        == decoder.generate(prompt, temperature=0, max_new_tokens=8).token_ids
+    )
 
     ms = {k: statistics.median(v) / n * 1e3 for k, v in samples.items()}
     ratios = [e / o for e, o in zip(samples["eft"], samples["own_sum"], strict=True)]
@@ -85,8 +96,11 @@ def overhead_section(args: argparse.Namespace) -> tuple[list[str], list]:
         "| contender | ms / token | vs sum of own |",
         "|---|---|---|",
         f"| EFT decoder (3 models, cached) | {ms['eft']:.2f} | {ratio:.3f}x |",
-        *[f"| transformers generate, {names[i]} ({params(loaded[i]):.0f}M) alone | "
-          f"{ms[f'own_{i}']:.2f} | |" for i in range(3)],
+        *[
+            f"| transformers generate, {names[i]} ({params(loaded[i]):.0f}M) alone | "
+            f"{ms[f'own_{i}']:.2f} | |"
+            for i in range(3)
+        ],
         f"| sum of the three own decodes | {ms['own_sum']:.2f} | 1.000x |",
         f"| no-cache EFT loop ({floor_tokens} tokens) | {floor * 1e3:.2f} | "
         f"{floor * 1e3 / ms['own_sum']:.2f}x |",
@@ -100,8 +114,7 @@ def overhead_section(args: argparse.Namespace) -> tuple[list[str], list]:
         "",
         *rows,
         "",
-        f"Per-repetition ratios EFT / sum of own: "
-        f"{', '.join(f'{r:.3f}' for r in ratios)}.",
+        f"Per-repetition ratios EFT / sum of own: {', '.join(f'{r:.3f}' for r in ratios)}.",
         "",
         f"Target EFT <= 1.10x the sum of own: **{'met' if ratio <= 1.10 else 'missed'}** "
         f"({ratio:.3f}x).",

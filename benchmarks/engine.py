@@ -37,8 +37,12 @@ def sequential(decoder: EFTDecoder, prompts: list[list[int]], n: int) -> float:
 
 
 def threaded(decoder: EFTDecoder, prompts: list[list[int]], n: int) -> float:
-    threads = [threading.Thread(target=decoder.generate, args=(p,),
-                                kwargs=dict(temperature=0, max_new_tokens=n)) for p in prompts]
+    threads = [
+        threading.Thread(
+            target=decoder.generate, args=(p,), kwargs=dict(temperature=0, max_new_tokens=n)
+        )
+        for p in prompts
+    ]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -81,19 +85,25 @@ def time_to_first_token(decoder: EFTDecoder, args: argparse.Namespace) -> tuple[
     newcomer = random_prompt(args.prompt_tokens, seed=99)
     solo, loaded = [], []
     for _ in range(args.repeats):
-        solo.append(decoder.generate(newcomer, temperature=0, max_new_tokens=1)
-                    .stats.time_to_first_token)
-        others = [threading.Thread(target=decoder.generate,
-                                   args=(random_prompt(args.prompt_tokens, seed=i),),
-                                   kwargs=dict(temperature=0, max_new_tokens=4 * args.tokens))
-                  for i in range(7)]
+        solo.append(
+            decoder.generate(newcomer, temperature=0, max_new_tokens=1).stats.time_to_first_token
+        )
+        others = [
+            threading.Thread(
+                target=decoder.generate,
+                args=(random_prompt(args.prompt_tokens, seed=i),),
+                kwargs=dict(temperature=0, max_new_tokens=4 * args.tokens),
+            )
+            for i in range(7)
+        ]
         for t in others:
             t.start()
         while decoder.engine.batch_size < 7:  # the seven are decoding
             time.sleep(0.001)
         time.sleep(0.05)
-        loaded.append(decoder.generate(newcomer, temperature=0, max_new_tokens=1)
-                      .stats.time_to_first_token)
+        loaded.append(
+            decoder.generate(newcomer, temperature=0, max_new_tokens=1).stats.time_to_first_token
+        )
         for t in others:
             t.join()
     return median(solo), median(loaded)
@@ -114,8 +124,10 @@ def finished_rows(decoder: EFTDecoder, args: argparse.Namespace) -> tuple[float,
         def call(i: int, prompt: list[int], budget: int, out: list) -> None:
             out[i] = decoder.generate(prompt, temperature=0, max_new_tokens=budget)
 
-        threads = [threading.Thread(target=call, args=(i, prompts[i], budgets[i], results))
-                   for i in range(8)]
+        threads = [
+            threading.Thread(target=call, args=(i, prompts[i], budgets[i], results))
+            for i in range(8)
+        ]
         decoder.engine.stats.batch_sizes.clear()
         for t in threads:
             t.start()
@@ -145,33 +157,38 @@ def main() -> None:
     rows, speedup = throughput_rows(decoder, args)
     prompts = [random_prompt(args.prompt_tokens, seed=i) for i in range(8)]
     seq = median([sequential(decoder, prompts, args.tokens) for _ in range(args.repeats)])
-    gathered = median([gathered_ainvoke(decoder, prompts, args.tokens)
-                       for _ in range(args.repeats)])
+    gathered = median(
+        [gathered_ainvoke(decoder, prompts, args.tokens) for _ in range(args.repeats)]
+    )
     ttft_solo, ttft_loaded = time_to_first_token(decoder, args)
     alone, after = finished_rows(decoder, args)
     ttft_ratio, finished_ratio = ttft_loaded / ttft_solo, after / alone
     met = lambda ok: "met" if ok else "missed"  # noqa: E731
-    write_section("engine", [
-        "## Concurrent callers (engine)",
-        "",
-        f"`python benchmarks/engine.py --tokens {args.tokens} --threads {args.threads}`: the "
-        f"realistic-shape random family (134M base + 20M chat and reference, 32k vocabulary), "
-        f"greedy, {args.prompt_tokens}-token prompts, {args.tokens} new tokens per call, "
-        f"median of {args.repeats}; {machine(args.threads)}.",
-        "",
-        *rows,
-        "",
-        f"- 8 callers through `asyncio.gather` of `ChatEFT.ainvoke`: {gathered:.2f} s against "
-        f"{seq:.2f} s sequential, **{seq / gathered:.2f}x**; through 8 threads calling "
-        f"`generate`: **{speedup:.2f}x**. Target >= 4x: {met(min(speedup, seq / gathered) >= 4)}.",
-        f"- Time to first token of a request arriving while 7 others decode: "
-        f"{ttft_loaded * 1e3:.0f} ms against {ttft_solo * 1e3:.0f} ms alone, "
-        f"**{ttft_ratio:.2f}x**. Target <= 2x: {met(ttft_ratio <= 2)}.",
-        f"- One live row after 7 batch-mates finished at token 2: {after * 1e3:.1f} ms per token "
-        f"against {alone * 1e3:.1f} ms alone, **{finished_ratio:.2f}x**. Target <= 1.2x: "
-        f"{met(finished_ratio <= 1.2)}.",
-        "",
-    ])
+    write_section(
+        "engine",
+        [
+            "## Concurrent callers (engine)",
+            "",
+            f"`python benchmarks/engine.py --tokens {args.tokens} --threads {args.threads}`: the "
+            f"realistic-shape random family (134M base + 20M chat and reference, 32k vocabulary), "
+            f"greedy, {args.prompt_tokens}-token prompts, {args.tokens} new tokens per call, "
+            f"median of {args.repeats}; {machine(args.threads)}.",
+            "",
+            *rows,
+            "",
+            f"- 8 callers through `asyncio.gather` of `ChatEFT.ainvoke`: {gathered:.2f} s against "
+            f"{seq:.2f} s sequential, **{seq / gathered:.2f}x**; through 8 threads calling "
+            f"`generate`: **{speedup:.2f}x**. Target >= 4x: "
+            f"{met(min(speedup, seq / gathered) >= 4)}.",
+            f"- Time to first token of a request arriving while 7 others decode: "
+            f"{ttft_loaded * 1e3:.0f} ms against {ttft_solo * 1e3:.0f} ms alone, "
+            f"**{ttft_ratio:.2f}x**. Target <= 2x: {met(ttft_ratio <= 2)}.",
+            f"- One live row after 7 batch-mates finished at token 2: {after * 1e3:.1f} ms per "
+            f"token against {alone * 1e3:.1f} ms alone, **{finished_ratio:.2f}x**. Target <= 1.2x: "
+            f"{met(finished_ratio <= 1.2)}.",
+            "",
+        ],
+    )
 
 
 if __name__ == "__main__":

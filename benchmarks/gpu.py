@@ -45,9 +45,15 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate
 def build(shape: tuple[int, int, int, int, int], seed: int, device: str) -> LlamaForCausalLM:
     hidden, layers, heads, kv, inter = shape
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, max_position_embeddings=4096)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     with torch.no_grad():  # a peaked head, so drafts are sometimes accepted
@@ -63,8 +69,13 @@ def family(args: argparse.Namespace) -> EFTDecoder:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = word_level_tokenizer()
         tokenizer.save_pretrained(tmp)
-    return EFTDecoder(base=base, behaviors={"chat": (chat, ref)}, tokenizer=tokenizer,
-                      eos_token_ids=[], chat_template=PLAIN_TEMPLATE)
+    return EFTDecoder(
+        base=base,
+        behaviors={"chat": (chat, ref)},
+        tokenizer=tokenizer,
+        eos_token_ids=[],
+        chat_template=PLAIN_TEMPLATE,
+    )
 
 
 def sync() -> None:
@@ -110,8 +121,14 @@ def main() -> None:
 
     def own(model: LlamaForCausalLM) -> None:
         ids = torch.tensor([prompt], device=args.device)
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       eos_token_id=None, pad_token_id=0)
+        model.generate(
+            ids,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         sync()
 
     eft_s, own_s = [], []
@@ -126,9 +143,14 @@ def main() -> None:
         rows.append(f"| {count} | {seq:.2f} | {par:.2f} | {seq / par:.2f}x |")
     newcomer = random_prompt(32, seed=99)
     solo = decoder.generate(newcomer, temperature=0, max_new_tokens=1).stats.time_to_first_token
-    others = [threading.Thread(target=decoder.generate, args=(random_prompt(32, seed=i),),
-                               kwargs=dict(temperature=0, max_new_tokens=4 * n))
-              for i in range(7)]
+    others = [
+        threading.Thread(
+            target=decoder.generate,
+            args=(random_prompt(32, seed=i),),
+            kwargs=dict(temperature=0, max_new_tokens=4 * n),
+        )
+        for i in range(7)
+    ]
     for t in others:
         t.start()
     while decoder.engine.batch_size < 7:
@@ -145,25 +167,31 @@ def main() -> None:
         out = decoder.generate(prompt, temperature=0, max_new_tokens=n, speculative_k=k)
         sync()
         seconds = time.perf_counter() - start
-        spec_rows.append(f"| speculative k={k} (adaptive) | {seconds:.2f} | "
-                         f"{plain_s / seconds:.2f}x | {out.stats.acceptance_rate or 0:.2f} | "
-                         f"{out.token_ids == plain.token_ids} |")
-    write_section(f"gpu-{args.shapes}", [
-        f"## GPU: {name}",
-        "",
-        f"`python benchmarks/gpu.py --shapes {args.shapes}`: bf16 random weights, Llama-7B-"
-        f"shaped base + two Llama-1B-shaped small models ({args.shapes} shapes), {n} tokens, "
-        "greedy.",
-        "",
-        f"- EFT decode vs the sum of the three models' own cached decoding: **{overhead:.2f}x**.",
-        f"- Time to first token while 7 others decode: {loaded * 1e3:.0f} ms vs "
-        f"{solo * 1e3:.0f} ms alone (**{loaded / solo:.2f}x**).",
-        "",
-        *rows,
-        "",
-        *spec_rows,
-        "",
-    ])
+        spec_rows.append(
+            f"| speculative k={k} (adaptive) | {seconds:.2f} | "
+            f"{plain_s / seconds:.2f}x | {out.stats.acceptance_rate or 0:.2f} | "
+            f"{out.token_ids == plain.token_ids} |"
+        )
+    write_section(
+        f"gpu-{args.shapes}",
+        [
+            f"## GPU: {name}",
+            "",
+            f"`python benchmarks/gpu.py --shapes {args.shapes}`: bf16 random weights, Llama-7B-"
+            f"shaped base + two Llama-1B-shaped small models ({args.shapes} shapes), {n} tokens, "
+            "greedy.",
+            "",
+            "- EFT decode vs the sum of the three models' own cached decoding: "
+            f"**{overhead:.2f}x**.",
+            f"- Time to first token while 7 others decode: {loaded * 1e3:.0f} ms vs "
+            f"{solo * 1e3:.0f} ms alone (**{loaded / solo:.2f}x**).",
+            "",
+            *rows,
+            "",
+            *spec_rows,
+            "",
+        ],
+    )
 
 
 if __name__ == "__main__":

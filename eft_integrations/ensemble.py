@@ -31,14 +31,20 @@ class BehaviorPair(NamedTuple):
 class Ensemble:
     """Distinct models with their roles; runs forwards and composes their logits."""
 
-    def __init__(self, base: PreTrainedModel,
-                 pairs: Sequence[tuple[PreTrainedModel, PreTrainedModel]],
-                 vocab_size: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        pairs: Sequence[tuple[PreTrainedModel, PreTrainedModel]],
+        vocab_size: int,
+        pad_id: int,
+    ) -> None:
         self.models: list[PreTrainedModel] = []
         self.reads_chat_view: list[bool] = []  # fine-tuned models read the chat view
         self.base = self._index_of(base, finetuned=False)
-        self.pairs = [BehaviorPair(self._index_of(ft, finetuned=True),
-                                   self._index_of(ref, finetuned=False)) for ft, ref in pairs]
+        self.pairs = [
+            BehaviorPair(self._index_of(ft, finetuned=True), self._index_of(ref, finetuned=False))
+            for ft, ref in pairs
+        ]
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.device = model_device(self.models[self.base])  # where composition runs
@@ -76,8 +82,14 @@ class Ensemble:
 
     # ------------------------------------------------------------------ forwards
 
-    def forward(self, i: int, state: KVState, input_ids: torch.Tensor,
-                position_ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    def forward(
+        self,
+        i: int,
+        state: KVState,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        keep: int = 1,
+    ) -> torch.Tensor:
         """One forward of model i over new tokens [B, n] already counted in `state`'s mask;
         float logits of the last `keep` positions [B, keep, V] on the composing device."""
         device = self._devices[i]
@@ -99,8 +111,9 @@ class Ensemble:
         positions = state.append(tokens.shape[1])
         return self.forward(i, state, tokens, positions, keep)
 
-    def prefill(self, chat_ids: list[list[int]], base_ids: list[list[int]]
-                ) -> tuple[list[KVState], list[torch.Tensor]]:
+    def prefill(
+        self, chat_ids: list[list[int]], base_ids: list[list[int]]
+    ) -> tuple[list[KVState], list[torch.Tensor]]:
         """Every distinct model reads its view of the prompts, left-padded: per model a new
         state and next-token logits [B, V]."""
         states, logits = [], []
@@ -118,22 +131,31 @@ class Ensemble:
 
     # ------------------------------------------------------------------ composition
 
-    def compose(self, logits: Sequence[torch.Tensor], weights: torch.Tensor,
-                conservative_top_p: Sequence[float | None]) -> torch.Tensor:
+    def compose(
+        self,
+        logits: Sequence[torch.Tensor],
+        weights: torch.Tensor,
+        conservative_top_p: Sequence[float | None],
+    ) -> torch.Tensor:
         """Per-model logits [B, V] -> EFT log-probs [B, V]; `weights` [B, n_behaviors] and
         `conservative_top_p` (one value per row) are per row."""
         composed = self._compose_rows(logits, weights, None)
         for p in {p for p in conservative_top_p if p is not None}:
-            rows = torch.tensor([i for i, q in enumerate(conservative_top_p) if q == p],
-                                device=composed.device)
+            rows = torch.tensor(
+                [i for i, q in enumerate(conservative_top_p) if q == p], device=composed.device
+            )
             subset = [x.index_select(0, rows) for x in logits]
             composed = composed.index_copy(
                 0, rows, self._compose_rows(subset, weights.index_select(0, rows), p)
             )
         return composed
 
-    def _compose_rows(self, logits: Sequence[torch.Tensor], weights: torch.Tensor,
-                      conservative_top_p: float | None) -> torch.Tensor:
+    def _compose_rows(
+        self,
+        logits: Sequence[torch.Tensor],
+        weights: torch.Tensor,
+        conservative_top_p: float | None,
+    ) -> torch.Tensor:
         return compose_logprobs(
             logits[self.base],
             [logits[p.finetuned] for p in self.pairs],

@@ -31,15 +31,16 @@ class KVState:
     next_position: torch.Tensor  # [B] position id of the next token fed (model device)
 
     @classmethod
-    def for_prompts(cls, sequences: list[list[int]], pad_id: int, device: torch.device
-                    ) -> tuple[KVState, torch.Tensor, torch.Tensor]:
+    def for_prompts(
+        cls, sequences: list[list[int]], pad_id: int, device: torch.device
+    ) -> tuple[KVState, torch.Tensor, torch.Tensor]:
         """An empty state for left-padded prompts: (state, input_ids [B, S], positions [B, S])."""
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)  # [B, S]
         mask = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, S]
         for row, seq in enumerate(sequences):
-            input_ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, length - len(seq):] = 1
+            input_ids[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, length - len(seq) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         # positions count real tokens only, so left padding does not shift them
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
@@ -103,12 +104,15 @@ class KVState:
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             if not (mine.is_initialized and theirs.is_initialized):
                 continue  # layers that share another layer's KV hold nothing of their own
-            mine.keys = torch.cat([_pad_left(mine.keys, length, 2),
-                                   _pad_left(theirs.keys, length, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, length, 2),
-                                     _pad_left(theirs.values, length, 2)])
-        self.attention_mask = torch.cat([_pad_left(self.attention_mask, length, 1),
-                                         _pad_left(other.attention_mask, length, 1)])
+            mine.keys = torch.cat(
+                [_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)]
+            )
+            mine.values = torch.cat(
+                [_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)]
+            )
+        self.attention_mask = torch.cat(
+            [_pad_left(self.attention_mask, length, 1), _pad_left(other.attention_mask, length, 1)]
+        )
         self.next_position = torch.cat([self.next_position, other.next_position])
 
     def _trim_left(self) -> None:
@@ -136,4 +140,3 @@ def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
-

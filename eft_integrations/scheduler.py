@@ -89,8 +89,9 @@ class Request:
         spec = self.speculative
         return RequestStats(
             queue_time=admitted - self.submitted_at,
-            time_to_first_token=(None if self.first_token_at is None
-                                 else self.first_token_at - self.submitted_at),
+            time_to_first_token=(
+                None if self.first_token_at is None else self.first_token_at - self.submitted_at
+            ),
             tokens_per_second=len(self.row.token_ids) / decoding,
             total_time=now - self.submitted_at,
             speculative_rounds=spec.rounds if spec else None,
@@ -126,8 +127,7 @@ class _Batch:
     states: list[KVState] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] per model
 
-    def add(self, rows: list[Request], states: list[KVState], logits: list[torch.Tensor]
-            ) -> None:
+    def add(self, rows: list[Request], states: list[KVState], logits: list[torch.Tensor]) -> None:
         if not self.rows:
             self.rows, self.states, self.logits = list(rows), states, list(logits)
             return
@@ -159,8 +159,13 @@ class _Batch:
 class Engine:
     """Owns the models' decode loop; `submit` requests from any thread."""
 
-    def __init__(self, ensemble: Ensemble, max_batch_size: int = 32,
-                 max_tokens_in_flight: int = 131_072, adaptive_speculation: bool = True) -> None:
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        max_batch_size: int = 32,
+        max_tokens_in_flight: int = 131_072,
+        adaptive_speculation: bool = True,
+    ) -> None:
         if max_batch_size < 1 or max_tokens_in_flight < 1:
             raise ValueError("max_batch_size and max_tokens_in_flight must be >= 1")
         self.ensemble = ensemble
@@ -233,8 +238,10 @@ class Engine:
                 for batch in (self._plain, self._speculative):
                     self._retire_cancelled(batch)
                 self._admit(self._pop_admissible())
-                for batch, step in ((self._plain, self._decode_step),
-                                    (self._speculative, self._speculative_round)):
+                for batch, step in (
+                    (self._plain, self._decode_step),
+                    (self._speculative, self._speculative_round),
+                ):
                     if batch.rows:
                         try:
                             step()
@@ -245,8 +252,7 @@ class Engine:
         """Waiting requests that fit, first come first served."""
         admitted: list[Request] = []
         with self._cond:
-            in_flight = sum(r.token_footprint
-                            for r in [*self._plain.rows, *self._speculative.rows])
+            in_flight = sum(r.token_footprint for r in [*self._plain.rows, *self._speculative.rows])
             rows = self.batch_size
             while self._waiting:
                 request = self._waiting[0]
@@ -255,8 +261,10 @@ class Engine:
                     self._finish(request, "stop")
                     self.stats.cancelled += 1
                     continue
-                fits = (rows < self.max_batch_size
-                        and in_flight + request.token_footprint <= self.max_tokens_in_flight)
+                fits = (
+                    rows < self.max_batch_size
+                    and in_flight + request.token_footprint <= self.max_tokens_in_flight
+                )
                 if not fits and rows > 0:  # an empty batch always takes the next request
                     break
                 self._waiting.popleft()
@@ -279,8 +287,9 @@ class Engine:
             if not rows:
                 continue
             try:
-                states, logits = self.ensemble.prefill([r.chat_ids for r in rows],
-                                                       [r.base_ids for r in rows])
+                states, logits = self.ensemble.prefill(
+                    [r.chat_ids for r in rows], [r.base_ids for r in rows]
+                )
             except Exception as error:  # the running batch is untouched
                 for request in rows:
                     self._fail(request, error)
@@ -291,18 +300,19 @@ class Engine:
                 batch.add(rows, states, [])
                 self._first_speculative_tokens(rows, logits)
 
-    def _first_speculative_tokens(self, rows: list[Request], logits: list[torch.Tensor]
-                                  ) -> None:
+    def _first_speculative_tokens(self, rows: list[Request], logits: list[torch.Tensor]) -> None:
         """Sample new speculative rows' first token from their prefill: their pending token."""
         batch = self._speculative
         tokens = self._pick(logits, rows, {}).tolist()
         for request, token in zip(rows, tokens, strict=True):
-            request.speculative = SpeculativeRow(request.speculative_k or 1,
-                                                 adaptive=self.adaptive_speculation)
+            request.speculative = SpeculativeRow(
+                request.speculative_k or 1, adaptive=self.adaptive_speculation
+            )
             request.pending = token
         offset = len(batch.rows) - len(rows)  # the new rows are the batch's last
-        self._record(batch, [[t] for t in tokens], failed={},
-                     offset=list(range(offset, len(batch.rows))))
+        self._record(
+            batch, [[t] for t in tokens], failed={}, offset=list(range(offset, len(batch.rows)))
+        )
 
     def _decode_step(self) -> None:
         """One token for every plain row; finished rows leave; the rest feed their token."""
@@ -317,8 +327,9 @@ class Engine:
                 tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
             batch.logits = self.ensemble.step(batch.states, tokens)
 
-    def _pick(self, logits: list[torch.Tensor], rows: list[Request],
-              failed: dict[int, Exception]) -> torch.Tensor:
+    def _pick(
+        self, logits: list[torch.Tensor], rows: list[Request], failed: dict[int, Exception]
+    ) -> torch.Tensor:
         """Compose, constrain and sample one token per row [B]."""
         weights = torch.cat([r.weight_row for r in rows]).to(self.ensemble.device)  # [B, W]
         logprobs = self.ensemble.compose(
@@ -327,8 +338,14 @@ class Engine:
         logprobs = self._constrain(logprobs, rows, failed)
         return self._sample(logprobs, rows)
 
-    def _record(self, batch: _Batch, tokens: list[list[int]], *, failed: dict[int, Exception],
-                offset: list[int] | None = None) -> list[int]:
+    def _record(
+        self,
+        batch: _Batch,
+        tokens: list[list[int]],
+        *,
+        failed: dict[int, Exception],
+        offset: list[int] | None = None,
+    ) -> list[int]:
         """Record each row's new tokens (the host already has them: the step's one sync),
         stream what is safe to show, retire finished and failed rows. `tokens[i]` belongs to
         row `offset[i]` of the batch (default: row i). Returns the rows kept."""
@@ -360,8 +377,9 @@ class Engine:
             batch.keep(keep)
         return keep
 
-    def _constrain(self, logprobs: torch.Tensor, rows: list[Request],
-                   failed: dict[int, Exception]) -> torch.Tensor:
+    def _constrain(
+        self, logprobs: torch.Tensor, rows: list[Request], failed: dict[int, Exception]
+    ) -> torch.Tensor:
         """Mask the tokens each row's constraint forbids, and renormalise those rows."""
         masked = logprobs
         vocab = logprobs.shape[-1]
@@ -393,8 +411,11 @@ class Engine:
             if o.temperature == 0.0:
                 picks.append(greedy[b])
             else:
-                picks.append(sample_tokens(logprobs[b : b + 1], o.temperature, o.top_k, o.top_p,
-                                           request.generator)[0])
+                picks.append(
+                    sample_tokens(
+                        logprobs[b : b + 1], o.temperature, o.top_k, o.top_p, request.generator
+                    )[0]
+                )
         return torch.stack(picks)
 
     def _retire_cancelled(self, batch: _Batch) -> None:
@@ -420,12 +441,18 @@ class Engine:
         for request in batch.rows:
             assert request.speculative is not None and request.pending is not None
             o = request.options
-            plans.append(DraftPlan(
-                pending=request.pending, k=request.speculative.plan(request.row.tokens_left),
-                weights=request.weight_row, conservative_top_p=o.conservative_top_p,
-                temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
-                generator=request.generator,  # type: ignore[arg-type]
-            ))
+            plans.append(
+                DraftPlan(
+                    pending=request.pending,
+                    k=request.speculative.plan(request.row.tokens_left),
+                    weights=request.weight_row,
+                    conservative_top_p=o.conservative_top_p,
+                    temperature=o.temperature,
+                    top_k=o.top_k,
+                    top_p=o.top_p,
+                    generator=request.generator,  # type: ignore[arg-type]
+                )
+            )
         speculative_round(self.ensemble, batch.states, plans)
         for request, plan in zip(batch.rows, plans, strict=True):
             request.speculative.update(plan.k, plan.accepted)  # type: ignore[union-attr]
@@ -450,14 +477,25 @@ class Engine:
         stats = request.stats(now)
         self.stats.finished += 1
         if request.streaming:
-            request.sink(StreamChunk(text=row.text.delta(final=True),
-                                     token_ids=row.take_unsent(),
-                                     finish_reason=row.finish_reason, usage=usage, stats=stats))
-        request.sink(GenerationResult(
-            text=row.text.text, token_ids=list(row.token_ids),
-            finish_reason=row.finish_reason, usage=usage, weights=dict(request.weights),
-            stats=stats,
-        ))
+            request.sink(
+                StreamChunk(
+                    text=row.text.delta(final=True),
+                    token_ids=row.take_unsent(),
+                    finish_reason=row.finish_reason,
+                    usage=usage,
+                    stats=stats,
+                )
+            )
+        request.sink(
+            GenerationResult(
+                text=row.text.text,
+                token_ids=list(row.token_ids),
+                finish_reason=row.finish_reason,
+                usage=usage,
+                weights=dict(request.weights),
+                stats=stats,
+            )
+        )
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self.stats.failed += 1

@@ -97,8 +97,9 @@ def _transform(lp: torch.Tensor, plans: Sequence[DraftPlan]) -> torch.Tensor:
         row = lp[b]
         if plan.temperature > 0:
             flat = row.reshape(-1, row.shape[-1])
-            row = sampling_logprobs(flat, plan.temperature, plan.top_k, plan.top_p
-                                    ).reshape(row.shape)
+            row = sampling_logprobs(flat, plan.temperature, plan.top_k, plan.top_p).reshape(
+                row.shape
+            )
         out.append(row)
     return torch.stack(out)
 
@@ -132,11 +133,19 @@ def verify_drafts(
     p_x = p[:, :k_max].gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
     q_x = q.gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
     greedy = torch.tensor([plan.temperature == 0 for plan in plans], device=p.device)
-    u = torch.stack([
-        torch.cat([torch.rand(plan.k, generator=plan.generator, device=plan.generator.device)
-                   .to(p.device), torch.ones(k_max - plan.k, device=p.device)])
-        for plan in plans
-    ])  # [B, K]: each row draws exactly its k uniforms
+    u = torch.stack(
+        [
+            torch.cat(
+                [
+                    torch.rand(plan.k, generator=plan.generator, device=plan.generator.device).to(
+                        p.device
+                    ),
+                    torch.ones(k_max - plan.k, device=p.device),
+                ]
+            )
+            for plan in plans
+        ]
+    )  # [B, K]: each row draws exactly its k uniforms
     # q >= p: accept with probability p/q; q < p: always accept
     accept = torch.where(greedy[:, None], p[:, :k_max].argmax(-1) == drafts, u * q_x < p_x)
     limit = torch.tensor([plan.k for plan in plans], device=p.device)
@@ -151,15 +160,17 @@ def verify_drafts(
     residual = (p_at - q_at).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q
     next_token = [
-        p_at[b].argmax() if plan.temperature == 0
+        p_at[b].argmax()
+        if plan.temperature == 0
         else torch.multinomial(residual[b], 1, generator=plan.generator)[0]
         for b, plan in enumerate(plans)
     ]
     return accepted, torch.stack(next_token)
 
 
-def speculative_round(ensemble: Ensemble, states: list[KVState],
-                      plans: Sequence[DraftPlan]) -> None:
+def speculative_round(
+    ensemble: Ensemble, states: list[KVState], plans: Sequence[DraftPlan]
+) -> None:
     """One draft-verify-accept-rollback round for every row; fills each plan's `emitted`."""
     batch, k_max = len(plans), max(plan.k for plan in plans)
     drafting, scoring = ensemble.drafting_models, ensemble.scoring_models
@@ -175,8 +186,10 @@ def speculative_round(ensemble: Ensemble, states: list[KVState],
             draft_logits[i].append(ensemble.feed(i, states[i], fed[-1])[:, -1])  # [B, V]
         if j == k_max:
             break
-        finetuned = [torch.log_softmax(draft_logits[pair.finetuned][j].float(), -1)
-                     for pair in ensemble.pairs]
+        finetuned = [
+            torch.log_softmax(draft_logits[pair.finetuned][j].float(), -1)
+            for pair in ensemble.pairs
+        ]
         q = _transform(draft_logprobs(finetuned, weights), plans)  # [B, V]
         token = _draw(q, plans, j)  # [B]
         q_steps.append(q)

@@ -20,9 +20,15 @@ class RowText:
     budget (max_new_tokens cut to the context window) is used up.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...],
-                 eos_token_ids: Set[int], prompt_tokens: int, token_budget: int,
-                 constraint: TokenConstraint | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stop: tuple[str, ...],
+        eos_token_ids: Set[int],
+        prompt_tokens: int,
+        token_budget: int,
+        constraint: TokenConstraint | None = None,
+    ) -> None:
         self.text = CompletionText(tokenizer, stop)
         self.eos_token_ids = eos_token_ids
         self.prompt_tokens = prompt_tokens

@@ -22,7 +22,7 @@ WINDOW = 4096
 
 TOOLS_TEMPLATE = (
     "{{ bos_token }}{% if tools %}# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
-    "Call a tool as <tool_call>\n{\"name\": ..., \"arguments\": ...}\n</tool_call>\n{% endif %}"
+    'Call a tool as <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>\n{% endif %}'
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}"

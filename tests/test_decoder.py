@@ -21,8 +21,10 @@ WEIGHTS = [{"chat": 1.0, "safe": 0.0}, {"chat": 0.4, "safe": 0.6}, {"chat": 2.0,
 def reference(tiny_paths, decoder) -> BruteForceEFT:
     return BruteForceEFT(
         tiny_paths["base"],
-        {"chat": (tiny_paths["chat"], tiny_paths["ref"]),
-         "safe": (tiny_paths["safe"], tiny_paths["ref"])},
+        {
+            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
+            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
+        },
         decoder.vocab_size,
     )
 
@@ -62,8 +64,10 @@ def test_greedy_batch_matches_reference_per_row(decoder, reference):
 
 def test_batched_equals_one_at_a_time(decoder):
     batched = decoder.generate(PROMPTS, weights=WEIGHTS, temperature=0, max_new_tokens=8)
-    single = [decoder.generate(p, weights=w, temperature=0, max_new_tokens=8)
-              for p, w in zip(PROMPTS, WEIGHTS, strict=True)]
+    single = [
+        decoder.generate(p, weights=w, temperature=0, max_new_tokens=8)
+        for p, w in zip(PROMPTS, WEIGHTS, strict=True)
+    ]
     assert [b.token_ids for b in batched] == [s.token_ids for s in single]
 
 
@@ -71,21 +75,29 @@ def test_prompt_views_give_base_models_their_own_prefix(decoder, reference):
     chat_view = decoder.format_chat([{"role": "user", "content": "The capital of Veloria?"}])
     base_view = "The capital of Veloria is"
     got = decoder.generate(chat_view, base_prompt=base_view, temperature=0, max_new_tokens=6)
-    expected = reference.greedy(decoder.encode(chat_view), {}, 6,
-                                base_ids=decoder.encode(base_view), eos=decoder.eos_token_ids)
+    expected = reference.greedy(
+        decoder.encode(chat_view),
+        {},
+        6,
+        base_ids=decoder.encode(base_view),
+        eos=decoder.eos_token_ids,
+    )
     assert got.token_ids == expected
     lp = decoder.next_token_logprobs(chat_view, base_prompt=base_view)
     torch.testing.assert_close(
         lp.double(),
         reference.next_logprobs(decoder.encode(chat_view), {}, decoder.encode(base_view)),
-        atol=2e-5, rtol=0,
+        atol=2e-5,
+        rtol=0,
     )
 
 
 def test_token_id_prompts_are_used_as_given(decoder):
     ids = decoder.encode(PROMPTS[1])
-    assert decoder.generate(ids, temperature=0, max_new_tokens=5).token_ids == \
-        decoder.generate(PROMPTS[1], temperature=0, max_new_tokens=5).token_ids
+    assert (
+        decoder.generate(ids, temperature=0, max_new_tokens=5).token_ids
+        == decoder.generate(PROMPTS[1], temperature=0, max_new_tokens=5).token_ids
+    )
     batch = decoder.generate([ids, ids[:3]], temperature=0, max_new_tokens=3)
     assert len(batch) == 2
 
@@ -113,10 +125,15 @@ def test_no_behaviors_decodes_the_base_like_transformers_generate(tiny_paths):
     base_only = EFTDecoder.from_pretrained(base=tiny_paths["chat"], dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny_paths["chat"], dtype=torch.float32)
     ids = base_only.encode(PROMPTS[0])
-    hf = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
-                        eos_token_id=list(base_only.eos_token_ids), pad_token_id=2)
+    hf = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=list(base_only.eos_token_ids),
+        pad_token_id=2,
+    )
     ours = base_only.generate(ids, temperature=0, max_new_tokens=10)
-    assert ours.token_ids == hf[0, len(ids):].tolist()
+    assert ours.token_ids == hf[0, len(ids) :].tolist()
     assert base_only.behavior_names == []
 
 
@@ -139,15 +156,29 @@ def _chi_square_critical(df: int) -> float:
 def test_sampled_frequencies_match_the_composed_distribution(decoder, temperature, top_k, top_p):
     n = 3000
     weights = {"chat": 0.6, "safe": 0.4}
-    expected = sampling_logprobs(
-        decoder.next_token_logprobs(PROMPTS[0], weights=weights)[None], temperature, top_k, top_p
-    )[0].exp().double()
+    expected = (
+        sampling_logprobs(
+            decoder.next_token_logprobs(PROMPTS[0], weights=weights)[None],
+            temperature,
+            top_k,
+            top_p,
+        )[0]
+        .exp()
+        .double()
+    )
     # no seed: every row draws from its own fresh generator (a shared seed would repeat one
     # sample n times, since a seeded row samples exactly as it would alone)
-    outs = decoder.generate([PROMPTS[0]] * n, weights=weights, max_new_tokens=1,
-                            temperature=temperature, top_k=top_k, top_p=top_p)
-    counts = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]),
-                            minlength=decoder.vocab_size).double()
+    outs = decoder.generate(
+        [PROMPTS[0]] * n,
+        weights=weights,
+        max_new_tokens=1,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
+    counts = torch.bincount(
+        torch.tensor([o.token_ids[0] for o in outs]), minlength=decoder.vocab_size
+    ).double()
     assert counts[expected == 0].sum() == 0  # nothing outside the top-k / top-p set
     big = expected * n >= 5  # pool rare tokens so every cell expects at least 5
     observed = torch.cat([counts[big], counts[~big].sum()[None]])
@@ -164,11 +195,23 @@ def test_stop_string_split_across_tokens_is_found_and_trimmed(decoder):
     pieces = [decoder.tokenizer.decode([t]) for t in script]
     stop = "ar; th"
     assert not any(stop in piece for piece in pieces)  # it spans several tokens
-    got = decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=30, stop=["zzz", stop],
-                           constraints=[ScriptedTokens(script)])
+    got = decoder.generate(
+        PROMPTS[0],
+        temperature=0,
+        max_new_tokens=30,
+        stop=["zzz", stop],
+        constraints=[ScriptedTokens(script)],
+    )
     assert (got.finish_reason, got.text) == ("stop", "The end is ne")
-    chunks = list(decoder.stream(PROMPTS[0], temperature=0, max_new_tokens=30, stop=stop,
-                                 constraint=ScriptedTokens(script)))
+    chunks = list(
+        decoder.stream(
+            PROMPTS[0],
+            temperature=0,
+            max_new_tokens=30,
+            stop=stop,
+            constraint=ScriptedTokens(script),
+        )
+    )
     assert "".join(c.text for c in chunks) == "The end is ne"
 
 
@@ -186,8 +229,9 @@ def test_stream_equals_generate(decoder):
 def test_stream_with_stop_string_never_emits_the_stop(decoder):
     free = decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=30).text
     stop = free[5:8]
-    chunks = [c.text for c in decoder.stream(PROMPTS[0], temperature=0, max_new_tokens=30,
-                                             stop=stop)]
+    chunks = [
+        c.text for c in decoder.stream(PROMPTS[0], temperature=0, max_new_tokens=30, stop=stop)
+    ]
     assert "".join(chunks) == free[: free.index(stop)]
 
 
@@ -233,8 +277,11 @@ def _byte_of(char: str) -> int:
 
 def test_stream_never_splits_a_multibyte_character(decoder):
     script = _byte_tokens(decoder, "é日本x")  # 2 + 3 + 3 + 1 bytes, one token each
-    chunks = list(decoder.stream(PROMPTS[0], temperature=0, max_new_tokens=20,
-                                 constraint=ScriptedTokens(script)))
+    chunks = list(
+        decoder.stream(
+            PROMPTS[0], temperature=0, max_new_tokens=20, constraint=ScriptedTokens(script)
+        )
+    )
     assert "".join(c.text for c in chunks) == "é日本x"
     assert all("\ufffd" not in c.text for c in chunks)
     assert [c.text for c in chunks if c.text] == ["é", "日", "本", "x"]
@@ -244,8 +291,9 @@ def test_stream_never_splits_a_multibyte_character(decoder):
 def test_end_of_turn_token_stops_with_reason_stop(decoder):
     eos = min(decoder.eos_token_ids)
     script = [*decoder.encode("Stop")[1:], eos]
-    out = decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=20,
-                           constraints=[ScriptedTokens([*script, eos])])
+    out = decoder.generate(
+        PROMPTS[0], temperature=0, max_new_tokens=20, constraints=[ScriptedTokens([*script, eos])]
+    )
     assert out.finish_reason == "stop"
     assert out.token_ids == script
     assert out.text == "Stop"
@@ -265,8 +313,9 @@ async def test_astream_equals_stream_and_agenerate_equals_generate(decoder):
     chunks = [c async for c in decoder.astream(PROMPTS[0], **kwargs)]
     assert "".join(c.text for c in chunks) == decoder.generate(PROMPTS[0], **kwargs).text
     result = await decoder.agenerate(PROMPTS, **kwargs)
-    assert [r.token_ids for r in result] == \
-        [r.token_ids for r in decoder.generate(PROMPTS, **kwargs)]
+    assert [r.token_ids for r in result] == [
+        r.token_ids for r in decoder.generate(PROMPTS, **kwargs)
+    ]
 
 
 async def test_abandoning_an_async_stream_stops_decoding(decoder):
@@ -275,8 +324,10 @@ async def test_abandoning_an_async_stream_stops_decoding(decoder):
         break
     await stream.aclose()
     # the worker released the decoder: a new call runs at once and gives the same answer
-    assert decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=4).token_ids == \
+    assert (
         decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=4).token_ids
+        == decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=4).token_ids
+    )
 
 
 @pytest.mark.gpu
@@ -286,8 +337,10 @@ def test_gpu_models_on_different_devices_match_reference(tiny_paths, reference):
 
     gpu = EFTDecoder.from_pretrained(
         base=ModelSpec(tiny_paths["base"], device_map="cuda:0"),
-        behaviors={"chat": (tiny_paths["chat"], tiny_paths["ref"]),
-                   "safe": (tiny_paths["safe"], tiny_paths["ref"])},
+        behaviors={
+            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
+            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
+        },
         dtype=torch.float32,
     )
     out = gpu.generate(PROMPTS, weights=WEIGHTS, temperature=0, max_new_tokens=8)

@@ -65,9 +65,12 @@ def endless(tiny_paths) -> EFTDecoder:
     """The tiny family with no end-of-turn token: every row runs to its budget."""
     return EFTDecoder.from_pretrained(
         base=tiny_paths["base"],
-        behaviors={"chat": (tiny_paths["chat"], tiny_paths["ref"]),
-                   "safe": (tiny_paths["safe"], tiny_paths["ref"])},
-        dtype=torch.float32, eos_token_ids=[],
+        behaviors={
+            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
+            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
+        },
+        dtype=torch.float32,
+        eos_token_ids=[],
     )
 
 
@@ -99,8 +102,9 @@ def test_a_prompt_near_the_context_window_batched_with_a_short_one_ends_as_alone
     # the GPT-2 reference has 96 positions: a 90-token prompt has 6 tokens of room
     long_prompt = (endless.encode("Numbers: 1 2 3 4 5 6 7 8 9 10, and more numbers. ") * 20)[:90]
     short_prompt = endless.encode("Stop")[:2]
-    alone = [endless.generate(p, temperature=0, max_new_tokens=30)
-             for p in (long_prompt, short_prompt)]
+    alone = [
+        endless.generate(p, temperature=0, max_new_tokens=30) for p in (long_prompt, short_prompt)
+    ]
     together = endless.generate([long_prompt, short_prompt], temperature=0, max_new_tokens=30)
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert [len(o.token_ids) for o in together] == [6, 30]
@@ -116,12 +120,14 @@ def test_a_request_arriving_mid_decode_joins_the_batch_and_a_finished_row_leaves
     steps_before = endless.engine.stats.steps
 
     gate = Gate(at=10)
-    thread_a, box_a = _run(endless.generate, PROMPTS[0], temperature=0, max_new_tokens=30,
-                           constraints=[gate])
+    thread_a, box_a = _run(
+        endless.generate, PROMPTS[0], temperature=0, max_new_tokens=30, constraints=[gate]
+    )
     assert gate.reached.wait(WAIT)
     before = endless.forward_calls
-    thread_b, box_b = _run(endless.generate, PROMPTS[1], temperature=0, max_new_tokens=8,
-                           weights={"chat": 2})
+    thread_b, box_b = _run(
+        endless.generate, PROMPTS[1], temperature=0, max_new_tokens=8, weights={"chat": 2}
+    )
     while endless.engine.queued == 0:
         time.sleep(0.001)
     gate.release.set()
@@ -134,7 +140,7 @@ def test_a_request_arriving_mid_decode_joins_the_batch_and_a_finished_row_leaves
     n_models = len(endless.model_names)
     assert endless.forward_calls - before == n_models * (20 + 1)
     assert endless.forward_calls - before < n_models * 20 + forwards_b_alone
-    sizes = list(endless.engine.stats.batch_sizes)[-(endless.engine.stats.steps - steps_before):]
+    sizes = list(endless.engine.stats.batch_sizes)[-(endless.engine.stats.steps - steps_before) :]
     assert sizes == [1] * 10 + [2] * 8 + [1] * 12  # B joins after step 10, leaves after 8
     _wait_idle(endless)
     assert endless.engine.cached_tokens() == 0
@@ -176,11 +182,14 @@ def _mixed_call(decoder: EFTDecoder, i: int):
     kind = i % 5
     if kind == 0:  # forced JSON arguments of a tool, as a grammar constraint
         constraint = GrammarConstraint.from_lark(
-            decoder.tokenizer, json_grammar(_ARGS, max_string_length=6),
-            eos_token_ids=sorted(decoder.eos_token_ids), budget=30,
+            decoder.tokenizer,
+            json_grammar(_ARGS, max_string_length=6),
+            eos_token_ids=sorted(decoder.eos_token_ids),
+            budget=30,
         )
-        out = decoder.generate(prompt, constraints=[constraint],
-                               **{**kwargs, "max_new_tokens": 30, "stop": None})
+        out = decoder.generate(
+            prompt, constraints=[constraint], **{**kwargs, "max_new_tokens": 30, "stop": None}
+        )
         return ("json", json.loads(out.text), out.finish_reason)
     if kind == 1:
         chunks = list(decoder.stream(prompt, **kwargs))
@@ -214,7 +223,7 @@ def test_eight_threads_of_mixed_calls_equal_the_same_calls_made_alone(decoder):
     assert not errors
     mismatched = [i for i in calls if got.get(i) != alone[i]]
     assert not mismatched, [(i, got.get(i), alone[i]) for i in mismatched[:3]]
-    recent = list(decoder.engine.stats.batch_sizes)[-(decoder.engine.stats.steps - steps_before):]
+    recent = list(decoder.engine.stats.batch_sizes)[-(decoder.engine.stats.steps - steps_before) :]
     assert max(recent) > 1  # the calls were batched together
     _wait_idle(decoder)
     assert decoder.engine.cached_tokens() == 0
@@ -256,10 +265,13 @@ def test_a_half_read_stream_blocks_nobody(decoder):
 
 def test_two_streams_read_alternately_in_one_thread_leave_torch_state_alone(decoder):
     settings = [{"chat": 1.0, "safe": 0.0}, {"chat": 0.0, "safe": 1.0}]
-    expected = [decoder.generate(PROMPTS[0], weights=w, temperature=0, max_new_tokens=12).text
-                for w in settings]
-    streams = [decoder.stream(PROMPTS[0], weights=w, temperature=0, max_new_tokens=12)
-               for w in settings]
+    expected = [
+        decoder.generate(PROMPTS[0], weights=w, temperature=0, max_new_tokens=12).text
+        for w in settings
+    ]
+    streams = [
+        decoder.stream(PROMPTS[0], weights=w, temperature=0, max_new_tokens=12) for w in settings
+    ]
     texts = ["", ""]
     live = [True, True]
     while any(live):
@@ -299,8 +311,9 @@ def test_an_abandoned_sync_stream_leaves_the_batch_at_the_next_step(endless):
 async def test_a_cancelled_task_and_a_closed_async_stream_leave_the_batch(endless):
     other_expected = endless.generate(PROMPTS[2], temperature=0, max_new_tokens=30).token_ids
     gate_task, gate_stream = Gate(at=3), Gate(at=3)
-    task = asyncio.create_task(endless.agenerate(PROMPTS[0], temperature=0, max_new_tokens=40,
-                                                 constraints=[gate_task]))
+    task = asyncio.create_task(
+        endless.agenerate(PROMPTS[0], temperature=0, max_new_tokens=40, constraints=[gate_task])
+    )
     other = asyncio.create_task(endless.agenerate(PROMPTS[2], temperature=0, max_new_tokens=30))
     assert await asyncio.to_thread(gate_task.reached.wait, WAIT)
     task.cancel()
@@ -321,14 +334,17 @@ async def test_a_cancelled_task_and_a_closed_async_stream_leave_the_batch(endles
 
 
 def test_a_request_whose_constraint_fails_fails_alone(endless):
-    expected = [endless.generate(p, temperature=0, max_new_tokens=12).token_ids
-                for p in PROMPTS[:2]]
+    expected = [
+        endless.generate(p, temperature=0, max_new_tokens=12).token_ids for p in PROMPTS[:2]
+    ]
     gate = Gate(at=1)
-    thread_b, box_b = _run(endless.generate, PROMPTS[0], temperature=0, max_new_tokens=12,
-                           constraints=[gate])
+    thread_b, box_b = _run(
+        endless.generate, PROMPTS[0], temperature=0, max_new_tokens=12, constraints=[gate]
+    )
     assert gate.reached.wait(WAIT)
-    thread_a, box_a = _run(endless.generate, PROMPTS[3], temperature=0, max_new_tokens=12,
-                           constraints=[Broken(at=3)])
+    thread_a, box_a = _run(
+        endless.generate, PROMPTS[3], temperature=0, max_new_tokens=12, constraints=[Broken(at=3)]
+    )
     thread_c, box_c = _run(endless.generate, PROMPTS[1], temperature=0, max_new_tokens=12)
     while endless.engine.queued < 2:
         time.sleep(0.001)
@@ -350,10 +366,19 @@ def sliding_paths(tiny_paths, tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_paths["chat"])
     torch.manual_seed(11)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=128, sliding_window=8, bos_token_id=0,
-                           eos_token_id=5, pad_token_id=2)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=8,
+        bos_token_id=0,
+        eos_token_id=5,
+        pad_token_id=2,
+    )
     model = MistralForCausalLM(config)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)
@@ -365,8 +390,12 @@ def sliding_paths(tiny_paths, tmp_path_factory):
 
 def test_sliding_window_base_plain_batched_and_speculative_match_the_reference(sliding_paths):
     p = sliding_paths
-    decoder = EFTDecoder.from_pretrained(base=p["sliding"], behaviors={"chat": (p["chat"],
-                                         p["ref"])}, dtype=torch.float32, eos_token_ids=[])
+    decoder = EFTDecoder.from_pretrained(
+        base=p["sliding"],
+        behaviors={"chat": (p["chat"], p["ref"])},
+        dtype=torch.float32,
+        eos_token_ids=[],
+    )
     assert AutoModelForCausalLM.from_pretrained(p["sliding"]).config.sliding_window == 8
     reference = BruteForceEFT(p["sliding"], {"chat": (p["chat"], p["ref"])}, decoder.vocab_size)
     expected = [reference.greedy(decoder.encode(q), {}, 20) for q in PROMPTS[:2]]

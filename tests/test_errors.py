@@ -18,8 +18,10 @@ def baseline(decoder):
 
 
 BAD_CALLS = [
-    ({"weights": {"chatty": 1.0}},
-     "unknown behavior 'chatty'.*known behaviors: \\['chat', 'safe'\\]"),
+    (
+        {"weights": {"chatty": 1.0}},
+        "unknown behavior 'chatty'.*known behaviors: \\['chat', 'safe'\\]",
+    ),
     ({"weights": {"chat": math.nan}}, "must be finite.*known behaviors"),
     ({"weights": {"chat": math.inf}}, "must be finite"),
     ({"weights": {"chat": "1.0"}}, "must be a float.*known behaviors"),
@@ -86,8 +88,9 @@ def test_mismatched_tokenizers_name_both_models_and_the_token(tiny_paths):
     with pytest.raises(ValueError) as error:
         EFTDecoder.from_pretrained(
             base=tiny_paths["base"],
-            behaviors={"chat": Behavior(finetuned=tiny_paths["other"],
-                                        reference=tiny_paths["ref"])},
+            behaviors={
+                "chat": Behavior(finetuned=tiny_paths["other"], reference=tiny_paths["ref"])
+            },
             dtype=torch.float32,
         )
     message = str(error.value)
@@ -101,8 +104,9 @@ def test_bad_behavior_spec_and_missing_tokenizer(tiny_paths, decoder):
     with pytest.raises(ValueError, match="needs tokenizer="):
         EFTDecoder(base=decoder._models[0])
     with pytest.raises(ValueError, match="unknown behavior"):
-        EFTDecoder(base=decoder._models[0], tokenizer=decoder.tokenizer,
-                   default_weights={"chat": 1.0})
+        EFTDecoder(
+            base=decoder._models[0], tokenizer=decoder.tokenizer, default_weights={"chat": 1.0}
+        )
 
 
 def test_no_chat_template_is_a_clear_error(tiny_paths, decoder):

@@ -30,21 +30,30 @@ def test_answers_and_matches_transformers_generate(smollm2_decoder):
     assert out.finish_reason == "stop"
     model = smollm2_decoder._models[0]
     ids = smollm2_decoder.encode(prompt)
-    hf = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                        eos_token_id=sorted(smollm2_decoder.eos_token_ids))
-    assert out.token_ids == hf[0, len(ids):].tolist()
+    hf = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=sorted(smollm2_decoder.eos_token_ids),
+    )
+    assert out.token_ids == hf[0, len(ids) :].tolist()
 
 
 def test_same_model_eft_is_the_model_and_is_loaded_once(smollm2_decoder):
     spec = smollm2_spec()
     base = smollm2_decoder._models[0]
     # the loaded model serves every role: a zero delta leaves the base distribution
-    same = EFTDecoder(base=base, behaviors={"chat": (base, base)},
-                      tokenizer=smollm2_decoder.tokenizer)
+    same = EFTDecoder(
+        base=base, behaviors={"chat": (base, base)}, tokenizer=smollm2_decoder.tokenizer
+    )
     assert len(same.model_names) == 1 and spec is not None
     prompt = smollm2_decoder.format_chat(QUESTION)
-    torch.testing.assert_close(same.next_token_logprobs(prompt, weights={"chat": 3.0}),
-                               smollm2_decoder.next_token_logprobs(prompt), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        same.next_token_logprobs(prompt, weights={"chat": 3.0}),
+        smollm2_decoder.next_token_logprobs(prompt),
+        atol=1e-5,
+        rtol=0,
+    )
     before = same.forward_calls
     same.generate(prompt, temperature=0, max_new_tokens=3)
     assert same.forward_calls - before == 3  # one model, run once per step
@@ -52,20 +61,28 @@ def test_same_model_eft_is_the_model_and_is_loaded_once(smollm2_decoder):
 
 def test_gguf_loading_matches_a_direct_transformers_load(smollm2_decoder):
     spec = smollm2_spec()
-    direct = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.float32,
-                                                  **spec.kwargs)
+    direct = AutoModelForCausalLM.from_pretrained(
+        spec.name_or_path, dtype=torch.float32, **spec.kwargs
+    )
     ids = smollm2_decoder.encode("The quick brown fox")
     expected = direct(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
-    torch.testing.assert_close(smollm2_decoder.next_token_logprobs(ids), expected,
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        smollm2_decoder.next_token_logprobs(ids), expected, atol=1e-4, rtol=0
+    )
 
 
-MULTIPLY = {"type": "function", "function": {
-    "name": "multiply", "description": "Multiply two integers.",
-    "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
-                                                    "b": {"type": "integer"}},
-                   "required": ["a", "b"]},
-}}
+MULTIPLY = {
+    "type": "function",
+    "function": {
+        "name": "multiply",
+        "description": "Multiply two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
 
 
 @pytest.mark.parametrize("max_new_tokens", [48, 200])
@@ -75,7 +92,13 @@ def test_a_forced_call_with_room_keeps_the_models_own_digits(smollm2_decoder, ma
     from eft_integrations import chat as core
 
     question = [{"role": "user", "content": "What is 12 times 7?"}]
-    result = core.chat(smollm2_decoder, question, tools=[MULTIPLY], tool_choice="multiply",
-                       temperature=0.0, max_new_tokens=max_new_tokens)
+    result = core.chat(
+        smollm2_decoder,
+        question,
+        tools=[MULTIPLY],
+        tool_choice="multiply",
+        temperature=0.0,
+        max_new_tokens=max_new_tokens,
+    )
     assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls, result
     assert [c.arguments for c in result.tool_calls][:1] == [{"a": 12, "b": 7}]

@@ -25,9 +25,13 @@ def fixed_k(tiny_paths) -> EFTDecoder:
     """The tiny family with k fixed per round (no adaptation) and no end-of-turn token."""
     return EFTDecoder.from_pretrained(
         base=tiny_paths["base"],
-        behaviors={"chat": (tiny_paths["chat"], tiny_paths["ref"]),
-                   "safe": (tiny_paths["safe"], tiny_paths["ref"])},
-        dtype=torch.float32, eos_token_ids=[], adaptive_speculation=False,
+        behaviors={
+            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
+            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
+        },
+        dtype=torch.float32,
+        eos_token_ids=[],
+        adaptive_speculation=False,
     )
 
 
@@ -36,11 +40,15 @@ def fixed_k(tiny_paths) -> EFTDecoder:
 def test_greedy_speculative_equals_plain_greedy(decoder, k, weights):
     for prompt in PROMPTS[:2]:
         plain = decoder.generate(prompt, weights=weights, temperature=0, max_new_tokens=25)
-        fast = decoder.generate(prompt, weights=weights, temperature=0, max_new_tokens=25,
-                                speculative_k=k)
+        fast = decoder.generate(
+            prompt, weights=weights, temperature=0, max_new_tokens=25, speculative_k=k
+        )
         assert fast.token_ids == plain.token_ids
-        assert (fast.text, fast.finish_reason, fast.usage) == \
-            (plain.text, plain.finish_reason, plain.usage)
+        assert (fast.text, fast.finish_reason, fast.usage) == (
+            plain.text,
+            plain.finish_reason,
+            plain.usage,
+        )
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
@@ -48,32 +56,50 @@ def test_greedy_speculative_equals_plain_greedy(decoder, k, weights):
 def test_greedy_speculative_batch_of_different_rows_equals_plain(tiny_paths, k, adaptive):
     decoder = EFTDecoder.from_pretrained(
         base=tiny_paths["base"],
-        behaviors={"chat": (tiny_paths["chat"], tiny_paths["ref"]),
-                   "safe": (tiny_paths["safe"], tiny_paths["ref"])},
-        dtype=torch.float32, adaptive_speculation=adaptive,
+        behaviors={
+            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
+            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
+        },
+        dtype=torch.float32,
+        adaptive_speculation=adaptive,
     )
-    weights = [{"chat": 1.0, "safe": 0.0}, {"chat": 0.4, "safe": -0.3}, {"chat": 2.0},
-               {"chat": 0.0, "safe": 1.0}]
+    weights = [
+        {"chat": 1.0, "safe": 0.0},
+        {"chat": 0.4, "safe": -0.3},
+        {"chat": 2.0},
+        {"chat": 0.0, "safe": 1.0},
+    ]
     plain = decoder.generate(PROMPTS, weights=weights, temperature=0, max_new_tokens=20)
     stops = [None, plain[1].text[4:6] or None, None, None]
     budgets = [20, 20, 7, 13]
-    expected = [decoder.generate(p, weights=w, temperature=0, max_new_tokens=n, stop=s)
-                for p, w, n, s in zip(PROMPTS, weights, budgets, stops, strict=True)]
+    expected = [
+        decoder.generate(p, weights=w, temperature=0, max_new_tokens=n, stop=s)
+        for p, w, n, s in zip(PROMPTS, weights, budgets, stops, strict=True)
+    ]
     # one batch of rows with different prompt lengths, weights, stops and budgets: submitted
     # as concurrent requests so they share the speculative rounds
     import concurrent.futures as futures
 
     with futures.ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(
-            lambda args: decoder.generate(args[0], weights=args[1], temperature=0,
-                                          max_new_tokens=args[2], stop=args[3],
-                                          speculative_k=k),
-            zip(PROMPTS, weights, budgets, stops, strict=True),
-        ))
-    assert [(g.token_ids, g.text, g.finish_reason) for g in got] == \
-        [(e.token_ids, e.text, e.finish_reason) for e in expected]
-    listed = decoder.generate(PROMPTS, weights=weights, temperature=0, max_new_tokens=20,
-                              speculative_k=k)
+        got = list(
+            pool.map(
+                lambda args: decoder.generate(
+                    args[0],
+                    weights=args[1],
+                    temperature=0,
+                    max_new_tokens=args[2],
+                    stop=args[3],
+                    speculative_k=k,
+                ),
+                zip(PROMPTS, weights, budgets, stops, strict=True),
+            )
+        )
+    assert [(g.token_ids, g.text, g.finish_reason) for g in got] == [
+        (e.token_ids, e.text, e.finish_reason) for e in expected
+    ]
+    listed = decoder.generate(
+        PROMPTS, weights=weights, temperature=0, max_new_tokens=20, speculative_k=k
+    )
     assert [g.token_ids for g in listed] == [p.token_ids for p in plain]
     stats = listed[0].stats
     assert stats.drafted_tokens >= stats.accepted_tokens >= 0 and stats.speculative_rounds > 0
@@ -81,8 +107,9 @@ def test_greedy_speculative_batch_of_different_rows_equals_plain(tiny_paths, k, 
 
 def test_speculative_with_prompt_views_stop_strings_and_conservative(decoder):
     chat_view = decoder.format_chat([{"role": "user", "content": "The capital?"}])
-    kwargs = dict(base_prompt="The capital is", temperature=0, max_new_tokens=20,
-                  conservative_top_p=0.9)
+    kwargs = dict(
+        base_prompt="The capital is", temperature=0, max_new_tokens=20, conservative_top_p=0.9
+    )
     plain = decoder.generate(chat_view, **kwargs)
     stop = plain.text[6:9]
     plain = decoder.generate(chat_view, stop=stop, **kwargs)
@@ -103,9 +130,13 @@ def test_seeded_speculative_sampling_is_reproducible_alone_and_in_a_batch(decode
 def test_forwards_per_round_references_never_run_per_draft(fixed_k):
     names = fixed_k.model_names
     calls: dict[str, list[int]] = {n: [] for n in names}
-    hooks = [m.register_forward_hook(
-        lambda _m, args, kwargs, _out, n=n: calls[n].append(kwargs["input_ids"].shape[1]),
-        with_kwargs=True) for n, m in zip(names, fixed_k._models, strict=True)]
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, args, kwargs, _out, n=n: calls[n].append(kwargs["input_ids"].shape[1]),
+            with_kwargs=True,
+        )
+        for n, m in zip(names, fixed_k._models, strict=True)
+    ]
     try:
         out = fixed_k.generate(PROMPTS[0], temperature=0, max_new_tokens=21, speculative_k=4)
     finally:
@@ -133,10 +164,20 @@ def test_full_acceptance_emits_k_tokens_per_base_forward(tiny_paths):
     load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)  # noqa: E731
     plain = EFTDecoder.from_pretrained(base=tiny_paths["ref"], dtype=torch.float32)
     base, chat = load(tiny_paths["chat"]), load(tiny_paths["chat"])
-    decoder = EFTDecoder(base=base, behaviors={"chat": (chat, load(tiny_paths["ref"]))},
-                         tokenizer=plain.tokenizer, eos_token_ids=[], adaptive_speculation=False)
-    same = EFTDecoder(base=base, behaviors={"chat": (chat, chat)}, tokenizer=plain.tokenizer,
-                      eos_token_ids=[], adaptive_speculation=False)
+    decoder = EFTDecoder(
+        base=base,
+        behaviors={"chat": (chat, load(tiny_paths["ref"]))},
+        tokenizer=plain.tokenizer,
+        eos_token_ids=[],
+        adaptive_speculation=False,
+    )
+    same = EFTDecoder(
+        base=base,
+        behaviors={"chat": (chat, chat)},
+        tokenizer=plain.tokenizer,
+        eos_token_ids=[],
+        adaptive_speculation=False,
+    )
     del decoder
     calls = {"base": 0}
     hook = base.register_forward_hook(lambda *_: calls.__setitem__("base", calls["base"] + 1))
@@ -147,8 +188,7 @@ def test_full_acceptance_emits_k_tokens_per_base_forward(tiny_paths):
     assert len(out.token_ids) == 21
     assert calls["base"] == 1 + 4  # prefill (token 1), then 4 rounds of 4 drafts + 1 bonus
     assert (out.stats.drafted_tokens, out.stats.accepted_tokens) == (16, 16)
-    assert out.token_ids == same.generate("The capital", temperature=0,
-                                          max_new_tokens=21).token_ids
+    assert out.token_ids == same.generate("The capital", temperature=0, max_new_tokens=21).token_ids
 
 
 # ---------------------------------------------------------------------------- exact distribution
@@ -173,37 +213,51 @@ def tiny_vocab(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _exact_three_tokens(reference: BruteForceEFT, prompt: list[int], weights: dict,
-                        temperature: float, top_k: int) -> dict[tuple[int, ...], float]:
+def _exact_three_tokens(
+    reference: BruteForceEFT, prompt: list[int], weights: dict, temperature: float, top_k: int
+) -> dict[tuple[int, ...], float]:
     probs = {}
     for seq in itertools.product(range(8), repeat=3):
         p, ids = 1.0, list(prompt)
         for t in seq:
-            lp = sampling_logprobs(reference.next_logprobs(ids, weights)[None].float(),
-                                   temperature, top_k)[0]
+            lp = sampling_logprobs(
+                reference.next_logprobs(ids, weights)[None].float(), temperature, top_k
+            )[0]
             p *= float(lp[t].exp())
             ids.append(t)
         probs[seq] = p
     return probs
 
 
-@pytest.mark.parametrize("weights,temperature,top_k", [
-    ({"chat": 1.0, "safe": 0.0}, 1.0, 0),
-    ({"chat": 0.5, "safe": 0.7}, 0.8, 5),
-])
-def test_sampled_sequences_follow_exact_eft_single_and_batched(tiny_vocab, weights, temperature,
-                                                                top_k):
-    behaviors = {"chat": (tiny_vocab["chat"], tiny_vocab["ref"]),
-                 "safe": (tiny_vocab["safe"], tiny_vocab["ref"])}
-    decoder = EFTDecoder.from_pretrained(base=tiny_vocab["base"], behaviors=behaviors,
-                                         dtype=torch.float32, eos_token_ids=[],
-                                         adaptive_speculation=False, max_batch_size=64)
+@pytest.mark.parametrize(
+    "weights,temperature,top_k",
+    [
+        ({"chat": 1.0, "safe": 0.0}, 1.0, 0),
+        ({"chat": 0.5, "safe": 0.7}, 0.8, 5),
+    ],
+)
+def test_sampled_sequences_follow_exact_eft_single_and_batched(
+    tiny_vocab, weights, temperature, top_k
+):
+    behaviors = {
+        "chat": (tiny_vocab["chat"], tiny_vocab["ref"]),
+        "safe": (tiny_vocab["safe"], tiny_vocab["ref"]),
+    }
+    decoder = EFTDecoder.from_pretrained(
+        base=tiny_vocab["base"],
+        behaviors=behaviors,
+        dtype=torch.float32,
+        eos_token_ids=[],
+        adaptive_speculation=False,
+        max_batch_size=64,
+    )
     reference = BruteForceEFT(tiny_vocab["base"], behaviors, 8)
     prompt = [1, 2, 3]
     exact = _exact_three_tokens(reference, prompt, weights, temperature, top_k)
     n = 2400
-    kwargs = dict(weights=weights, temperature=temperature, top_k=top_k, max_new_tokens=3,
-                  speculative_k=2)
+    kwargs = dict(
+        weights=weights, temperature=temperature, top_k=top_k, max_new_tokens=3, speculative_k=2
+    )
     batched = decoder.generate([prompt] * n, **kwargs)  # rows share rounds, own generators
     single = [decoder.generate(prompt, seed=s, **kwargs) for s in range(n // 2)]
     for outs in (batched, single):
@@ -225,11 +279,16 @@ def test_sampled_sequences_follow_exact_eft_single_and_batched(tiny_vocab, weigh
 # ---------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"prompt": PROMPTS[0], "speculative_k": 0}, "speculative_k must be an int >= 1"),
-    ({"prompt": PROMPTS[0], "speculative_k": 2, "constraints": [object()]},
-     "does not combine with constraints"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"prompt": PROMPTS[0], "speculative_k": 0}, "speculative_k must be an int >= 1"),
+        (
+            {"prompt": PROMPTS[0], "speculative_k": 2, "constraints": [object()]},
+            "does not combine with constraints",
+        ),
+    ],
+)
 def test_speculative_bad_input(decoder, kwargs, message):
     with pytest.raises(ValueError, match=message):
         decoder.generate(**kwargs)
@@ -237,8 +296,11 @@ def test_speculative_bad_input(decoder, kwargs, message):
     fast = decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=3, speculative_k=2)
     plain = decoder.generate(PROMPTS[0], temperature=0, max_new_tokens=3)
     assert 1 <= len(fast.token_ids) <= 3
-    assert (fast.token_ids, fast.text, fast.finish_reason) == \
-        (plain.token_ids, plain.text, plain.finish_reason)
+    assert (fast.token_ids, fast.text, fast.finish_reason) == (
+        plain.token_ids,
+        plain.text,
+        plain.finish_reason,
+    )
     assert fast.usage.completion_tokens == len(fast.token_ids)
 
 

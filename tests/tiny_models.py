@@ -67,9 +67,16 @@ def build_tokenizer(
 def llama(vocab: int, seed: int, hidden: int = 32, layers: int = 2, window: int = 128):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=window, bos_token_id=0, eos_token_id=5, pad_token_id=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=window,
+        bos_token_id=0,
+        eos_token_id=5,
+        pad_token_id=2,
     )
     model = LlamaForCausalLM(config)
     _sharpen(model)
@@ -78,8 +85,15 @@ def llama(vocab: int, seed: int, hidden: int = 32, layers: int = 2, window: int 
 
 def gpt2(vocab: int, seed: int, window: int = 96):
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=window,
-                        bos_token_id=0, eos_token_id=5)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=window,
+        bos_token_id=0,
+        eos_token_id=5,
+    )
     model = GPT2LMHeadModel(config)
     _sharpen(model)
     return model

@@ -28,8 +28,10 @@ class TestChatEFTSmolLM2(ChatEFTStandardParams, ChatModelIntegrationTests):
         return {"decoder": self.decoder, "temperature": 0.0, "max_tokens": 64}
 
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
-    @pytest.mark.xfail(reason="SmolLM2-135M-Instruct has no tool-use training: with tool_choice "
-                       "auto it answers the weather question in prose instead of opening "
-                       "<tool_call> (forced choices do call, with the right arguments)")
+    @pytest.mark.xfail(
+        reason="SmolLM2-135M-Instruct has no tool-use training: with tool_choice "
+        "auto it answers the weather question in prose instead of opening "
+        "<tool_call> (forced choices do call, with the right arguments)"
+    )
     def test_agent_loop(self, model: BaseChatModel) -> None:
         super().test_agent_loop(model)

@@ -34,7 +34,7 @@ def test_query_engine_answers_from_the_retrieved_document(real_index, real_llm, 
     response = real_index.as_query_engine(llm=real_llm, similarity_top_k=2).query(QUESTION)
     assert response.source_nodes[0].node.ref_doc_id == "veloria"
     assert "Markan" in response.response  # only the Veloria document says so
-    (_, raw), = llm_calls.prompts_and_raws()
+    ((_, raw),) = llm_calls.prompts_and_raws()
     assert raw["usage"]["prompt_tokens"] + real_llm.max_new_tokens <= 8192
 
 
@@ -56,7 +56,8 @@ async def test_function_agent_multiplies_with_a_python_tool(real_llm):
     agent = FunctionAgent(
         tools=[FunctionTool.from_defaults(fn=multiply)],
         llm=real_llm.with_options(max_new_tokens=96),
-        initial_tool_choice="multiply", allow_parallel_tool_calls=False,
+        initial_tool_choice="multiply",
+        allow_parallel_tool_calls=False,
     )
     result = await agent.run("What is 12 times 7?")
     assert calls == [(12, 7)]  # the forced call read its arguments from the question
