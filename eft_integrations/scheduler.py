@@ -219,6 +219,7 @@ class Engine:
     def _wake(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="eft-engine", daemon=True)
+            _THREADS.add(self._thread)
             self._thread.start()
         self._cond.notify()
 
@@ -504,6 +505,7 @@ class Engine:
 
 
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
 @atexit.register
@@ -516,9 +518,9 @@ def _join_engine_threads() -> None:
             for batch in (engine._plain, engine._speculative):
                 for request in batch.rows:
                     request.cancel()
-            thread = engine._thread
-        if thread is not None:
-            thread.join(timeout=10)
+    # every engine thread, also one that has marked its engine idle and is still returning
+    for thread in list(_THREADS):
+        thread.join(timeout=10)
 
 
 class _Task(Generic[T]):
