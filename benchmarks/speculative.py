@@ -263,17 +263,12 @@ def main() -> None:
     parser.add_argument("--real-tokens", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = [
-        "## Speculative EFT",
-        "",
-        f"`python benchmarks/speculative.py{' --real' if args.real else ''} --threads "
-        f"{args.threads}`; {machine(args.threads)}.",
-        "",
-    ]
-    lines += toy_section(args)
-    if args.real:
-        lines += real_section(args)
-    write_section("speculative", lines)
+    command = "`python benchmarks/speculative.py{} --threads " + str(args.threads) + "`; "
+    command += machine(args.threads) + "."
+    toy = ["## Speculative EFT", "", command.format(""), "", *toy_section(args)]
+    write_section("speculative-toy", toy)
+    if args.real:  # its own section: a toy-only run keeps the last real figures
+        write_section("speculative-real", [command.format(" --real"), "", *real_section(args)])
 
 
 if __name__ == "__main__":

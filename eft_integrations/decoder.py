@@ -475,23 +475,10 @@ class EFTDecoder:
         now; a seeded or greedy result equals the same call made alone. Setting `cancel`
         stops decoding after the current step.
         """
+        arguments = _call_arguments(locals())
         outboxes: list[queue.SimpleQueue[object]] = []
         requests, is_batch = self._start(
-            prompt,
-            streaming=False,
-            sinks=lambda: _queue_sink(outboxes),
-            weights=weights,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            conservative_top_p=conservative_top_p,
-            stop=stop,
-            seed=seed,
-            speculative_k=speculative_k,
-            base_prompt=base_prompt,
-            constraints=constraints,
-            cancel=cancel,
+            prompt, streaming=False, sinks=lambda: _queue_sink(outboxes), **arguments
         )
         try:
             results = [_result(outbox.get()) for outbox in outboxes]
@@ -523,23 +510,13 @@ class EFTDecoder:
 
         The stream is a handle on a request: read it from any thread; closing it (or dropping
         it) cancels the request, and leaving it half-read blocks nobody."""
+        arguments = _call_arguments(locals())
         outboxes: list[queue.SimpleQueue[object]] = []
         (request,), _ = self._start(
             _one_prompt(prompt, "stream"),
             streaming=True,
             sinks=lambda: _queue_sink(outboxes),
-            weights=weights,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            conservative_top_p=conservative_top_p,
-            stop=stop,
-            seed=seed,
-            speculative_k=speculative_k,
-            base_prompt=base_prompt,
-            constraint=constraint,
-            cancel=cancel,
+            **arguments,
         )
         try:
             while True:
@@ -671,6 +648,11 @@ def _check_loaded(model: Any, role: str) -> None:
             f"{role} must be a loaded transformers model here, got {type(model).__name__}; "
             "use EFTDecoder.from_pretrained for paths"
         )
+
+
+def _call_arguments(local_names: dict[str, Any]) -> dict[str, Any]:
+    """A public method's own keyword arguments (its `locals()` on entry), for `_start`."""
+    return {k: v for k, v in local_names.items() if k not in ("self", "prompt")}
 
 
 def _one_prompt(prompt: Prompt, method: str) -> Prompt:

@@ -15,9 +15,9 @@ def tiny_paths(tmp_path_factory):
     return save_family(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="session")
-def decoder(tiny_paths) -> EFTDecoder:
-    """base + chat(chat - ref) + safe(safe - ref): two behaviors sharing one reference."""
+def tiny_family(tiny_paths, **options) -> EFTDecoder:
+    """base + chat(chat - ref) + safe(safe - ref): two behaviors sharing one reference;
+    `options` go to `EFTDecoder.from_pretrained`."""
     return EFTDecoder.from_pretrained(
         base=tiny_paths["base"],
         behaviors={
@@ -25,7 +25,14 @@ def decoder(tiny_paths) -> EFTDecoder:
             "safe": (tiny_paths["safe"], tiny_paths["ref"]),
         },
         dtype=torch.float32,
+        **options,
     )
+
+
+@pytest.fixture(scope="session")
+def decoder(tiny_paths) -> EFTDecoder:
+    """The tiny family (see `tiny_family`)."""
+    return tiny_family(tiny_paths)
 
 
 def smollm2_spec():

@@ -21,6 +21,7 @@ from eft_integrations import EFTDecoder
 from eft_integrations.constraints import GrammarConstraint
 from eft_integrations.tool_calls import json_grammar
 
+from .conftest import tiny_family
 from .reference import BruteForceEFT
 
 PROMPTS = ["The capital of Veloria", "Héllo wörld, café crème", "Stop here.", "Numbers: 1 2"]
@@ -63,15 +64,7 @@ class Broken(Gate):
 @pytest.fixture(scope="module")
 def endless(tiny_paths) -> EFTDecoder:
     """The tiny family with no end-of-turn token: every row runs to its budget."""
-    return EFTDecoder.from_pretrained(
-        base=tiny_paths["base"],
-        behaviors={
-            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
-            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
-        },
-        dtype=torch.float32,
-        eos_token_ids=[],
-    )
+    return tiny_family(tiny_paths, eos_token_ids=[])
 
 
 def _wait_idle(decoder: EFTDecoder) -> None:

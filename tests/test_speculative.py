@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from eft_integrations import EFTDecoder
 from eft_integrations.composition import sampling_logprobs
 
+from .conftest import tiny_family
 from .reference import BruteForceEFT
 from .test_decoder import _chi_square_critical
 from .tiny_models import llama
@@ -23,16 +24,7 @@ PROMPTS = ["The capital of Veloria", "Héllo wörld, café", "Stop here. Stop th
 @pytest.fixture(scope="module")
 def fixed_k(tiny_paths) -> EFTDecoder:
     """The tiny family with k fixed per round (no adaptation) and no end-of-turn token."""
-    return EFTDecoder.from_pretrained(
-        base=tiny_paths["base"],
-        behaviors={
-            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
-            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
-        },
-        dtype=torch.float32,
-        eos_token_ids=[],
-        adaptive_speculation=False,
-    )
+    return tiny_family(tiny_paths, eos_token_ids=[], adaptive_speculation=False)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
@@ -54,15 +46,7 @@ def test_greedy_speculative_equals_plain_greedy(decoder, k, weights):
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_greedy_speculative_batch_of_different_rows_equals_plain(tiny_paths, k, adaptive):
-    decoder = EFTDecoder.from_pretrained(
-        base=tiny_paths["base"],
-        behaviors={
-            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
-            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
-        },
-        dtype=torch.float32,
-        adaptive_speculation=adaptive,
-    )
+    decoder = tiny_family(tiny_paths, adaptive_speculation=adaptive)
     weights = [
         {"chat": 1.0, "safe": 0.0},
         {"chat": 0.4, "safe": -0.3},
@@ -159,18 +143,11 @@ def test_forwards_per_round_references_never_run_per_draft(fixed_k):
 
 
 def test_full_acceptance_emits_k_tokens_per_base_forward(tiny_paths):
-    # base = a second copy of the chat model and the reference = the chat model: EFT then
-    # equals the draft, every draft is accepted, and the base runs once per k tokens
+    # base = a second copy of the chat model, which is its own reference (a zero delta): EFT
+    # then equals the draft, every draft is accepted, and the base runs once per k + 1 tokens
     load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)  # noqa: E731
     plain = EFTDecoder.from_pretrained(base=tiny_paths["ref"], dtype=torch.float32)
     base, chat = load(tiny_paths["chat"]), load(tiny_paths["chat"])
-    decoder = EFTDecoder(
-        base=base,
-        behaviors={"chat": (chat, load(tiny_paths["ref"]))},
-        tokenizer=plain.tokenizer,
-        eos_token_ids=[],
-        adaptive_speculation=False,
-    )
     same = EFTDecoder(
         base=base,
         behaviors={"chat": (chat, chat)},
@@ -178,7 +155,6 @@ def test_full_acceptance_emits_k_tokens_per_base_forward(tiny_paths):
         eos_token_ids=[],
         adaptive_speculation=False,
     )
-    del decoder
     calls = {"base": 0}
     hook = base.register_forward_hook(lambda *_: calls.__setitem__("base", calls["base"] + 1))
     try:
