@@ -754,20 +754,13 @@ def _budget(decoder: Any, request: ChatRequest, options: Mapping[str, Any]) -> t
     decoder's default when not given), cut to what the context window leaves after the prompt
     (the longer of the prompt and `base_prompt`); and a note saying which limit it is."""
     asked = int(options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-    window = getattr(decoder, "context_window", None)
-    if window is None:
-        return asked, f" (max_new_tokens={asked})"
     prompts = [request.prompt, options.get("base_prompt")]
     used = max(len(decoder.encode(p)) for p in prompts if p is not None)
-    if window - used < 1:
-        raise ValueError(
-            f"the prompt ({used} tokens) fills the context window ({window} tokens): no "
-            "room to generate; shorten the prompt"
-        )
-    if window - used < asked:
-        return window - used, (
-            f" (max_new_tokens={asked}, but the context window of {window} tokens leaves "
-            f"{window - used} after the {used}-token prompt)"
+    budget = decoder.token_budget(used, asked)  # a ValueError when the window leaves nothing
+    if budget < asked:
+        return budget, (
+            f" (max_new_tokens={asked}, but the context window of {decoder.context_window} "
+            f"tokens leaves {budget} after the {used}-token prompt)"
         )
     return asked, f" (max_new_tokens={asked})"
 

@@ -48,6 +48,7 @@ from .options import (
     DEFAULT_TEMPERATURE,
     GenerationOptions,
     GenerationResult,
+    ResolvedWeights,
     StreamChunk,
     WeightsArg,
     merge_weights,
@@ -349,19 +350,13 @@ class EFTDecoder:
             return list(prompt), True
         return [prompt], False  # token ids (or an empty list, rejected by encode)
 
-    def _requests(
+    def _prepare(
         self,
         prompt: Prompt | Sequence[Prompt],
         base_prompt: Prompt | Sequence[Prompt] | None,
         weights: WeightsArg,
-        options: GenerationOptions,
-        constraints: Sequence[TokenConstraint | None] | None,
-        speculative_k: int | None,
-        cancel: threading.Event | None,
-        streaming: bool,
-        sinks: Callable[[], Callable[[object], None]],
-    ) -> tuple[list[Request], bool]:
-        """Validate a call in the caller's thread and build one request per prompt."""
+    ) -> tuple[list[list[int]], list[list[int]], ResolvedWeights, bool]:
+        """(chat view ids, base view ids, weights, is_batch) of a call's prompts, validated."""
         prompts, is_batch = self._as_batch(prompt)
         chat_ids = [self.encode(p) for p in prompts]
         if base_prompt is None:
@@ -376,7 +371,25 @@ class EFTDecoder:
             base_ids = [self.encode(p) for p in base_prompts]
         if not is_batch and isinstance(weights, Sequence) and not isinstance(weights, str):
             raise ValueError("a list of weight dicts needs a list of prompts")
-        weight_rows, weight_tensor = resolve_weights(weights, self.default_weights, len(prompts))
+        resolved = resolve_weights(weights, self.default_weights, len(prompts))
+        return chat_ids, base_ids, resolved, is_batch
+
+    def _requests(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        base_prompt: Prompt | Sequence[Prompt] | None,
+        weights: WeightsArg,
+        options: GenerationOptions,
+        constraints: Sequence[TokenConstraint | None] | None,
+        speculative_k: int | None,
+        cancel: threading.Event | None,
+        streaming: bool,
+        sinks: Callable[[], Callable[[object], None]],
+    ) -> tuple[list[Request], bool]:
+        """Validate a call in the caller's thread and build one request per prompt."""
+        chat_ids, base_ids, (weight_rows, weight_tensor), is_batch = self._prepare(
+            prompt, base_prompt, weights
+        )
         if constraints is not None and len(constraints) != len(chat_ids):
             raise ValueError(f"got {len(constraints)} constraints for {len(chat_ids)} prompts")
         self._check_speculative(speculative_k, constraints)
@@ -616,21 +629,8 @@ class EFTDecoder:
         """Composed next-token log-probs: [V] for one prompt, [B, V] for a list."""
         if conservative_top_p is not None:
             GenerationOptions(conservative_top_p=conservative_top_p)  # validates it
-        prompts, is_batch = self._as_batch(prompt)
-        chat_ids = [self.encode(p) for p in prompts]
-        base_ids = (
-            chat_ids
-            if base_prompt is None
-            else [self.encode(p) for p in self._as_batch(base_prompt)[0]]
-        )
-        if len(base_ids) != len(chat_ids):
-            raise ValueError(
-                f"base_prompt has {len(base_ids)} prompts for {len(chat_ids)} "
-                "prompts; give one base view per prompt"
-            )
-        if not is_batch and isinstance(weights, Sequence) and not isinstance(weights, str):
-            raise ValueError("a list of weight dicts needs a list of prompts")
-        weight_tensor = resolve_weights(weights, self.default_weights, len(prompts)).tensor
+        chat_ids, base_ids, resolved, is_batch = self._prepare(prompt, base_prompt, weights)
+        weight_tensor = resolved.tensor
 
         def compose() -> torch.Tensor:
             _, logits = self._ensemble.prefill(chat_ids, base_ids)
