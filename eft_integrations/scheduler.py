@@ -102,8 +102,8 @@ class Request:
 
 @dataclass
 class EngineStats:
-    """What the engine has done; `batch_sizes` holds the rows of each recent batched decode
-    step (speculative requests run their own single-row rounds, counted apart)."""
+    """What the engine has done; `batch_sizes` holds the rows of each recent plain decode
+    step (speculative rows run in rounds of their own batch, counted in `speculative_rounds`)."""
 
     steps: int = 0
     admitted: int = 0
@@ -306,8 +306,9 @@ class Engine:
         batch = self._speculative
         tokens = self._pick(logits, rows, {}).tolist()
         for request, token in zip(rows, tokens, strict=True):
+            assert request.speculative_k is not None  # only speculative rows come here
             request.speculative = SpeculativeRow(
-                request.speculative_k or 1, adaptive=self.adaptive_speculation
+                request.speculative_k, adaptive=self.adaptive_speculation
             )
             request.pending = token
         offset = len(batch.rows) - len(rows)  # the new rows are the batch's last
@@ -373,7 +374,8 @@ class Engine:
                 self._fail(batch.rows[b], failed[b])
             else:
                 self._finish(batch.rows[b], batch.rows[b].row.finish_reason or "stop")
-        keep = [b for b in range(len(batch.rows)) if b not in set(done)]
+        gone = set(done)
+        keep = [b for b in range(len(batch.rows)) if b not in gone]
         if done:
             batch.keep(keep)
         return keep
@@ -425,7 +427,8 @@ class Engine:
             self._finish(batch.rows[b], "stop")
             self.stats.cancelled += 1
         if gone:
-            batch.keep([b for b in range(len(batch.rows)) if b not in set(gone)])
+            cancelled = set(gone)
+            batch.keep([b for b in range(len(batch.rows)) if b not in cancelled])
 
     def _fail_batch(self, batch: _Batch, error: Exception) -> None:
         for request in batch.rows:
