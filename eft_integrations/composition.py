@@ -36,10 +36,12 @@ __all__ = [
     "compose_logprobs",
     "draft_logprobs",
     "finetuning_scale_logprobs",
+    "finite_rows",
     "sample_tokens",
     "sampling_logprobs",
     "top_k_mask",
     "top_p_mask",
+    "where_finite",
 ]
 
 
@@ -241,6 +243,19 @@ def compose_logprobs(
         return _conservative(base_lp, ft_lps, ref_lps, weights, conservative_top_p)
     # plain EFT (conservative_top_p = 1 keeps every token inside: exactly this)
     return torch.log_softmax(base_lp + _weighted_deltas(ft_lps, ref_lps, weights), dim=-1)
+
+
+def finite_rows(logprobs: torch.Tensor) -> torch.Tensor:
+    """[...] bool: whether each distribution [..., V] can be sampled: no nan, no +inf, and
+    at least one token with a finite score (a nan anywhere makes the logsumexp nan)."""
+    return torch.isfinite(torch.logsumexp(logprobs, dim=-1))
+
+
+def where_finite(logprobs: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """`logprobs` [..., V] with the rows that are not `ok` [...] replaced by a uniform
+    distribution: they will be failed, and until then nothing downstream may see a nan (a
+    nan in `torch.multinomial` is an error on the CPU and a device assert on CUDA)."""
+    return torch.where(ok[..., None], logprobs, torch.zeros_like(logprobs))
 
 
 def sampling_logprobs(

@@ -369,10 +369,25 @@ class EFTDecoder:
                     "give one base view per prompt"
                 )
             base_ids = [self.encode(p) for p in base_prompts]
+            if base_ids != chat_ids:
+                self._check_one_view_per_model()
         if not is_batch and isinstance(weights, Sequence) and not isinstance(weights, str):
             raise ValueError("a list of weight dicts needs a list of prompts")
         resolved = resolve_weights(weights, self.default_weights, len(prompts))
         return chat_ids, base_ids, resolved, is_batch
+
+    def _check_one_view_per_model(self) -> None:
+        """A model that is both a fine-tuned model and a base or reference runs once per
+        step, so it cannot read the chat view and the base view at once."""
+        both = self._ensemble.models_in_both_views
+        if both:
+            name = self.model_names[both[0]]
+            raise ValueError(
+                f"base_prompt gives the base and references a different view, but model "
+                f"{name!r} is a fine-tuned model and a base or reference at once, and reads one "
+                "view only; leave base_prompt out, or load a separate copy of the model for "
+                "one of its roles"
+            )
 
     def _requests(
         self,
@@ -395,6 +410,7 @@ class EFTDecoder:
         self._check_speculative(speculative_k, constraints)
         requests = []
         for b, (chat, base) in enumerate(zip(chat_ids, base_ids, strict=True)):
+            budget = self.token_budget(max(len(chat), len(base)), options.max_new_tokens, b)
             requests.append(
                 Request(
                     chat_ids=chat,
@@ -407,13 +423,14 @@ class EFTDecoder:
                         options.stop,
                         self.eos_token_ids,
                         len(chat),
-                        self.token_budget(max(len(chat), len(base)), options.max_new_tokens, b),
+                        budget,
                         constraints[b] if constraints is not None else None,
                     ),
                     sink=sinks(),
-                    cancel_event=cancel if cancel is not None else threading.Event(),
+                    caller_cancel=cancel,
                     streaming=streaming,
                     speculative_k=speculative_k,
+                    solo=self._ensemble.needs_own_forwards(len(chat), len(base), budget),
                 )
             )
         return requests, is_batch
@@ -488,7 +505,7 @@ class EFTDecoder:
         the same tokens). Not with constraints.
         Each prompt is its own request to the engine, batched with every other call running
         now; a seeded or greedy result equals the same call made alone. Setting `cancel`
-        stops decoding after the current step.
+        (a `threading.Event`, only ever read) stops decoding after the current step.
         """
         arguments = _call_arguments(locals())
         outboxes: list[queue.SimpleQueue[object]] = []
@@ -633,7 +650,7 @@ class EFTDecoder:
         weight_tensor = resolved.tensor
 
         def compose() -> torch.Tensor:
-            _, logits = self._ensemble.prefill(chat_ids, base_ids)
+            _, logits = self._ensemble.prefill(chat_ids, base_ids, [1] * len(chat_ids))
             return self._ensemble.compose(
                 logits,
                 weight_tensor.to(self._ensemble.device),

@@ -40,6 +40,7 @@ class Ensemble:
     ) -> None:
         self.models: list[PreTrainedModel] = []
         self.reads_chat_view: list[bool] = []  # fine-tuned models read the chat view
+        self.reads_base_view: list[bool] = []  # the base and the references read the base view
         self.base = self._index_of(base, finetuned=False)
         self.pairs = [
             BehaviorPair(self._index_of(ft, finetuned=True), self._index_of(ref, finetuned=False))
@@ -57,6 +58,7 @@ class Ensemble:
         self._keeps_last_logits = [
             "logits_to_keep" in inspect.signature(m.forward).parameters for m in self.models
         ]
+        self._rope_thresholds = [_rope_threshold(m.config) for m in self.models]
         self.forward_calls = 0
         """Model forwards run so far (all models); a model in several roles counts once."""
 
@@ -64,10 +66,32 @@ class Ensemble:
         for i, seen in enumerate(self.models):
             if seen is model:
                 self.reads_chat_view[i] = self.reads_chat_view[i] or finetuned
+                self.reads_base_view[i] = self.reads_base_view[i] or not finetuned
                 return i
         self.models.append(model.eval())
         self.reads_chat_view.append(finetuned)
+        self.reads_base_view.append(not finetuned)
         return len(self.models) - 1
+
+    @property
+    def models_in_both_views(self) -> list[int]:
+        """Models that are a fine-tuned model (chat view) and a base or reference (base
+        view) at once: they run once per step, so they can read only one view."""
+        both = zip(self.reads_chat_view, self.reads_base_view, strict=True)
+        return [i for i, (chat, base) in enumerate(both) if chat and base]
+
+    def needs_own_forwards(self, chat_length: int, base_length: int, budget: int) -> bool:
+        """Whether a row may reach a position where a model's RoPE changes for the whole
+        forward (longrope and dynamic scaling pick their frequencies from the forward's
+        largest position): such a row must not share forwards with others, or its batch-mates'
+        outputs would depend on it."""
+        for i, limit in enumerate(self._rope_thresholds):
+            if limit is None:
+                continue
+            length = chat_length if self.reads_chat_view[i] else base_length
+            if length + budget > limit:
+                return True
+        return False
 
     @property
     def drafting_models(self) -> list[int]:
@@ -112,14 +136,14 @@ class Ensemble:
         return self.forward(i, state, tokens, positions, keep)
 
     def prefill(
-        self, chat_ids: list[list[int]], base_ids: list[list[int]]
+        self, chat_ids: list[list[int]], base_ids: list[list[int]], room: list[int]
     ) -> tuple[list[KVState], list[torch.Tensor]]:
         """Every distinct model reads its view of the prompts, left-padded: per model a new
-        state and next-token logits [B, V]."""
+        state and next-token logits [B, V]. `room[b]`: tokens row b may add afterwards."""
         states, logits = [], []
         for i, chat_view in enumerate(self.reads_chat_view):
             state, input_ids, positions = KVState.for_prompts(
-                chat_ids if chat_view else base_ids, self.pad_id, self._devices[i]
+                chat_ids if chat_view else base_ids, self.pad_id, self._devices[i], room
             )
             logits.append(self.forward(i, state, input_ids, positions)[:, -1])
             states.append(state)
@@ -163,3 +187,25 @@ class Ensemble:
             weights,
             conservative_top_p,
         )
+
+
+_POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def _rope_threshold(config: Any) -> int | None:
+    """The sequence length past which a model's RoPE frequencies change for a whole forward
+    (longrope, dynamic NTK scaling), or None when positions never change them."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(parameters, dict):
+        return None
+    # per-layer-type parameters (e.g. {"full_attention": {...}, "sliding_attention": {...}})
+    groups = [v for v in parameters.values() if isinstance(v, dict)] or [parameters]
+    limits = [
+        group.get("original_max_position_embeddings")
+        or getattr(config, "original_max_position_embeddings", None)
+        or getattr(config, "max_position_embeddings", None)
+        for group in groups
+        if (group.get("rope_type") or group.get("type")) in _POSITION_DEPENDENT_ROPE
+    ]
+    limits = [int(x) for x in limits if x]
+    return min(limits) if limits else None

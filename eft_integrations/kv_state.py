@@ -29,12 +29,19 @@ class KVState:
     cache: DynamicCache
     attention_mask: torch.Tensor  # [B, L] 1 = real token, 0 = left padding (model device)
     next_position: torch.Tensor  # [B] position id of the next token fed (model device)
+    last_position: torch.Tensor  # [B] the last position a row's own tokens can take
 
     @classmethod
     def for_prompts(
-        cls, sequences: list[list[int]], pad_id: int, device: torch.device
+        cls, sequences: list[list[int]], pad_id: int, device: torch.device, room: list[int]
     ) -> tuple[KVState, torch.Tensor, torch.Tensor]:
-        """An empty state for left-padded prompts: (state, input_ids [B, S], positions [B, S])."""
+        """An empty state for left-padded prompts: (state, input_ids [B, S], positions [B, S]).
+
+        `room[b]` is how many tokens row b may still add after its sequence: positions past
+        that only ever hold tokens that are thrown away (a speculative round feeds every row
+        the batch's largest number of drafts), and they are clamped to the row's last own
+        position, so a batch-mate never pushes a row past its context window (absolute
+        position embeddings) or past a RoPE scaling threshold (longrope)."""
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)  # [B, S]
         mask = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, S]
@@ -44,7 +51,9 @@ class KVState:
         input_ids, mask = input_ids.to(device), mask.to(device)
         # positions count real tokens only, so left padding does not shift them
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-        state = cls(DynamicCache(), mask, mask.sum(-1))
+        lengths = mask.sum(-1)
+        last = lengths + torch.tensor(room, dtype=torch.long, device=device) - 1
+        state = cls(DynamicCache(), mask, lengths, last)
         return state, input_ids, positions
 
     @property
@@ -57,7 +66,7 @@ class KVState:
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         positions = self.next_position[:, None] + torch.arange(n, device=self.next_position.device)
         self.next_position = self.next_position + n
-        return positions
+        return torch.minimum(positions, self.last_position[:, None])  # see `for_prompts`
 
     def rewind(self, n: int) -> None:
         """Forget the last n tokens of every row (rejected speculative drafts)."""
@@ -96,6 +105,7 @@ class KVState:
         self.cache.batch_select_indices(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
+        self.last_position = self.last_position[rows]
         self._trim_left()
 
     def merge(self, other: KVState) -> None:
@@ -114,6 +124,7 @@ class KVState:
             [_pad_left(self.attention_mask, length, 1), _pad_left(other.attention_mask, length, 1)]
         )
         self.next_position = torch.cat([self.next_position, other.next_position])
+        self.last_position = torch.cat([self.last_position, other.last_position])
 
     def _trim_left(self) -> None:
         """Drop leading columns that are padding in every row (rows end at the last column)."""

@@ -16,6 +16,9 @@ __all__ = [
     "DEFAULT_CHAT_TEMPERATURE",
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_TEMPERATURE",
+    "GREEDY_TEMPERATURE",
+    "MAX_ABS_WEIGHT",
+    "SEED_RANGE",
     "GenerationOptions",
     "GenerationResult",
     "RequestStats",
@@ -37,6 +40,15 @@ DEFAULT_CHAT_TEMPERATURE = 0.7
 distribution, as chat models usually sample."""
 DEFAULT_CHAT_MAX_TOKENS = 256
 """The chat adapters' default budget of new tokens per call (LlamaIndex's num_output too)."""
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily, as vLLM does: dividing log-probs by a smaller
+one overflows float32 (1e-300 turns every score into inf or nan)."""
+MAX_ABS_WEIGHT = 1e6
+"""The largest behavior weight magnitude accepted. A weight times a log-prob delta must stay
+finite in float32, where composition runs (1e38 is finite in Python, inf once multiplied);
+beyond 1e6 the delta alone decides the token anyway."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds torch's generators accept (a seed of 2**64 is an overflow inside torch)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,8 @@ class GenerationOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     """Most tokens to generate per prompt; decoding also stops at the context window."""
     temperature: float = DEFAULT_TEMPERATURE
-    """0 decodes greedily (argmax of the composed log-probs); > 0 samples."""
+    """0 decodes greedily (argmax of the composed log-probs); > 0 samples. Values below
+    `GREEDY_TEMPERATURE` (1e-5) are taken as 0."""
     top_p: float = 1.0
     """Nucleus sampling over the composed distribution, in (0, 1]; 1 keeps every token."""
     top_k: int = 0
@@ -56,7 +69,8 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     """Strings that end generation; matched on text across token boundaries, trimmed."""
     seed: int | None = None
-    """Seed of this call's own random generator; same seed, same samples."""
+    """Seed of this call's own random generator; same seed, same samples. Any int in
+    [-2**63, 2**64 - 1] (`SEED_RANGE`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -66,6 +80,8 @@ class GenerationOptions:
         _check_real("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature < GREEDY_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
         _check_real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
@@ -84,6 +100,11 @@ class GenerationOptions:
         seed_is_int = isinstance(self.seed, int) and not isinstance(self.seed, bool)
         if self.seed is not None and not seed_is_int:
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if seed_is_int and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:  # type: ignore[operator]
+            raise ValueError(
+                f"seed must be in [-2**63, 2**64 - 1], got {self.seed}; reduce it, e.g. "
+                "seed % 2**64"
+            )
 
 
 def _check_real(name: str, value: object) -> None:
@@ -189,9 +210,10 @@ def merge_weights(
                 f"weight of {name!r} must be a float, got {type(value).__name__}; "
                 f"known behaviors: {known}"
             )
-        if not math.isfinite(value):
+        if not math.isfinite(value) or abs(value) > MAX_ABS_WEIGHT:
             raise ValueError(
-                f"weight of {name!r} must be finite, got {value}; known behaviors: {known}"
+                f"weight of {name!r} must be a finite number in [-1e6, 1e6], got {value}; "
+                f"known behaviors: {known}"
             )
         resolved[name] = float(value)
     return resolved

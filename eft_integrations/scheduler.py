@@ -21,11 +21,21 @@ One iteration, in gpt-fast's manner:
 
 Speculative requests form a second batch beside the plain one (their caches advance several
 tokens per round, the plain rows' one per step); they are admitted and retired the same way.
+
+Isolation: a request's failure is its own. Each phase fails only the rows that caused it:
+admission (a bad seed, a prefill that raises: the group is retried one row at a time), compose
+(a row whose distribution is not finite), constrain and sample (per row), record (per row), and
+a batched forward that raises (`_rebuild`: each row is prefilled again alone from its tokens,
+and only the rows that fail alone fail). The loop itself is supervised: an unexpected error
+fails the rows in flight with an `EngineError` and the engine goes on; after
+`MAX_CONSECUTIVE_CRASHES` failed iterations in a row it stops for good, sets `failure`, and
+every waiting and later call fails at once instead of hanging.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import secrets
 import threading
 import time
@@ -33,18 +43,25 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 
-from .composition import sample_tokens
+from .composition import finite_rows, sample_tokens, where_finite
 from .ensemble import Ensemble
+from .errors import EFTRequestError, EngineError, EngineUnavailableError
 from .kv_state import KVState
 from .options import GenerationOptions, GenerationResult, RequestStats, StreamChunk, Usage
 from .speculative import DraftPlan, SpeculativeRow, speculative_round
 from .stopping import RowText
 
-__all__ = ["Engine", "EngineStats", "Request"]
+__all__ = ["MAX_CONSECUTIVE_CRASHES", "Engine", "EngineStats", "Request"]
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_CRASHES = 3
+"""Engine iterations that may fail in a row (each failing the rows in flight) before the
+engine declares itself unusable."""
 
 T = TypeVar("T")
 
@@ -64,15 +81,26 @@ class Request:
     options: GenerationOptions
     row: RowText
     sink: Sink
-    cancel_event: threading.Event
+    caller_cancel: threading.Event | None = None
+    """The caller's cancel event: only ever read (callers may share or reuse one)."""
     streaming: bool = False
     speculative_k: int | None = None
+    solo: bool = False
+    """Runs in forwards of its own (see `Ensemble.needs_own_forwards`)."""
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     speculative: SpeculativeRow | None = None
     pending: int | None = None  # speculative rows: the last token, not yet read by the models
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        """Cancelled by `cancel()` or by the caller's own event."""
+        return self._cancelled.is_set() or (
+            self.caller_cancel is not None and self.caller_cancel.is_set()
+        )
 
     @property
     def token_footprint(self) -> int:
@@ -80,8 +108,9 @@ class Request:
         return max(len(self.chat_ids), len(self.base_ids)) + self.row.token_budget
 
     def cancel(self) -> None:
-        """Stop decoding this request; its row leaves the batch at the next step."""
-        self.cancel_event.set()
+        """Stop decoding this request; its row leaves the batch at the next step. The
+        caller's event is left as it is."""
+        self._cancelled.set()
 
     def stats(self, now: float) -> RequestStats:
         admitted = self.admitted_at if self.admitted_at is not None else now
@@ -174,6 +203,10 @@ class Engine:
         self.adaptive_speculation = adaptive_speculation
         """Speculative rows grow k after full acceptance and shrink it after a rejection."""
         self.stats = EngineStats()
+        self.failure: str | None = None
+        """None while the engine can serve; why it cannot, once its loop has failed
+        `MAX_CONSECUTIVE_CRASHES` times in a row (every call then fails at once)."""
+        self._crashes = 0  # consecutive failed iterations
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._tasks: deque[_Task[Any]] = deque()
@@ -186,10 +219,16 @@ class Engine:
     # ------------------------------------------------------------------ callers' side
 
     def submit(self, request: Request) -> None:
-        """Queue a request (FIFO); it joins the running batch at the next step."""
+        """Queue a request (FIFO); it joins the running batch at the next step. Raises
+        `EngineUnavailableError` at once when the engine cannot serve."""
         with self._cond:
+            self._check_usable()
             self._waiting.append(request)
-            self._wake()
+            try:
+                self._wake()
+            except BaseException:
+                self._waiting.remove(request)
+                raise
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between two steps (the models are never run by two
@@ -198,6 +237,7 @@ class Engine:
             return fn()
         task: _Task[T] = _Task(fn)
         with self._cond:
+            self._check_usable()
             self._tasks.append(task)
             self._wake()
         return task.wait()
@@ -216,52 +256,114 @@ class Engine:
         """Cache positions held by the batch, summed over models (padding included)."""
         return self._plain.cached_tokens() + self._speculative.cached_tokens()
 
+    def _check_usable(self) -> None:
+        if self.failure is not None:
+            raise EngineUnavailableError(
+                f"the EFT engine cannot serve: {self.failure}; restart the process (or build "
+                "a new EFTDecoder)"
+            )
+
     def _wake(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="eft-engine", daemon=True)
-            _THREADS.add(self._thread)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="eft-engine", daemon=True)
+            thread.start()
+            self._thread = thread
+            _THREADS.add(thread)
         self._cond.notify()
 
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    if not (self._waiting or self._tasks or self.batch_size):
-                        self._thread = None  # idle: exit; the next submit starts a new one
-                        return
-                    tasks = list(self._tasks)
-                    self._tasks.clear()
-                for task in tasks:
-                    task.run()
-                for batch in (self._plain, self._speculative):
-                    self._retire_cancelled(batch)
-                self._admit(self._pop_admissible())
-                for batch, step in (
-                    (self._plain, self._decode_step),
-                    (self._speculative, self._speculative_round),
-                ):
-                    if batch.rows:
-                        try:
-                            step()
-                        except Exception as error:  # a model failed: the step's rows fail
-                            self._fail_batch(batch, error)
+        """The engine thread: iterations until idle, each supervised (see the module doc)."""
+        try:
+            with torch.inference_mode():
+                while self._has_work():
+                    try:
+                        self._iteration()
+                    except Exception as error:
+                        self._recover(error)
+                    else:
+                        self._crashes = 0
+        except BaseException as error:  # not even recovery worked: nobody may wait forever
+            self._stop_for_good(error)
+            raise
+
+    def _has_work(self) -> bool:
+        with self._cond:
+            if self.failure is None and (self._waiting or self._tasks or self.batch_size):
+                return True
+            self._thread = None  # idle: exit; the next submit starts a new one
+            return False
+
+    def _iteration(self) -> None:
+        with self._cond:
+            tasks = list(self._tasks)
+            self._tasks.clear()
+        for task in tasks:
+            task.run()
+        for batch in (self._plain, self._speculative):
+            self._retire_cancelled(batch)
+        self._admit(self._pop_admissible())
+        if self._plain.rows:
+            self._decode_step()
+        if self._speculative.rows:
+            self._speculative_step()
+
+    def _recover(self, error: Exception) -> None:
+        """An iteration failed outside any row's own phase: fail the rows in flight (their
+        state is unknown) and go on; stop for good after too many failures in a row."""
+        self._crashes += 1
+        logger.error("EFT engine iteration failed; failing the rows in flight", exc_info=error)
+        failure = EngineError(
+            f"the EFT engine failed while this request was decoding ({type(error).__name__}: "
+            f"{error}); the engine recovered: retry the request"
+        )
+        for batch in (self._plain, self._speculative):
+            for request in batch.rows:
+                self._fail(request, failure)
+            batch.clear()
+        if self._crashes >= MAX_CONSECUTIVE_CRASHES:
+            self._stop_for_good(error)
+
+    def _stop_for_good(self, error: BaseException) -> None:
+        """Mark the engine unusable and answer everyone now: rows in flight, waiting requests
+        and tasks get an `EngineUnavailableError`."""
+        with self._cond:
+            self.failure = (
+                f"its decode loop failed {self._crashes or 1} times in a row, last with "
+                f"{type(error).__name__}: {error}"
+            )
+            waiting, tasks = list(self._waiting), list(self._tasks)
+            self._waiting.clear()
+            self._tasks.clear()
+            self._thread = None
+        unavailable = EngineUnavailableError(f"the EFT engine cannot serve: {self.failure}")
+        for batch in (self._plain, self._speculative):
+            waiting += batch.rows
+            batch.clear()
+        for request in waiting:
+            self._fail(request, unavailable)
+        for task in tasks:
+            task.fail(unavailable)
 
     def _pop_admissible(self) -> list[Request]:
-        """Waiting requests that fit, first come first served."""
+        """Waiting requests that fit, first come first served. A solo request (see
+        `Request.solo`) joins only an empty batch of its kind, and nothing joins it."""
         admitted: list[Request] = []
         with self._cond:
             in_flight = sum(r.token_footprint for r in [*self._plain.rows, *self._speculative.rows])
             rows = self.batch_size
             while self._waiting:
                 request = self._waiting[0]
-                if request.cancel_event.is_set():
+                if request.cancelled:
                     self._waiting.popleft()
                     self._finish(request, "stop")
                     self.stats.cancelled += 1
                     continue
+                kind = self._speculative if request.speculative_k is not None else self._plain
+                mates = [*kind.rows, *(r for r in admitted if _same_kind(r, request))]
+                if mates and (request.solo or any(r.solo for r in mates)):
+                    break
                 fits = (
                     rows < self.max_batch_size
                     and in_flight + request.token_footprint <= self.max_tokens_in_flight
@@ -278,33 +380,58 @@ class Engine:
         """Prefill new requests and add them to their batch; speculative rows sample their
         first token here (it becomes their pending token)."""
         now = time.monotonic()
+        ready = []
         for request in requests:
             request.admitted_at = now
-            request.generator = _generator(self.ensemble.device, request.options.seed)
             self.stats.admitted += 1
-        plain = [r for r in requests if r.speculative_k is None]
-        speculative = [r for r in requests if r.speculative_k is not None]
-        for rows, batch in ((plain, self._plain), (speculative, self._speculative)):
-            if not rows:
-                continue
             try:
-                states, logits = self.ensemble.prefill(
-                    [r.chat_ids for r in rows], [r.base_ids for r in rows]
-                )
-            except Exception as error:  # the running batch is untouched
-                for request in rows:
-                    self._fail(request, error)
+                request.generator = _generator(self.ensemble.device, request.options.seed)
+            except Exception as error:  # validated at the edge; defence in depth
+                self._fail(request, error)
                 continue
-            if batch is self._plain:
-                batch.add(rows, states, logits)
-            else:  # speculative rows need logits only for their first token
-                batch.add(rows, states, [])
+            ready.append(request)
+        plain = [r for r in ready if r.speculative_k is None]
+        speculative = [r for r in ready if r.speculative_k is not None]
+        if plain:
+            self._plain.add(*self._prefill(plain, _prompt_view))
+        if speculative:
+            rows, states, logits = self._prefill(speculative, _prompt_view)
+            if rows:  # speculative rows need logits only for their first token
+                self._speculative.add(rows, states, [])
                 self._first_speculative_tokens(rows, logits)
+
+    def _prefill(
+        self, rows: list[Request], view: Callable[[Request], _View]
+    ) -> tuple[list[Request], list[KVState], list[torch.Tensor]]:
+        """Prefill rows together; if that raises, each row alone, so only the rows whose own
+        input fails are failed. Returns the rows kept, their states and next-token logits."""
+        try:
+            return rows, *self._prefill_together(rows, view)
+        except Exception as error:
+            if len(rows) == 1:
+                self._fail(rows[0], error)
+                return [], [], []
+            logger.warning("a prefill of %d rows failed (%r); one row at a time", len(rows), error)
+        kept = _Batch()
+        for request in rows:
+            try:
+                kept.add([request], *self._prefill_together([request], view))
+            except Exception as error:
+                self._fail(request, error)
+        return kept.rows, kept.states, kept.logits
+
+    def _prefill_together(
+        self, rows: list[Request], view: Callable[[Request], _View]
+    ) -> tuple[list[KVState], list[torch.Tensor]]:
+        views = [view(r) for r in rows]
+        return self.ensemble.prefill(
+            [v.chat_ids for v in views], [v.base_ids for v in views], [v.room for v in views]
+        )
 
     def _first_speculative_tokens(self, rows: list[Request], logits: list[torch.Tensor]) -> None:
         """Sample new speculative rows' first token from their prefill: their pending token."""
         batch = self._speculative
-        tokens = self._pick(logits, rows, {}).tolist()
+        _, tokens, failed = self._pick(logits, rows)
         for request, token in zip(rows, tokens, strict=True):
             assert request.speculative_k is not None  # only speculative rows come here
             request.speculative = SpeculativeRow(
@@ -313,7 +440,10 @@ class Engine:
             request.pending = token
         offset = len(batch.rows) - len(rows)  # the new rows are the batch's last
         self._record(
-            batch, [[t] for t in tokens], failed={}, offset=list(range(offset, len(batch.rows)))
+            batch,
+            [[t] for t in tokens],
+            failed={offset + b: error for b, error in failed.items()},
+            offset=list(range(offset, len(batch.rows))),
         )
 
     def _decode_step(self) -> None:
@@ -321,24 +451,38 @@ class Engine:
         batch = self._plain
         self.stats.steps += 1
         self.stats.batch_sizes.append(len(batch.rows))
-        failed: dict[int, Exception] = {}
-        tokens = self._pick(batch.logits, batch.rows, failed)  # [B]
-        keep = self._record(batch, [[t] for t in tokens.tolist()], failed=failed)
-        if batch.rows:
-            if len(keep) < len(tokens):
-                tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
+        tokens, picked, failed = self._pick(batch.logits, batch.rows)  # [B]
+        keep = self._record(batch, [[t] for t in picked], failed=failed)
+        if not batch.rows:
+            return
+        if len(keep) < len(picked):
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
+        try:
             batch.logits = self.ensemble.step(batch.states, tokens)
+        except Exception as error:
+            self._rebuild_plain(error)
 
     def _pick(
-        self, logits: list[torch.Tensor], rows: list[Request], failed: dict[int, Exception]
-    ) -> torch.Tensor:
-        """Compose, constrain and sample one token per row [B]."""
+        self, logits: list[torch.Tensor], rows: list[Request]
+    ) -> tuple[torch.Tensor, list[int], dict[int, Exception]]:
+        """Compose, constrain and sample one token per row: (tokens [B] on the device, the
+        same on the host, the rows that failed and why). A row fails alone when its
+        constraint raises, its sampling raises, or its distribution is not finite."""
         weights = torch.cat([r.weight_row for r in rows]).to(self.ensemble.device)  # [B, W]
         logprobs = self.ensemble.compose(
             logits, weights, [r.options.conservative_top_p for r in rows]
         )  # [B, V]
+        composed_ok = finite_rows(logprobs)  # [B]
+        failed: dict[int, Exception] = {}
         logprobs = self._constrain(logprobs, rows, failed)
-        return self._sample(logprobs, rows)
+        ok = finite_rows(logprobs) & composed_ok
+        tokens = self._sample(where_finite(logprobs, ok), rows, failed)  # [B]
+        # the step's one host sync: the tokens and which rows could be sampled
+        picked, composed_ok_, ok_ = torch.stack([tokens, composed_ok.long(), ok.long()]).tolist()
+        for b, request in enumerate(rows):
+            if not ok_[b] and b not in failed:
+                failed[b] = _not_finite(request, composed=bool(composed_ok_[b]))
+        return tokens, picked, failed
 
     def _record(
         self,
@@ -383,7 +527,8 @@ class Engine:
     def _constrain(
         self, logprobs: torch.Tensor, rows: list[Request], failed: dict[int, Exception]
     ) -> torch.Tensor:
-        """Mask the tokens each row's constraint forbids, and renormalise those rows."""
+        """Mask the tokens each row's constraint forbids, and renormalise those rows; a
+        constraint that raises or answers a malformed mask fails its row alone."""
         masked = logprobs
         vocab = logprobs.shape[-1]
         for b, request in enumerate(rows):
@@ -391,38 +536,44 @@ class Engine:
             if constraint is None:
                 continue
             try:
-                allowed = constraint.allowed_mask(vocab)
+                allowed = _checked_mask(constraint.allowed_mask(vocab), vocab)
             except Exception as error:
                 failed[b] = error
                 continue
             if allowed is None:
                 continue
-            allowed = allowed.to(device=logprobs.device, dtype=torch.bool, non_blocking=True)
+            allowed = allowed.to(device=logprobs.device, non_blocking=True)
             if masked is logprobs:
                 masked = logprobs.clone()
             masked[b] = torch.log_softmax(logprobs[b].masked_fill(~allowed, float("-inf")), -1)
         return masked
 
     @staticmethod
-    def _sample(logprobs: torch.Tensor, rows: list[Request]) -> torch.Tensor:
+    def _sample(
+        logprobs: torch.Tensor, rows: list[Request], failed: dict[int, Exception]
+    ) -> torch.Tensor:
         """One token per row [B]: argmax for greedy rows, each sampled row with its own
         generator (so a seeded row samples as it would alone)."""
         greedy = logprobs.argmax(dim=-1)
         picks = []
         for b, request in enumerate(rows):
             o = request.options
-            if o.temperature == 0.0:
+            if o.temperature == 0.0 or b in failed:
                 picks.append(greedy[b])
-            else:
+                continue
+            try:
                 picks.append(
                     sample_tokens(
                         logprobs[b : b + 1], o.temperature, o.top_k, o.top_p, request.generator
                     )[0]
                 )
+            except Exception as error:
+                failed[b] = error
+                picks.append(greedy[b])
         return torch.stack(picks)
 
     def _retire_cancelled(self, batch: _Batch) -> None:
-        gone = [b for b, r in enumerate(batch.rows) if r.cancel_event.is_set()]
+        gone = [b for b, r in enumerate(batch.rows) if r.cancelled]
         for b in gone:
             self._finish(batch.rows[b], "stop")
             self.stats.cancelled += 1
@@ -430,16 +581,55 @@ class Engine:
             cancelled = set(gone)
             batch.keep([b for b in range(len(batch.rows)) if b not in cancelled])
 
-    def _fail_batch(self, batch: _Batch, error: Exception) -> None:
-        for request in batch.rows:
-            self._fail(request, error)
+    def _rebuild_plain(self, error: Exception) -> None:
+        """A batched forward raised: prefill every row again from its prompt and tokens
+        (the token just sampled included), together, then one at a time if that raises too;
+        only the rows that fail alone fail."""
+        batch = self._plain
+        rows = batch.rows
+        logger.warning("a decode forward of %d rows failed (%r); rebuilding them", len(rows), error)
         batch.clear()
+        batch.add(*self._prefill(rows, _generated_view))
 
     # ------------------------------------------------------------------ speculative rows
 
-    def _speculative_round(self) -> None:
-        """One draft-and-verify round for every speculative row (see `speculative.py`)."""
+    def _speculative_step(self) -> None:
+        """One round for the speculative batch; if a forward raises, every row is rebuilt
+        and runs one round alone, so a row whose drafts break a model fails alone."""
         batch = self._speculative
+        saved = [r.generator.get_state() for r in batch.rows]  # type: ignore[union-attr]
+        try:
+            self._speculative_round(batch)
+        except Exception as error:
+            logger.warning(
+                "a speculative round of %d rows failed (%r); one row at a time",
+                len(batch.rows),
+                error,
+            )
+            rows = batch.rows
+            batch.clear()
+            for request, state in zip(rows, saved, strict=True):
+                request.generator.set_state(state)  # type: ignore[union-attr]
+                self._speculative_alone(request)
+
+    def _speculative_alone(self, request: Request) -> None:
+        """Rebuild one speculative row (everything but its pending token) and run one round
+        for it alone; it rejoins the batch unless that fails."""
+        alone = _Batch()
+        rows, states, _ = self._prefill([request], _pending_view)
+        if not rows:
+            return
+        alone.add(rows, states, [])
+        try:
+            self._speculative_round(alone)
+        except Exception as error:
+            self._fail(request, error)
+            return
+        if alone.rows:
+            self._speculative.add(alone.rows, alone.states, [])
+
+    def _speculative_round(self, batch: _Batch) -> None:
+        """One draft-and-verify round for every row of `batch` (see `speculative.py`)."""
         self.stats.speculative_rounds += 1
         plans = []
         for request in batch.rows:
@@ -458,10 +648,14 @@ class Engine:
                 )
             )
         speculative_round(self.ensemble, batch.states, plans)
-        for request, plan in zip(batch.rows, plans, strict=True):
+        failed: dict[int, Exception] = {}
+        for b, (request, plan) in enumerate(zip(batch.rows, plans, strict=True)):
+            if plan.failed:
+                failed[b] = _not_finite(request, composed=True, speculative=True)
+                continue
             request.speculative.update(plan.k, plan.accepted)  # type: ignore[union-attr]
             request.pending = plan.emitted[-1]
-        self._record(batch, [plan.emitted for plan in plans], failed={})
+        self._record(batch, [plan.emitted for plan in plans], failed=failed)
 
     # ------------------------------------------------------------------ outputs
 
@@ -471,7 +665,7 @@ class Engine:
             return
         piece = request.row.text.delta()
         if piece:
-            request.sink(StreamChunk(text=piece, token_ids=request.row.take_unsent()))
+            _send(request, StreamChunk(text=piece, token_ids=request.row.take_unsent()))
 
     def _finish(self, request: Request, reason: str) -> None:
         row = request.row
@@ -481,16 +675,18 @@ class Engine:
         stats = request.stats(now)
         self.stats.finished += 1
         if request.streaming:
-            request.sink(
+            _send(
+                request,
                 StreamChunk(
                     text=row.text.delta(final=True),
                     token_ids=row.take_unsent(),
                     finish_reason=row.finish_reason,
                     usage=usage,
                     stats=stats,
-                )
+                ),
             )
-        request.sink(
+        _send(
+            request,
             GenerationResult(
                 text=row.text.text,
                 token_ids=list(row.token_ids),
@@ -498,13 +694,90 @@ class Engine:
                 usage=usage,
                 weights=dict(request.weights),
                 stats=stats,
-            )
+            ),
         )
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self.stats.failed += 1
         request.row.finish_reason = request.row.finish_reason or "error"
-        request.sink(error)
+        _send(request, error)
+
+
+class _View(NamedTuple):
+    """What a row's models read when it is (re)built: both prompt views and the tokens it
+    may still add after them."""
+
+    chat_ids: list[int]
+    base_ids: list[int]
+    room: int
+
+
+def _prompt_view(request: Request) -> _View:
+    """A new row: its prompt."""
+    return _View(request.chat_ids, request.base_ids, request.row.tokens_left)
+
+
+def _generated_view(request: Request) -> _View:
+    """A plain row rebuilt: its prompt and every token it has generated."""
+    tokens = request.row.token_ids
+    return _View(request.chat_ids + tokens, request.base_ids + tokens, request.row.tokens_left)
+
+
+def _pending_view(request: Request) -> _View:
+    """A speculative row rebuilt: everything but its pending token (the round feeds it)."""
+    tokens = request.row.token_ids[:-1]
+    return _View(request.chat_ids + tokens, request.base_ids + tokens, request.row.tokens_left + 1)
+
+
+def _same_kind(a: Request, b: Request) -> bool:
+    return (a.speculative_k is None) == (b.speculative_k is None)
+
+
+def _checked_mask(mask: Any, vocab_size: int) -> torch.Tensor | None:
+    """A constraint's answer as a bool [V] mask, or a clear error naming what is wrong."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise EFTRequestError(
+            f"the constraint's allowed_mask returned {type(mask).__name__}; it must return a "
+            f"bool tensor of shape [{vocab_size}] or None",
+            param="constraints",
+        )
+    if tuple(mask.shape) != (vocab_size,):
+        raise EFTRequestError(
+            f"the constraint's allowed_mask returned shape {tuple(mask.shape)}; it must be "
+            f"[{vocab_size}] (the vocabulary size)",
+            param="constraints",
+        )
+    return mask.to(torch.bool)
+
+
+def _not_finite(request: Request, *, composed: bool, speculative: bool = False) -> EFTRequestError:
+    """Why a row's next-token distribution cannot be sampled."""
+    at = len(request.row.token_ids)
+    if not composed or speculative:
+        return EFTRequestError(
+            f"the EFT distribution of this request is not finite at token {at} (weights "
+            f"{request.weights}, temperature {request.options.temperature}): the weights "
+            "overflow float32 when multiplied by the models' log-prob deltas; use smaller "
+            "weights",
+            param="weights",
+        )
+    return EFTRequestError(
+        f"the request's constraint allows no token at token {at}: its grammar cannot continue "
+        "here; check the grammar, schema or tool definitions",
+        param="constraints",
+    )
+
+
+def _send(request: Request, item: object) -> None:
+    """Hand an output to the request's caller; a caller that cannot take it (a closed event
+    loop, a broken sink) loses its request, never the engine."""
+    try:
+        request.sink(item)
+    except Exception:
+        logger.warning("could not deliver to a request's caller; cancelling it", exc_info=True)
+        request.cancel()
 
 
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -542,6 +815,11 @@ class _Task(Generic[T]):
             self._error = error
         finally:
             self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        """Answer the caller with an error instead of running."""
+        self._error = error
+        self._done.set()
 
     def wait(self) -> T:
         self._done.wait()

@@ -22,6 +22,10 @@ One round for a batch of rows, each with its own number of drafts k_b (K = max k
     accept    all rows and positions at once on the device; one host sync
     rollback  every model forgets what its row did not keep (per row: `KVState.rewind_rows`)
 
+A row whose draft or target distribution is not finite (a weight or temperature that
+overflows float32) is marked failed (`DraftPlan.failed`) and drafts from a uniform stand-in
+until the round ends; its batch-mates' draws and decisions never depend on it.
+
 Invariant between rounds: every model has read all of a row's tokens but the last one, the
 row's `pending` token, which the next round feeds first. A round emits a_b + 1 tokens: the
 a_b accepted drafts, then the replacement at the first rejection, or, when all k_b drafts
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .composition import draft_logprobs, sampling_logprobs
+from .composition import draft_logprobs, finite_rows, sampling_logprobs, where_finite
 from .ensemble import Ensemble
 from .kv_state import KVState
 
@@ -88,6 +92,7 @@ class DraftPlan:
     generator: torch.Generator
     emitted: list[int] = field(default_factory=list)  # filled by the round
     accepted: int = 0  # drafts the round accepted (filled by the round)
+    failed: bool = False  # its q or p was not finite: it emits nothing (filled by the round)
 
 
 def _transform(lp: torch.Tensor, plans: Sequence[DraftPlan]) -> torch.Tensor:
@@ -181,6 +186,8 @@ def speculative_round(
     # the position after the last draft (for the bonus token)
     draft_logits: dict[int, list[torch.Tensor]] = {i: [] for i in drafting}
     q_steps, drafts = [], []
+    limit = torch.tensor([plan.k for plan in plans], device=ensemble.device)  # [B]
+    ok = torch.ones(batch, dtype=torch.bool, device=ensemble.device)  # [B] finite so far
     for j in range(k_max + 1):
         for i in drafting:
             draft_logits[i].append(ensemble.feed(i, states[i], fed[-1])[:, -1])  # [B, V]
@@ -191,6 +198,8 @@ def speculative_round(
             for pair in ensemble.pairs
         ]
         q = _transform(draft_logprobs(finetuned, weights), plans)  # [B, V]
+        ok &= finite_rows(q) | (j >= limit)  # positions past a row's k are never read
+        q = where_finite(q, ok)
         token = _draw(q, plans, j)  # [B]
         q_steps.append(q)
         drafts.append(token)
@@ -209,14 +218,19 @@ def speculative_round(
         [plan.conservative_top_p for plan in plans for _ in range(k_max + 1)],
     ).reshape(batch, k_max + 1, vocab)
     p = _transform(p, plans)
+    read = torch.arange(k_max + 1, device=p.device) <= limit[:, None]  # [B, K + 1]
+    ok &= (finite_rows(p) | ~read).all(-1)
+    p = where_finite(p, ok)
     drafted = torch.stack(drafts, dim=1)  # [B, K]
     accepted, next_token = verify_drafts(p, torch.stack(q_steps, dim=1), drafted, plans)
     # the round's one host sync: the decisions and tokens of every row
     accepted_, next_, drafted_ = accepted.tolist(), next_token.tolist(), drafted.tolist()
+    ok_ = ok.tolist()
     forget = []
     for b, plan in enumerate(plans):
-        n = plan.accepted = accepted_[b]
-        plan.emitted = [*drafted_[b][:n], next_[b]]
+        plan.failed = not ok_[b]
+        n = plan.accepted = 0 if plan.failed else accepted_[b]
+        plan.emitted = [] if plan.failed else [*drafted_[b][:n], next_[b]]
         forget.append(k_max - n)  # the models read pending + K drafts; they keep pending + n
     for i in range(len(ensemble.models)):
         states[i].rewind_rows(forget)

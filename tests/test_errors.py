@@ -22,8 +22,8 @@ BAD_CALLS = [
         {"weights": {"chatty": 1.0}},
         "unknown behavior 'chatty'.*known behaviors: \\['chat', 'safe'\\]",
     ),
-    ({"weights": {"chat": math.nan}}, "must be finite.*known behaviors"),
-    ({"weights": {"chat": math.inf}}, "must be finite"),
+    ({"weights": {"chat": math.nan}}, "must be a finite number.*known behaviors"),
+    ({"weights": {"chat": math.inf}}, "must be a finite number"),
     ({"weights": {"chat": "1.0"}}, "must be a float.*known behaviors"),
     ({"weights": [{"chat": 1.0}]}, "list of weight dicts needs a list of prompts"),
     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
@@ -33,6 +33,10 @@ BAD_CALLS = [
     ({"top_k": -1}, "top_k must be an int >= 0"),
     ({"conservative_top_p": 2.0}, "conservative_top_p must be in"),
     ({"stop": [""]}, "stop must be non-empty strings"),
+    # finite in Python, overflows where torch meets them
+    ({"weights": {"chat": 1e38}}, "finite number in \\[-1e6, 1e6\\]"),
+    ({"seed": 2**64}, "seed must be in \\[-2\\*\\*63, 2\\*\\*64 - 1\\]"),
+    ({"seed": -(2**63) - 1}, "seed must be in"),
 ]
 
 
