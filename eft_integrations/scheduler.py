@@ -157,6 +157,8 @@ class _Batch:
     logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] per model
 
     def add(self, rows: list[Request], states: list[KVState], logits: list[torch.Tensor]) -> None:
+        if not rows:
+            return
         if not self.rows:
             self.rows, self.states, self.logits = list(rows), states, list(logits)
             return

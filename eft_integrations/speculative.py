@@ -220,7 +220,7 @@ def speculative_round(
     p = _transform(p, plans)
     read = torch.arange(k_max + 1, device=p.device) <= limit[:, None]  # [B, K + 1]
     ok &= (finite_rows(p) | ~read).all(-1)
-    p = where_finite(p, ok)
+    p = where_finite(p, ok[:, None].expand(-1, k_max + 1))
     drafted = torch.stack(drafts, dim=1)  # [B, K]
     accepted, next_token = verify_drafts(p, torch.stack(q_steps, dim=1), drafted, plans)
     # the round's one host sync: the decisions and tokens of every row
