@@ -43,9 +43,13 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 class OpenAIModel(BaseModel):
     """Base of the request models: fields OpenAI has and we do not use are accepted and
-    ignored (clients send many), and logged so a misspelt EFT field is visible."""
+    ignored (clients send many), and logged so a misspelt EFT field is visible.
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    Strict types, as the wire has them: `"max_tokens": "4"`, `"stream": "yes"`,
+    `"temperature": "0.5"` or `"n": true` are 400s naming the field, not guesses. A float
+    field still takes an integer (JSON clients send 1 for 1.0)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
     @model_validator(mode="after")
     def _log_ignored_fields(self) -> OpenAIModel:
