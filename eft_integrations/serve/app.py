@@ -11,6 +11,20 @@ Every request goes through the async core path, so it joins the engine's running
 client that disconnects (mid-stream or while waiting) cancels its request, which leaves the
 batch at the next step. Errors are OpenAI's error JSON with the matching status; a request
 never takes the server down.
+
+What keeps one client from hurting the others:
+- admission (`admission.py`): a request reserves its prompts before its first `await`, so
+  `max_queue` holds under a burst and a completions request counts each of its prompts;
+- the event loop only routes: templating, tokenizing and grammar compilation run on worker
+  threads, after the cheap checks (body size, model, capacity);
+- middleware (`middleware.py`): the API key is checked before the body is read, a body that
+  does not arrive in time gets 408, every response carries an `x-request-id`, and a 500 names
+  that id instead of the error (the log has the traceback);
+- shutdown (`ServingState.drain`, run by `server.Server` on SIGTERM): 503 for new requests,
+  a grace period for the running ones, then each open stream ends with an error event and
+  `[DONE]` and its engine rows are cancelled.
+The documentation routes (/docs, /redoc, /openapi.json) are off: they would describe the API
+to anyone who can reach the port, key or not.
 """
 
 from __future__ import annotations
@@ -18,22 +32,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..chat import achat, astream_chat, resolved_weights
+from ..chat import ChatDelta, ChatResult, astream_chat, resolved_weights
+from ..errors import EngineError, EngineUnavailableError
+from ..tool_calls import InvalidToolCall, ToolCall
+from .admission import Admission, Reservation
+from .config import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
+from .errors import APIError, ClientDisconnected, internal_error
+from .middleware import BodySizeLimit, BodyTimeout, RequestContext, RequireKey, on_end, request_id
 from .protocol import (
     ChatChunks,
     ChatCompletionRequest,
@@ -41,8 +59,6 @@ from .protocol import (
     CompletionChunks,
     CompletionRequest,
     CompletionResponse,
-    ErrorInfo,
-    ErrorResponse,
     ModelCard,
     ModelList,
 )
@@ -53,51 +69,17 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-"""Largest request body accepted (413 beyond)."""
-
 FALLBACK_MAX_TOKENS = 1024
 """Completion budget of a request that names none, for models without a known window."""
 
 
-class APIError(Exception):
-    """An error answered as OpenAI's error JSON with `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = ErrorResponse(error=self.info).model_dump(mode="json")
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-class ClientDisconnected(APIError):
-    """The client went away before its answer; nobody reads this response."""
-
-    def __init__(self) -> None:
-        super().__init__(499, "client closed the request", code="client_closed_request")
-
-
 @dataclass
 class ServingState:
-    """What the routes need: the engine's decoder and the server's options."""
+    """What the routes need: the engine's decoder, the server's options and its admission."""
 
     decoder: Any
     model_names: tuple[str, ...]
-    api_key: str | None = None
-    max_queue: int | None = None
+    admission: Admission
     default_max_tokens: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -110,23 +92,26 @@ class ServingState:
                 code="model_not_found",
             )
 
-    def check_capacity(self) -> None:
-        """503 with Retry-After when this request would make more than `max_queue` requests
-        wait for a place in the engine's batch."""
-        if self.max_queue is None:
-            return
-        engine = self.decoder.engine
-        waiting = engine.queued + (engine.batch_size >= engine.max_batch_size)
-        if waiting > self.max_queue:
-            raise APIError(
-                503,
-                f"the server is full: {engine.batch_size} requests decoding (batch of "
-                f"{engine.max_batch_size}), {engine.queued} waiting (max_queue="
-                f"{self.max_queue}); retry shortly",
-                type="server_overloaded",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            )
+    def admit(self, request: Request, prompts: int, prompt_field: str) -> Reservation:
+        """Reserve the request's prompts (503 when full or shutting down). Synchronous: the
+        routes call it before their first `await`, so no other request slips in between the
+        check and the reservation; released when the request ends, however it ends."""
+        reservation = self.admission.reserve(prompts, prompt_field)
+        on_end(request.scope, reservation.release)
+        return reservation
+
+    async def drain(self, grace: float) -> bool:
+        """Shut down gracefully (see `Admission.drain`); True when every request ended."""
+        return await self.admission.drain(grace)
+
+    def unavailable(self) -> str | None:
+        """Why the server cannot serve now (None while it can)."""
+        failure = getattr(self.decoder.engine, "failure", None)
+        if failure:
+            return f"the engine cannot serve: {failure}"
+        if self.admission.draining:
+            return "the server is shutting down"
+        return None
 
     def weights(self, weights: dict[str, float] | None) -> dict[str, float]:
         """The full weights a request decodes with (400 naming the known behaviors)."""
@@ -160,30 +145,47 @@ def build_app(
     max_queue: int | None = None,
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
     default_max_tokens: int | None = None,
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
 ) -> FastAPI:
     """The OpenAI-compatible app over `decoder` (an `EFTDecoder`, i.e. one engine).
 
     Args:
         served_model_name: the name(s) clients put in `model` (default "eft").
-        api_key: when set, /v1 routes need `Authorization: Bearer <api_key>` (401 otherwise).
-        max_queue: answer 503 (Retry-After) while this many requests wait for admission.
+        api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`
+            (401 otherwise, before the body is read).
+        max_queue: admit at most `max_batch_size + max_queue` prompts at once (503 with
+            Retry-After beyond; a completions request counts each prompt).
         max_body_bytes: larger request bodies get 413 (None: no limit).
         default_max_tokens: budget of chat requests that name none (default: the window).
+        body_timeout: seconds a body may take to arrive after the headers (408 beyond;
+            None: no limit).
     """
     if isinstance(served_model_name, str):
         names: tuple[str, ...] = (served_model_name,)
     else:
         names = tuple(served_model_name or ("eft",))
-    app = FastAPI(title="eft-integrations", summary="OpenAI-compatible EFT server")
-    app.state.eft = ServingState(decoder, names, api_key, max_queue, default_max_tokens)
-    app.include_router(_v1, prefix="/v1", dependencies=[Depends(_check_key)])
+    app = FastAPI(
+        title="eft-integrations",
+        summary="OpenAI-compatible EFT server",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    admission = Admission(decoder.engine, max_queue)
+    app.state.eft = ServingState(decoder, names, admission, default_max_tokens)
+    app.include_router(_v1, prefix="/v1")
     app.include_router(_plain)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _server_error)
+    # added innermost first: RequestContext ends up outermost
     if max_body_bytes is not None:
         app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    if body_timeout is not None:
+        app.add_middleware(BodyTimeout, seconds=body_timeout)
+    if api_key is not None:
+        app.add_middleware(RequireKey, key=api_key)
+    app.add_middleware(RequestContext)
     return app
 
 
@@ -197,27 +199,24 @@ def _state(request: Request) -> ServingState:
     return request.app.state.eft
 
 
-def _check_key(request: Request) -> None:
-    """401 unless the request carries the server's key (when it has one)."""
-    key = _state(request).api_key
-    if key is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise APIError(
-            401,
-            "missing API key: send the header 'Authorization: Bearer <key>'",
-            code="invalid_api_key",
-        )
-    if not secrets.compare_digest(given.encode(), key.encode()):
-        raise APIError(401, "incorrect API key", code="invalid_api_key")
-
-
 @_plain.get("/health")
-async def health(request: Request) -> dict[str, Any]:
-    """200 while the server answers, with the engine's load."""
-    engine = _state(request).decoder.engine
-    return {"status": "ok", "batch_size": engine.batch_size, "queued": engine.queued}
+async def health(request: Request) -> JSONResponse:
+    """200 with the engine's load while the server can serve; 503 with the reason while it
+    cannot (the engine failed for good, or the server is shutting down), so that a load
+    balancer takes it out of rotation."""
+    state = _state(request)
+    reason = state.unavailable()
+    if reason is not None:
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+    engine = state.decoder.engine
+    return JSONResponse(
+        {
+            "status": "ok",
+            "batch_size": engine.batch_size,
+            "queued": engine.queued,
+            "prompts_in_flight": state.admission.prompts,
+        }
+    )
 
 
 @_v1.get("/models", response_model=ModelList)
@@ -238,18 +237,19 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     """One assistant turn; `stream: true` answers with server-sent events."""
     state = _state(request)
     state.check_model(body.model)
-    state.check_capacity()
+    admitted = state.admit(request, 1, "messages")  # before the first await
     weights = state.weights(body.eft_weights)
-    with _core_errors():
+    with _core_errors(request):
         messages = body.core_messages()
-    kwargs = body.chat_kwargs(state.max_tokens())
+    turn = _TurnDecoder(state.decoder, admitted.cancel)
+    deltas = astream_chat(turn, messages, **body.chat_kwargs(state.max_tokens()))
     if body.stream:
-        deltas = astream_chat(state.decoder, messages, **kwargs)
-        first = await _first(request, deltas, "messages")
+        first = await _first(request, admitted, deltas, "messages")
         chunks = ChatChunks(body.model, weights, body.include_usage)
-        return _sse(_chat_events(chunks, first, deltas))
-    with _core_errors():
-        result = await _unless_disconnected(request, achat(state.decoder, messages, **kwargs))
+        return _sse(_chat_events(request, admitted, chunks, first, deltas))
+    with _core_errors(request):
+        result = await _unless_disconnected(request, _whole_turn(deltas, weights))
+    admitted.check()
     return ChatCompletionResponse.of(body.model, result)
 
 
@@ -258,31 +258,95 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     """Complete raw prompts (one choice per prompt); `stream: true` takes one prompt."""
     state = _state(request)
     state.check_model(body.model)
-    state.check_capacity()
+    prompts = body.prompts()
+    if body.stream and len(prompts) != 1:
+        raise APIError(
+            400, f"a streamed completion takes one prompt, got {len(prompts)}", param="prompt"
+        )
+    admitted = state.admit(request, len(prompts), "prompt")  # before the first await
     weights = state.weights(body.eft_weights)
     decoder = state.decoder
     options = body.generation_options(body.max_tokens or state.max_tokens())
-    prompts = body.prompts()
-    echoes = [_echo(decoder, p) if body.echo else "" for p in prompts]
-    if body.stream:
-        if len(prompts) != 1:
-            raise APIError(
-                400, f"a streamed completion takes one prompt, got {len(prompts)}", param="prompt"
-            )
-        stream = decoder.astream(prompts[0], **options)
-        first = await _first(request, stream, "prompt")
-        chunks = CompletionChunks(body.model, weights, body.include_usage)
-        return _sse(_completion_events(chunks, echoes[0], first, stream))
-    with _core_errors("prompt"):
-        results = await _unless_disconnected(
-            request, decoder.agenerate(prompts if len(prompts) > 1 else prompts[0], **options)
+    options["cancel"] = admitted.cancel
+    with _core_errors(request, "prompt"):
+        ids, echoes = await _unless_disconnected(
+            request, asyncio.to_thread(_tokenized, decoder, prompts, body.echo)
         )
+    if body.stream:
+        stream = decoder.astream(ids[0], **options)
+        first = await _first(request, admitted, stream, "prompt")
+        chunks = CompletionChunks(body.model, weights, body.include_usage)
+        return _sse(_completion_events(request, admitted, chunks, echoes[0], first, stream))
+    with _core_errors(request, "prompt"):
+        results = await _unless_disconnected(
+            request, decoder.agenerate(ids if len(ids) > 1 else ids[0], **options)
+        )
+    admitted.check()
     results = results if isinstance(results, list) else [results]
     return CompletionResponse.of(body.model, results, echoes)
 
 
+# ------------------------------------------------------------------------------ off the loop
+
+
+def _tokenized(
+    decoder: Any, prompts: Sequence[str | list[int]], echo: bool
+) -> tuple[list[list[int]], list[str]]:
+    """Token ids of each prompt (validated), and the text to echo before each completion.
+    Runs on a worker thread: a long prompt takes seconds to tokenize."""
+    ids = [decoder.encode(p) for p in prompts]
+    echoes = [_echo(decoder, p) if echo else "" for p in prompts]
+    return ids, echoes
+
+
 def _echo(decoder: Any, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else decoder.tokenizer.decode(prompt)
+
+
+class _TurnDecoder:
+    """The decoder as one chat turn sees it (`astream_chat` renders, compiles the grammar and
+    calls `astream` on it): the same engine and attributes, but `astream` tokenizes the
+    rendered prompt on a worker thread (the decoder tokenizes in its caller's thread, here
+    the event loop) and passes the request's cancel event (the chat core keeps `cancel` for
+    itself), which the server sets to cut the request short."""
+
+    def __init__(self, decoder: Any, cancel: threading.Event) -> None:
+        self._decoder = decoder
+        self._cancel = cancel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._decoder, name)
+
+    async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[Any]:
+        ids = await asyncio.to_thread(self._decoder.encode, prompt)
+        stream = self._decoder.astream(ids, cancel=self._cancel, **kwargs)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+
+async def _whole_turn(deltas: AsyncIterator[ChatDelta], weights: Mapping[str, float]) -> ChatResult:
+    """The streamed turn as one result: its deltas joined (they equal `chat`'s answer).
+    Not `chat.achat`, which compiles the turn's grammar on the event loop."""
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
+    last: ChatDelta | None = None
+    try:
+        async for delta in deltas:
+            content.append(delta.content)
+            calls += delta.tool_calls
+            invalid += delta.invalid_tool_calls
+            last = delta
+    finally:
+        await deltas.aclose()
+    if last is None or last.finish_reason is None or last.usage is None:
+        raise RuntimeError("the engine ended the turn without its last delta")
+    return ChatResult(
+        "".join(content), calls, invalid, last.finish_reason, last.usage, dict(weights), last.stats
+    )
 
 
 # ------------------------------------------------------------------------------ streaming
@@ -293,51 +357,68 @@ def _sse(events: AsyncIterator[str]) -> EventSourceResponse:
     return EventSourceResponse(events, sep="\n")
 
 
-async def _first(request: Request, items: AsyncIterator[T], prompt_field: str) -> T:
+async def _first(
+    request: Request, admitted: Reservation, items: AsyncIterator[T], prompt_field: str
+) -> T:
     """The first item of a core stream, before any response is sent, so that a request the
-    core refuses gets its error status rather than a broken stream."""
-    with _core_errors(prompt_field):
+    core refuses (or the server cuts short) gets its error status rather than a broken
+    stream."""
+    with _core_errors(request, prompt_field):
         try:
-            return await _unless_disconnected(request, anext(items))
+            first = await _unless_disconnected(request, anext(items))
         except StopAsyncIteration:
             raise APIError(
                 500, "the engine ended the stream without output", type="server_error"
             ) from None
+    admitted.check()
+    return first
 
 
 async def _chat_events(
-    chunks: ChatChunks, first: Any, deltas: AsyncIterator[Any]
+    request: Request,
+    admitted: Reservation,
+    chunks: ChatChunks,
+    first: Any,
+    deltas: AsyncIterator[Any],
 ) -> AsyncIterator[str]:
     """The SSE data of one streamed chat completion; closing it closes the core stream
-    (which removes the request from the batch)."""
+    (which removes the request from the batch). An error after the headers, or the server
+    cutting the request short, goes out as an error event; `[DONE]` always ends it."""
     try:
         yield _json(chunks.first())
         for chunk in chunks.of(first):
             yield _json(chunk)
         async for delta in deltas:
+            admitted.check()  # cut short: its last delta is the engine's cancellation
             for chunk in chunks.of(delta):
                 yield _json(chunk)
-    except Exception as error:  # after the headers: the error goes out as an event
-        yield _json(ErrorResponse(error=_error_of(error).info))
+    except Exception as error:
+        yield _json(_error_of(error, request).body())
     finally:
         await deltas.aclose()
     yield "[DONE]"
 
 
 async def _completion_events(
-    chunks: CompletionChunks, echo: str, first: Any, stream: AsyncIterator[Any]
+    request: Request,
+    admitted: Reservation,
+    chunks: CompletionChunks,
+    echo: str,
+    first: Any,
+    stream: AsyncIterator[Any],
 ) -> AsyncIterator[str]:
-    """The SSE data of one streamed completion."""
+    """The SSE data of one streamed completion (see `_chat_events`)."""
     try:
         if echo:
             yield _json(chunks.text(echo))
         for chunk in chunks.of(first):
             yield _json(chunk)
         async for item in stream:
+            admitted.check()
             for chunk in chunks.of(item):
                 yield _json(chunk)
     except Exception as error:
-        yield _json(ErrorResponse(error=_error_of(error).info))
+        yield _json(_error_of(error, request).body())
     finally:
         await stream.aclose()
     yield "[DONE]"
@@ -392,7 +473,7 @@ _PARAMS = (  # words of the core's ValueErrors -> the request field they are abo
 
 
 @contextlib.contextmanager
-def _core_errors(prompt_field: str = "messages") -> Iterator[None]:
+def _core_errors(request: Request, prompt_field: str = "messages") -> Iterator[None]:
     """The core's ValueErrors are the request's fault (400); anything else is ours (500).
     `prompt_field` is the request's field holding the prompt."""
     try:
@@ -400,20 +481,33 @@ def _core_errors(prompt_field: str = "messages") -> Iterator[None]:
     except (APIError, asyncio.CancelledError):
         raise
     except Exception as error:
-        raise _error_of(error, prompt_field) from error
+        raise _error_of(error, request, prompt_field) from error
 
 
-def _error_of(error: BaseException, prompt_field: str = "messages") -> APIError:
+def _error_of(error: BaseException, request: Request, prompt_field: str = "messages") -> APIError:
+    """The answer to an error of the core: 400 for the request's own fault, 503 when the
+    engine cannot serve it, else a 500 naming the request id (the log has the traceback)."""
     if isinstance(error, APIError):
         return error
+    if isinstance(error, EngineUnavailableError):  # its reason is public: /health shows it
+        return APIError(503, str(error), type="service_unavailable", code="engine_unavailable")
     if isinstance(error, ValueError):
         message = str(error)
         param = next((p for words, p in _PARAMS if words in message), None)
         param = prompt_field if param == "<prompt>" else param
         code = "context_length_exceeded" if "context window" in message else None
         return APIError(400, message, param=param, code=code)
-    logger.error("request failed", exc_info=error)
-    return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
+    rid = request_id(request.scope)
+    logger.error("request %s failed", rid, exc_info=error)
+    if isinstance(error, EngineError):  # the engine recovered: the request may be retried
+        return APIError(
+            503,
+            f"the engine failed while decoding this request (request id {rid}); retry it",
+            type="service_unavailable",
+            code="engine_error",
+            headers={"Retry-After": "1"},
+        )
+    return internal_error(rid)
 
 
 async def _api_error(request: Request, error: Exception) -> JSONResponse:
@@ -451,48 +545,15 @@ def _param(loc: Sequence[Any]) -> str:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    code = {
+        404: "not_found",
+        405: "method_not_allowed",
+        408: "request_timeout",
+        413: "request_too_large",
+    }
     return APIError(
         error.status_code,
         str(error.detail),
         code=code.get(error.status_code),
         headers=getattr(error, "headers", None),
     ).response()
-
-
-async def _server_error(request: Request, error: Exception) -> JSONResponse:
-    return _error_of(error).response()
-
-
-class BodySizeLimit:
-    """413 for request bodies over `max_bytes` (declared or streamed), before any parsing."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            error = APIError(413, self._message(int(declared)), code="request_too_large")
-            await error.response()(scope, receive, send)
-            return
-        received = 0
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:  # FastAPI passes HTTPExceptions from here on
-                    raise HTTPException(413, self._message(None))
-            return message
-
-        await self.app(scope, counted, send)
-
-    def _message(self, size: int | None) -> str:
-        of = f" of {size} bytes" if size is not None else ""
-        return f"request body{of} exceeds the server's limit of {self.max_bytes} bytes"

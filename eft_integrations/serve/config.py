@@ -20,6 +20,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = ["ServeConfig", "parse_behavior", "parse_weight"]
 
+# the server's defaults, here so that the app, the server and the command line share them
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body accepted (413 beyond)."""
+DEFAULT_BODY_TIMEOUT = 60.0
+"""Seconds a request's body may take to arrive after its headers (408 beyond)."""
+DEFAULT_KEEP_ALIVE = 5.0
+"""Seconds an idle connection is kept open between requests (uvicorn's default)."""
+DEFAULT_HEADER_TIMEOUT = 10.0
+"""Seconds a connection has to send its request headers (then 408 and closed)."""
+DEFAULT_LIMIT_CONCURRENCY = 1024
+"""Most connections and tasks at once; uvicorn answers 503 beyond."""
+DEFAULT_SHUTDOWN_GRACE = 30.0
+"""Seconds running requests get to finish on SIGTERM before they are cut short."""
+
 
 def parse_behavior(text: str) -> tuple[str, tuple[str, str]]:
     """`"chat=FT_PATH,REF_PATH"` -> `("chat", ("FT_PATH", "REF_PATH"))`."""
@@ -74,11 +88,24 @@ class ServeConfig(BaseModel):
     api_key: str | None = None
     """When set, requests need `Authorization: Bearer <api_key>`."""
     max_queue: int | None = Field(default=None, ge=0)
-    """Answer 503 (Retry-After) while this many requests wait for admission."""
-    max_body_bytes: int | None = Field(default=4 * 1024 * 1024, ge=1)
+    """Admit at most max_batch_size + max_queue prompts at once (503 with Retry-After
+    beyond; a completions request counts each of its prompts)."""
+    max_body_bytes: int | None = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1)
     """Larger request bodies get 413."""
     default_max_tokens: int | None = Field(default=None, ge=1)
     """Budget of chat requests that name none (default: the context window)."""
+    body_timeout: float | None = Field(default=DEFAULT_BODY_TIMEOUT, gt=0)
+    """Seconds a request body may take to arrive after its headers (408 beyond)."""
+
+    # uvicorn's options: `eft serve` reads them; a Ray Serve deployment has its own proxy
+    timeout_keep_alive: float = Field(default=DEFAULT_KEEP_ALIVE, gt=0)
+    """Seconds an idle connection is kept open between requests."""
+    header_timeout: float = Field(default=DEFAULT_HEADER_TIMEOUT, gt=0)
+    """Seconds a connection has to send its request headers (then 408 and closed)."""
+    limit_concurrency: int | None = Field(default=DEFAULT_LIMIT_CONCURRENCY, ge=1)
+    """Most connections and tasks at once (uvicorn answers 503 beyond; None: no limit)."""
+    shutdown_grace: float = Field(default=DEFAULT_SHUTDOWN_GRACE, ge=0)
+    """Seconds running requests get to finish on SIGTERM before they are cut short."""
 
     @field_validator("behaviors", mode="before")
     @classmethod
@@ -153,6 +180,16 @@ class ServeConfig(BaseModel):
             "max_queue": self.max_queue,
             "max_body_bytes": self.max_body_bytes,
             "default_max_tokens": self.default_max_tokens,
+            "body_timeout": self.body_timeout,
+        }
+
+    def server_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `run_server` beyond the app, host, port and log level."""
+        return {
+            "timeout_keep_alive": self.timeout_keep_alive,
+            "header_timeout": self.header_timeout,
+            "limit_concurrency": self.limit_concurrency,
+            "shutdown_grace": self.shutdown_grace,
         }
 
     def build_app(self, decoder: Any = None) -> Any:
