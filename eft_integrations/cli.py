@@ -75,7 +75,9 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
         help="require `Authorization: Bearer KEY` (default: $EFT_API_KEY)",
     )
     server.add_argument(
-        "--max-queue", type=int, help="answer 503 while this many requests wait for the batch"
+        "--max-queue",
+        type=int,
+        help="admit at most max-batch-size + N prompts at once (503 with Retry-After beyond)",
     )
     server.add_argument(
         "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"
@@ -86,6 +88,54 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
         help="budget of chat requests naming none (default: context window)",
     )
     server.add_argument("--log-level", default="info")
+    _limits_parser(serve)
+
+
+def _limits_parser(serve: argparse.ArgumentParser) -> None:
+    """Timeouts and limits: what keeps slow or many clients from holding the server. Left
+    out, they take `ServeConfig`'s defaults (given in the help)."""
+    limits = serve.add_argument_group("timeouts and limits")
+    limits.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        metavar="SECONDS",
+        help="close a connection idle between requests after this long (default 5)",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="408 and close a connection whose request headers take longer (default 10)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="408 and close when a request body takes longer after its headers (default 60)",
+    )
+    limits.add_argument(
+        "--limit-concurrency",
+        type=int,
+        metavar="N",
+        help="answer 503 beyond this many connections and tasks at once (default 1024)",
+    )
+    limits.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, admit nothing more and let running requests finish this long, "
+        "then end them with an error event (default 30)",
+    )
+
+
+_LIMITS = (
+    "timeout_keep_alive",
+    "header_timeout",
+    "body_timeout",
+    "limit_concurrency",
+    "shutdown_grace",
+)
+"""The `ServeConfig` fields of `_limits_parser`'s flags."""
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -112,6 +162,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             max_queue=args.max_queue,
             max_body_bytes=args.max_body_bytes,
             default_max_tokens=args.default_max_tokens,
+            **{name: getattr(args, name) for name in _LIMITS if getattr(args, name) is not None},
         )
     except ValidationError as error:
         parser.error("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors()))
@@ -122,7 +173,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         f"http://{args.host}:{args.port}/v1",
         flush=True,
     )
-    run_server(app, args.host, args.port, log_level=args.log_level)
+    run_server(app, args.host, args.port, log_level=args.log_level, **config.server_kwargs())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

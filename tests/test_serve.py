@@ -143,7 +143,7 @@ def test_eft_serve_command_serves_the_toy_family(monkeypatch, capsys):
     monkeypatch.setattr(
         server_module,
         "run_server",
-        lambda app, host, port, log_level: served.update(app=app, port=port),
+        lambda app, host, port, log_level, **limits: served.update(app=app, port=port, **limits),
     )
     cli.main(
         [
@@ -159,9 +159,15 @@ def test_eft_serve_command_serves_the_toy_family(monkeypatch, capsys):
             "helpful=1",
             "--max-queue",
             "4",
+            "--header-timeout",
+            "3",
+            "--shutdown-grace",
+            "7.5",
         ]
     )
     assert served["port"] == 8123 and "serving" in capsys.readouterr().out
+    assert served["header_timeout"] == 3 and served["shutdown_grace"] == 7.5
+    assert served["timeout_keep_alive"] == 5 and served["limit_concurrency"] == 1024
     decoder = served["app"].state.eft.decoder
     assert decoder.engine.max_batch_size == 3
     assert decoder.default_weights == {"helpful": 1.0, "harmless": 1.0}
