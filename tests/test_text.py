@@ -3,7 +3,8 @@
 Tokenizers built offline: the byte-level BPE of tests/tiny_models.py (GPT-2 / Llama-3 / Qwen
 style, with an added token), a SentencePiece-style Unigram with byte fallback and a Metaspace
 decoder that drops the first leading space (Llama-2 / Gemma style), and a byte-level BPE whose
-decode cleans up tokenization spaces. Token sequences
+decode cleans up tokenization spaces (WordPiece, Metaspace and more random sequences are in
+tests/test_text_tokenizers.py). Token sequences
 are random ids (invalid UTF-8, lone bytes, special tokens) and encoded texts with accents, CJK
 and emoji split over several byte tokens.
 """
@@ -55,7 +56,7 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
 
 def clean_up_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE whose decode cleans up tokenization spaces (" ." -> "."), a change that
-    can reach back before any window: decoded in full every time, but exactly."""
+    can reach back before any window: the clean-up runs as a stream over the windows' text."""
     tokenizer = build_tokenizer()
     tokenizer.clean_up_tokenization_spaces = True
     # transformers ignores the setting for BPE unless told this
@@ -68,7 +69,6 @@ TOKENIZERS = {
     "sentencepiece": sentencepiece_tokenizer(),
     "clean_up": clean_up_tokenizer(),
 }
-INCREMENTAL = ["byte_level", "sentencepiece"]
 
 
 class FullDecodeText:
@@ -240,7 +240,7 @@ class CountingTokenizer:
         return getattr(self.tokenizer, name)
 
 
-@pytest.mark.parametrize("name", INCREMENTAL)
+@pytest.mark.parametrize("name", list(TOKENIZERS))
 @pytest.mark.parametrize("stop", [(), ("never-in-the-text", "\n\n")])
 def test_decoding_work_per_token_does_not_grow_with_the_length(name, stop):
     # a long streamed completion: each token (append + delta) decodes a bounded window,

@@ -127,3 +127,53 @@ def save_family(root: Path) -> dict[str, Path]:
     build_tokenizer(extra_token="<|odd|>", vocab_size=300).save_pretrained(other)
     paths["other"] = other
     return paths
+
+
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Contractions and spaced marks, which BERT's pre-tokenizer splits into pieces ("isn", "'",
+# "t") that the WordPiece decoder joins with spaces for transformers' clean-up to remove.
+CONTRACTIONS = [
+    "Isn't it? I'm sure it's fine, we've seen they're here! Don't stop. 'quoted' text.",
+    "She said: 'no' , and he didn't ... Why ? Because ! Well , ok .",
+]
+WORDPIECE_CORPUS = CORPUS + CONTRACTIONS * 20
+
+
+def build_wordpiece_tokenizer(
+    vocab_size: int = 200, pieces: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A BERT-style tokenizer: WordPiece over `pieces` (by default the corpus' characters,
+    their continuations and its most frequent words, at most `vocab_size` tokens in all, built
+    deterministically, unlike WordPieceTrainer's ties), BERT's pre-tokenizer, and a WordPiece
+    decoder that cleans up per token, loaded with `clean_up_tokenization_spaces=True` as
+    BERT's is. "[SEP]" ends a turn."""
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if pieces is None:
+        pieces = _wordpiece_vocabulary(pre_tokenizer, vocab_size - len(WORDPIECE_SPECIALS))
+    vocab = {piece: i for i, piece in enumerate([*WORDPIECE_SPECIALS, *pieces])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        eos_token="[SEP]",
+        clean_up_tokenization_spaces=True,
+    )
+
+
+def _wordpiece_vocabulary(pre_tokenizer, size: int) -> list[str]:
+    """Every character of the corpus, as a word start and as a continuation ("##c"), then its
+    most frequent words (ties in alphabetical order) up to `size` pieces."""
+    counts: dict[str, int] = {}
+    for text in WORDPIECE_CORPUS:
+        for word, _ in pre_tokenizer.pre_tokenize_str(text):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for word in counts for c in word})
+    pieces = [*chars, *(f"##{c}" for c in chars)]
+    words = sorted((w for w in counts if w not in pieces), key=lambda w: (-counts[w], w))
+    return pieces + words[: max(0, size - len(pieces))]
