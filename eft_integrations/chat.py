@@ -26,7 +26,9 @@ Unbounded strings are capped (`tool_calls.DEFAULT_MAX_STRING_LENGTH`, or the
 `max_string_length` argument) and, once the tokens left are what the shortest closing of the
 answer so far needs, decoding runs in a closing mode, so constrained output closes within the
 budget: max_new_tokens, or less where the context window leaves less. A budget below the
-shortest complete answer is a ValueError naming the minimum.
+shortest complete answer is a ValueError naming the minimum; a schema that no answer can
+satisfy (a callable tool's parameters, the response format's schema), as llguidance's JSON
+schema compiler proves it, is a ValueError naming the tool or the schema, before decoding.
 
 The grammar engine is llguidance, not xgrammar: one small self-contained wheel (xgrammar
 pulls triton, ~1 GB), masks in microseconds on CPU, and a Lark dialect that embeds JSON
@@ -46,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constraints import GrammarConstraint, TokenConstraint
+from .errors import EFTRequestError
 from .options import DEFAULT_MAX_NEW_TOKENS, RequestStats, Usage, merge_weights
 from .tool_calls import (
     DEFAULT_MAX_STRING_LENGTH,
@@ -59,6 +62,7 @@ from .tool_calls import (
     json_grammar,
     new_call_id,
     normalize_tools,
+    schema_error,
     tool_call_grammar,
     tool_call_or_json_grammar,
 )
@@ -103,6 +107,9 @@ STRUCTURED_WITH_TOOLS_PROMPT = (
 """System instruction for `response_format` in a turn that may also call tools."""
 
 FORCED_CHOICES = ("any", "required")
+
+_PLANNING_LIMIT = 4096
+"""How far the minimum budget of a constrained answer is looked for (at least)."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,15 @@ class ChatRequest:
             arm_after=self.arm_after,
         )
         if budget is not None:
-            needed = constraint.minimum_budget(limit=max(budget, 4096))
+            limit = max(budget, _PLANNING_LIMIT)
+            needed = constraint.minimum_budget(limit=limit)
+            if needed > limit:
+                raise ValueError(
+                    f"no complete form of {self.kind} was found within {limit} new tokens "
+                    "(the search for one is bounded): its schema may have no valid instance, "
+                    "or need longer values than that; check the schema's patterns, lengths "
+                    "and required keys"
+                )
             if budget < needed:
                 raise ValueError(
                     f"{self.kind} needs at least {needed} new tokens (its shortest complete "
@@ -348,6 +363,12 @@ def prepare_chat(
     use_tools = bool(tools) and tool_choice != "none"
     forced = use_tools and (tool_choice in FORCED_CHOICES or tool_choice in names)
     schema = _response_schema(response_format) if response_format is not None else None
+    called = [t for t in tools if forced and t["function"]["name"] == tool_choice] or tools
+    _check_schemas(
+        called if use_tools else [],
+        schema if response_format is not None and not forced else None,
+        max_string_length,
+    )
     rendered_messages, template_tools = _conversation(decoder, messages, tools, use_tools)
     if response_format is not None and not forced:
         hint = f" matching this JSON schema: {json.dumps(schema)}" if schema else ""
@@ -357,8 +378,7 @@ def prepare_chat(
     options = {"max_string_length": max_string_length, **_markup_tokens(decoder)}
     grammar, arm_after, kind = None, None, "the answer"
     if forced:
-        chosen = [t for t in tools if t["function"]["name"] == tool_choice] or tools
-        grammar = tool_call_grammar(chosen, forced=True, parallel=parallel_tool_calls, **options)
+        grammar = tool_call_grammar(called, forced=True, parallel=parallel_tool_calls, **options)
         kind = "a forced tool call"
     elif use_tools and response_format is not None:
         grammar = tool_call_or_json_grammar(tools, schema, parallel=parallel_tool_calls, **options)
@@ -380,6 +400,43 @@ def prepare_chat(
         echoes=tuple(_text(m.get("content")) for m in messages if m.get("role") == "tool"),
         kind=kind,
     )
+
+
+def _check_schemas(
+    tools: Sequence[Mapping[str, Any]],
+    schema: Mapping[str, Any] | None,
+    max_string_length: int | None,
+) -> None:
+    """Refuse, before anything is rendered or decoded, a schema the answer's grammar could
+    never satisfy: the parameters of a tool that may be called, or the response format's
+    schema. llguidance's JSON schema compiler decides (`tool_calls.schema_error`); the
+    ValueError names the tool or the schema and what to change."""
+    for tool in tools:
+        function = tool["function"]
+        reason = schema_error(function["parameters"], max_string_length)
+        if reason is not None:
+            raise EFTRequestError(
+                f"tool {function['name']!r} cannot be called: its parameters schema "
+                f"{_shown(function['parameters'])} cannot constrain the arguments: {reason}. "
+                "Fix the tool's parameters (an unsatisfiable schema has no valid arguments: "
+                "change or remove the keywords named) or leave the tool out",
+                param="tools",
+            )
+    if schema is not None:
+        reason = schema_error(schema, max_string_length)
+        if reason is not None:
+            raise EFTRequestError(
+                f"response_format's JSON schema {_shown(schema)} cannot constrain the "
+                f"answer: {reason}. Fix the schema (an unsatisfiable schema has no valid "
+                "answer: change or remove the keywords named)",
+                param="response_format",
+            )
+
+
+def _shown(schema: Mapping[str, Any], limit: int = 300) -> str:
+    """A schema as JSON for an error message, cut at `limit` characters."""
+    text = json.dumps(schema, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _conversation(

@@ -41,6 +41,7 @@ __all__ = [
     "parse_bare_calls",
     "parse_call",
     "schema_accepts",
+    "schema_error",
     "tool_call_grammar",
     "tool_call_or_json_grammar",
 ]
@@ -141,7 +142,9 @@ def bounded_schema(
             node["additionalProperties"] = False
         free_string = not ({"maxLength", "enum", "const", "pattern", "format"} & node.keys())
         if "string" in types and free_string and max_string_length is not None:
-            node["maxLength"] = max_string_length
+            # never below the schema's own minLength: the cap must not leave no instance
+            minimum = node.get("minLength")
+            node["maxLength"] = max(max_string_length, minimum if _is_count(minimum) else 0)
             # closing mode would otherwise answer "" whenever the budget runs short
             node.setdefault("minLength", 1)
         for key, value in node.items():
@@ -157,6 +160,11 @@ def bounded_schema(
 
     visit(schema)
     return schema
+
+
+def _is_count(value: Any) -> bool:
+    """Whether `value` is a non-negative integer (a JSON schema length), not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _call_schema(tool: Mapping[str, Any], max_string_length: int | None) -> dict[str, Any]:
@@ -440,6 +448,35 @@ def schema_accepts(schema: Mapping[str, Any], value: Any) -> bool:
     matcher = llguidance.LLMatcher(_byte_tokenizer(), grammar, log_level=0)
     text = json.dumps(value, ensure_ascii=False).encode()
     return not matcher.is_error() and matcher.consume_tokens(list(text)) and matcher.is_accepting()
+
+
+def schema_error(
+    schema: Mapping[str, Any] | None,
+    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
+) -> str | None:
+    """Why llguidance cannot constrain output to `schema` as the grammars here use it
+    (`bounded_schema`, compact layout), or None when it can. Its JSON schema compiler proves
+    most unsatisfiable schemas empty (`minimum` above `maximum`, an `allOf` of two types, an
+    anchored pattern shorter than `minLength`, a required property that cannot hold) and
+    names keywords it does not implement; this asks it, with a byte vocabulary, before any
+    model tokenizer is involved."""
+    import llguidance
+
+    lark = llguidance.LLMatcher.grammar_from_lark(json_grammar(schema, max_string_length))
+    error = _validate(lark)
+    if not error:
+        return None
+    # "at 1(8): failed to compile JSON schema: <reason>" and then the grammar's listing
+    reason = error.split("\n", 1)[0]
+    return reason.split("failed to compile JSON schema: ", 1)[-1].strip()
+
+
+@functools.lru_cache(maxsize=256)
+def _validate(lark: str) -> str:
+    """llguidance's error for a grammar (empty when it compiles); remembered per grammar."""
+    import llguidance
+
+    return llguidance.LLMatcher.validate_grammar(lark, _byte_tokenizer())
 
 
 def parse_bare_calls(text: str, tools: Mapping[str, Mapping[str, Any]]) -> list[ToolCall] | None:
