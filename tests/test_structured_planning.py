@@ -163,8 +163,10 @@ def test_minimum_budget_is_small_and_enough(name):
 
 @pytest.mark.parametrize("name", list(SATISFIABLE))
 def test_a_budget_of_60_always_finishes_under_uniform_sampling(name):
+    # the tree used to overrun with seeds 6-8: `,` in a children array, picked freely with a
+    # few spare tokens left, commits to a whole node (` {"value": 0}`), more than the margin
     schema = SATISFIABLE[name]
-    for seed in range(6):
+    for seed in range(12):
         text, finished = _sample_uniformly(schema, 60, seed)
         assert finished, (name, seed, text)
         _assert_valid(text, schema)
