@@ -10,7 +10,7 @@ Language Models", ICLR 2024. Each step composes
     ensemble.py     the distinct models, their roles, one forward per model per step
     kv_state.py     per-model KV cache, mask and positions for the rows in flight
     stopping.py     per-row tokens, text, stop strings, budget, finish reason
-    scheduler.py    the engine loop: admits requests, steps the batch, retires rows
+    engine.py       the engine loop: schedule -> run the models -> sample -> outputs
     speculative.py  draft, verify, accept, roll back
 
 Every call (`generate`, `stream`, `agenerate`, `astream`, from any thread or coroutine)
@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .constraints import TokenConstraint
+from .engine import Engine
 from .ensemble import Ensemble
 from .loading import (
     Behavior,
@@ -54,7 +55,7 @@ from .options import (
     merge_weights,
     resolve_weights,
 )
-from .scheduler import Engine, Request
+from .request import Request
 from .stopping import RowText
 
 __all__ = ["EFTDecoder"]

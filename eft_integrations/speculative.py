@@ -10,9 +10,11 @@ the output distribution exactly EFT's, whatever the draft distribution q:
     accept draft x_j with probability min(1, p_j(x_j) / q_j(x_j))
     at the first rejection, emit a sample of norm(max(0, p_j - q_j)) and end the round
 
-where p_j is the EFT distribution (after temperature / top-k / top-p, applied alike to q).
-Greedy rows accept while the EFT argmax equals the draft. The paper's own scheme matches
-seeds instead; this one is exact.
+where p_j is the EFT distribution (after temperature / top-k / top-p, applied alike to q, by
+the sampler's batched `sampling_transform`). Greedy rows accept while the EFT argmax equals
+the draft. The paper's own scheme matches seeds instead; this one is exact. Randomness as in
+the sampler: a row with its own seed draws from its own generator exactly what it draws alone
+(k uniforms, its drafts, one residual sample); the other sampled rows draw together.
 
 One round for a batch of rows, each with its own number of drafts k_b (K = max k_b):
 
@@ -39,9 +41,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .composition import draft_logprobs, finite_rows, sampling_logprobs, where_finite
+from .composition import draft_logprobs, finite_rows, where_finite
 from .ensemble import Ensemble
 from .kv_state import KVState
+from .sampling import SamplingMetadata, sampling_transform
 
 __all__ = ["DraftPlan", "SpeculativeRow", "speculative_round", "verify_drafts"]
 
@@ -80,49 +83,79 @@ class SpeculativeRow:
 
 @dataclass
 class DraftPlan:
-    """What one row brings to a round."""
+    """What one row brings to a round, and what the round did with it."""
 
     pending: int  # the last emitted token, not yet read by any model
     k: int  # drafts this round
     weights: torch.Tensor  # [1, n_behaviors]
     conservative_top_p: float | None
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: torch.Generator
     emitted: list[int] = field(default_factory=list)  # filled by the round
     accepted: int = 0  # drafts the round accepted (filled by the round)
     failed: bool = False  # its q or p was not finite: it emits nothing (filled by the round)
 
 
-def _transform(lp: torch.Tensor, plans: Sequence[DraftPlan]) -> torch.Tensor:
-    """Per row, the sampling transforms (temperature, top-k, top-p): lp is [B, ..., V]."""
-    out = []
-    for b, plan in enumerate(plans):
-        row = lp[b]
-        if plan.temperature > 0:
-            flat = row.reshape(-1, row.shape[-1])
-            row = sampling_logprobs(flat, plan.temperature, plan.top_k, plan.top_p).reshape(
-                row.shape
-            )
-        out.append(row)
-    return torch.stack(out)
+def _transform(lp: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The sampling transforms of every row: lp is [B, V] or [B, N, V]."""
+    if lp.dim() == 2:
+        return sampling_transform(lp, meta)
+    batch, n, vocab = lp.shape
+    return sampling_transform(lp.reshape(batch * n, vocab), meta.repeat(n)).reshape(lp.shape)
 
 
-def _draw(q: torch.Tensor, plans: Sequence[DraftPlan], j: int) -> torch.Tensor:
-    """Draft tokens [B] from q [B, V]: sampled rows draw with their own generator for their
-    own k drafts only (so a row's random stream never depends on its batch-mates)."""
-    picks = []
-    for b, plan in enumerate(plans):
-        if plan.temperature > 0 and j < plan.k:
-            picks.append(torch.multinomial(q[b].exp(), 1, generator=plan.generator)[0])
-        else:
-            picks.append(q[b].argmax())
-    return torch.stack(picks)
+def _draw(
+    q: torch.Tensor,
+    plans: Sequence[DraftPlan],
+    j: int,
+    meta: SamplingMetadata,
+    shared: torch.Generator,
+) -> torch.Tensor:
+    """Draft tokens [B] from q [B, V]: greedy rows (and rows past their own k) take the
+    argmax; seeded rows draw with their own generator for their own k drafts only (so a
+    row's random stream never depends on its batch-mates); the rest draw together."""
+    tokens = q.argmax(-1)
+    if meta.all_greedy:
+        return tokens
+    probs = q.exp()
+    if meta.shared.numel():
+        drawn = torch.multinomial(probs.index_select(0, meta.shared), 1, generator=shared)[:, 0]
+        within = torch.tensor([plans[b].k > j for b in meta.shared.tolist()], device=q.device)
+        tokens.index_copy_(0, meta.shared, torch.where(within, drawn, tokens[meta.shared]))
+    for b in meta.seeded:
+        if j < plans[b].k:
+            generator = meta.generators[b]
+            assert generator is not None
+            tokens[b] = torch.multinomial(probs[b].to(generator.device), 1, generator=generator)[0]
+    return tokens
+
+
+def _uniforms(
+    plans: Sequence[DraftPlan],
+    k_max: int,
+    meta: SamplingMetadata,
+    shared: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """[B, K] acceptance uniforms: each seeded row draws exactly its k from its own generator;
+    the other rows draw together; positions past a row's k are 1 (never accepted anyway)."""
+    u = torch.ones(len(plans), k_max, device=device)
+    if meta.shared.numel():
+        u[meta.shared] = torch.rand(len(meta.shared), k_max, generator=shared, device=device)
+    for b in meta.seeded:
+        generator = meta.generators[b]
+        assert generator is not None
+        u[b, : plans[b].k] = torch.rand(
+            plans[b].k, generator=generator, device=generator.device
+        ).to(device)
+    return u
 
 
 def verify_drafts(
-    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, plans: Sequence[DraftPlan]
+    p: torch.Tensor,
+    q: torch.Tensor,
+    drafts: torch.Tensor,
+    plans: Sequence[DraftPlan],
+    meta: SamplingMetadata,
+    shared: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept/reject every draft of every row at once.
 
@@ -137,22 +170,9 @@ def verify_drafts(
     batch, k_max, _ = q.shape
     p_x = p[:, :k_max].gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
     q_x = q.gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, K]
-    greedy = torch.tensor([plan.temperature == 0 for plan in plans], device=p.device)
-    u = torch.stack(
-        [
-            torch.cat(
-                [
-                    torch.rand(plan.k, generator=plan.generator, device=plan.generator.device).to(
-                        p.device
-                    ),
-                    torch.ones(k_max - plan.k, device=p.device),
-                ]
-            )
-            for plan in plans
-        ]
-    )  # [B, K]: each row draws exactly its k uniforms
+    u = _uniforms(plans, k_max, meta, shared, p.device)  # [B, K]
     # q >= p: accept with probability p/q; q < p: always accept
-    accept = torch.where(greedy[:, None], p[:, :k_max].argmax(-1) == drafts, u * q_x < p_x)
+    accept = torch.where(meta.greedy[:, None], p[:, :k_max].argmax(-1) == drafts, u * q_x < p_x)
     limit = torch.tensor([plan.k for plan in plans], device=p.device)
     accept &= torch.arange(k_max, device=p.device) < limit[:, None]
     accepted = accept.long().cumprod(-1).sum(-1)  # [B] leading accepted drafts
@@ -164,19 +184,28 @@ def verify_drafts(
     q_at = torch.where(full[:, None], 0.0, q_ext[rows, accepted].exp())
     residual = (p_at - q_at).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q
-    next_token = [
-        p_at[b].argmax()
-        if plan.temperature == 0
-        else torch.multinomial(residual[b], 1, generator=plan.generator)[0]
-        for b, plan in enumerate(plans)
-    ]
-    return accepted, torch.stack(next_token)
+    next_token = p_at.argmax(-1)
+    if meta.shared.numel():
+        drawn = torch.multinomial(residual.index_select(0, meta.shared), 1, generator=shared)
+        next_token.index_copy_(0, meta.shared, drawn[:, 0])
+    for b in meta.seeded:
+        generator = meta.generators[b]
+        assert generator is not None
+        next_token[b] = torch.multinomial(residual[b].to(generator.device), 1, generator=generator)[
+            0
+        ]
+    return accepted, next_token
 
 
 def speculative_round(
-    ensemble: Ensemble, states: list[KVState], plans: Sequence[DraftPlan]
+    ensemble: Ensemble,
+    states: list[KVState],
+    plans: Sequence[DraftPlan],
+    meta: SamplingMetadata,
+    shared: torch.Generator,
 ) -> None:
-    """One draft-verify-accept-rollback round for every row; fills each plan's `emitted`."""
+    """One draft-verify-accept-rollback round for every row; fills each plan's `emitted`.
+    `meta` holds the rows' sampling options; `shared` is the generator of unseeded rows."""
     batch, k_max = len(plans), max(plan.k for plan in plans)
     drafting, scoring = ensemble.drafting_models, ensemble.scoring_models
     weights = torch.cat([plan.weights for plan in plans]).to(ensemble.device)  # [B, W]
@@ -197,10 +226,10 @@ def speculative_round(
             torch.log_softmax(draft_logits[pair.finetuned][j].float(), -1)
             for pair in ensemble.pairs
         ]
-        q = _transform(draft_logprobs(finetuned, weights), plans)  # [B, V]
+        q = _transform(draft_logprobs(finetuned, weights), meta)  # [B, V]
         ok &= finite_rows(q) | (j >= limit)  # positions past a row's k are never read
         q = where_finite(q, ok)
-        token = _draw(q, plans, j)  # [B]
+        token = _draw(q, plans, j, meta, shared)  # [B]
         q_steps.append(q)
         drafts.append(token)
         fed.append(token[:, None])
@@ -217,12 +246,14 @@ def speculative_round(
         weights.repeat_interleave(k_max + 1, dim=0),
         [plan.conservative_top_p for plan in plans for _ in range(k_max + 1)],
     ).reshape(batch, k_max + 1, vocab)
-    p = _transform(p, plans)
+    p = _transform(p, meta)
     read = torch.arange(k_max + 1, device=p.device) <= limit[:, None]  # [B, K + 1]
     ok &= (finite_rows(p) | ~read).all(-1)
     p = where_finite(p, ok[:, None].expand(-1, k_max + 1))
     drafted = torch.stack(drafts, dim=1)  # [B, K]
-    accepted, next_token = verify_drafts(p, torch.stack(q_steps, dim=1), drafted, plans)
+    accepted, next_token = verify_drafts(
+        p, torch.stack(q_steps, dim=1), drafted, plans, meta, shared
+    )
     # the round's one host sync: the decisions and tokens of every row
     accepted_, next_, drafted_ = accepted.tolist(), next_token.tolist(), drafted.tolist()
     ok_ = ok.tolist()

@@ -22,8 +22,8 @@ import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from eft_integrations import EFTDecoder
+from eft_integrations.engine import MAX_CONSECUTIVE_CRASHES
 from eft_integrations.errors import EFTRequestError, EngineError, EngineUnavailableError
-from eft_integrations.scheduler import MAX_CONSECUTIVE_CRASHES
 
 from .conftest import tiny_family
 from .tiny_models import build_tokenizer, llama
@@ -383,15 +383,15 @@ def test_a_crash_in_the_engine_loop_fails_the_rows_in_flight_and_the_engine_goes
     decoder = tiny_family(tiny_paths, eos_token_ids=[])
     engine = decoder.engine
     crash = threading.Event()
-    original = engine._retire_cancelled
+    original = engine.outputs.cancelled
 
-    def retire(batch) -> None:
+    def cancelled(requests) -> None:
         if crash.is_set():
             crash.clear()
             raise RuntimeError("injected engine bug")
-        original(batch)
+        original(requests)
 
-    engine._retire_cancelled = retire
+    engine.outputs.cancelled = cancelled
     calls = [(decoder.generate, (p,), {"temperature": 0, "max_new_tokens": 40}) for p in PROMPTS]
     started = together(decoder, calls)
     crash.set()
@@ -406,12 +406,15 @@ def test_an_engine_that_keeps_crashing_refuses_every_call_at_once(tiny_paths):
     decoder = tiny_family(tiny_paths)
     engine = decoder.engine
 
-    def broken(batch) -> None:
+    def broken(requests) -> None:
         raise RuntimeError("injected engine bug")
 
-    engine._retire_cancelled = broken
-    # every iteration fails before the request is even admitted: after the allowed number
-    # of failures in a row the waiting call is answered, not left to hang
+    engine.outputs.cancelled = broken
+    # each call is in flight when a step fails: it gets the error at once, not a hang
+    for _ in range(MAX_CONSECUTIVE_CRASHES - 1):
+        with pytest.raises(EngineError, match="injected engine bug.*retry"):
+            decoder.generate(PROMPTS[0], max_new_tokens=3)
+        assert engine.failure is None
     with pytest.raises(EngineUnavailableError, match="injected engine bug"):
         decoder.generate(PROMPTS[0], max_new_tokens=3)
     assert engine.failure is not None and "injected engine bug" in engine.failure
@@ -502,9 +505,10 @@ def test_a_short_row_never_shares_a_forward_with_a_row_past_the_longrope_thresho
     longrope_decoder,
 ):
     decoder = longrope_decoder
-    short = dict(temperature=0, max_new_tokens=12)
-    long = dict(temperature=0, max_new_tokens=40)
+    short = dict(temperature=0, max_new_tokens=20)  # 11 + 20 positions: below 32 throughout
+    long = dict(temperature=0, max_new_tokens=40)  # crosses 32 while the short row decodes
     long_prompt = decoder.encode("The capital of Veloria is Markan. The river runs north.")
+    assert len(decoder.encode(PROMPTS[0])) + 20 <= 32 < len(long_prompt) + 10
     solo = [
         decoder.generate(PROMPTS[0], **short).token_ids,
         decoder.generate(long_prompt, **long).token_ids,
@@ -515,7 +519,7 @@ def test_a_short_row_never_shares_a_forward_with_a_row_past_the_longrope_thresho
     )
     assert [c.result().token_ids for c in started] == solo
     batched = decoder.generate([PROMPTS[0], long_prompt, PROMPTS[1]], temperature=0)
-    assert batched[0].token_ids[:12] == solo[0]
+    assert batched[0].token_ids[:20] == solo[0]
     assert_clean(decoder)
 
 
