@@ -14,14 +14,19 @@ importing this package imports neither framework.
 from .composition import compose_logprobs
 from .constraints import TokenConstraint
 from .decoder import EFTDecoder
+from .errors import EFTRequestError, EngineUnavailableError
+from .lazy import LazyDecoder
 from .loading import Behavior, ModelSpec
 from .options import GenerationOptions, GenerationResult, StreamChunk, Usage
 
 __all__ = [
     "Behavior",
     "EFTDecoder",
+    "EFTRequestError",
+    "EngineUnavailableError",
     "GenerationOptions",
     "GenerationResult",
+    "LazyDecoder",
     "ModelSpec",
     "StreamChunk",
     "TokenConstraint",

@@ -194,17 +194,19 @@ class ChatRequest:
             limit = max(budget, _PLANNING_LIMIT)
             needed = constraint.minimum_budget(limit=limit)
             if needed > limit:
-                raise ValueError(
+                raise EFTRequestError(
                     f"no complete form of {self.kind} was found within {limit} new tokens "
                     "(the search for one is bounded): its schema may have no valid instance, "
                     "or need longer values than that; check the schema's patterns, lengths "
-                    "and required keys"
+                    "and required keys",
+                    param="max_new_tokens",
                 )
             if budget < needed:
-                raise ValueError(
+                raise EFTRequestError(
                     f"{self.kind} needs at least {needed} new tokens (its shortest complete "
                     f"form), but only {budget} may be generated{budget_note}; raise "
-                    f"max_new_tokens (max_tokens) to at least {needed}"
+                    f"max_new_tokens (max_tokens) to at least {needed}",
+                    param="max_new_tokens",
                 )
         return constraint
 
@@ -331,9 +333,10 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
         tool_choice = "any" if tool_choice else None
     choices = (None, "auto", "none", *FORCED_CHOICES)
     if tool_choice not in choices and tool_choice not in names:
-        raise ValueError(
+        raise EFTRequestError(
             f"tool_choice must be one of {list(choices)} or a tool name {list(names)}, "
-            f"got {tool_choice!r}"
+            f"got {tool_choice!r}",
+            param="tool_choice",
         )
     return tool_choice
 
@@ -354,12 +357,12 @@ def prepare_chat(
     tool calls or the JSON of the response format: an agent calls tools, then answers in the
     schema. A forced tool choice makes the answer a call whatever the response format."""
     if not messages:
-        raise ValueError("messages is empty: give at least one message")
+        raise EFTRequestError("messages is empty: give at least one message", param="messages")
     tools = normalize_tools(tools)
     names = [t["function"]["name"] for t in tools]
     tool_choice = normalize_tool_choice(tool_choice, names)
     if tool_choice is not None and tool_choice != "none" and not tools:
-        raise ValueError(f"tool_choice={tool_choice!r} needs tools")
+        raise EFTRequestError(f"tool_choice={tool_choice!r} needs tools", param="tool_choice")
     use_tools = bool(tools) and tool_choice != "none"
     forced = use_tools and (tool_choice in FORCED_CHOICES or tool_choice in names)
     schema = _response_schema(response_format) if response_format is not None else None
@@ -491,11 +494,15 @@ def _response_schema(response_format: Mapping[str, Any]) -> dict[str, Any] | Non
         if schema is None and isinstance(response_format.get("json_schema"), Mapping):
             schema = response_format["json_schema"].get("schema")  # OpenAI's nesting
         if not isinstance(schema, Mapping):
-            raise ValueError('response_format {"type": "json_schema"} needs "schema": {...}')
+            raise EFTRequestError(
+                'response_format {"type": "json_schema"} needs "schema": {...}',
+                param="response_format",
+            )
         return dict(schema)
-    raise ValueError(
+    raise EFTRequestError(
         'response_format is {"type": "json_schema", "schema": {...}} or {"type": "json_object"}'
-        f", got {dict(response_format)!r}"
+        f", got {dict(response_format)!r}",
+        param="response_format",
     )
 
 

@@ -88,6 +88,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         _ENGINES.add(self)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a pickled engine is its models and limits: it unpickles idle, with no thread
+        limits = (self.max_batch_size, self.max_tokens_in_flight, self.adaptive_speculation)
+        return (Engine, (self.ensemble, *limits))
+
     @property
     def max_batch_size(self) -> int:
         """Most rows decoding at once (the scheduler's limit)."""
@@ -104,16 +109,19 @@ class Engine:
 
     # ------------------------------------------------------------------ callers' side
 
-    def submit(self, request: Request) -> None:
-        """Queue a request (FIFO); it joins the running batch at the next step. Raises
-        `EngineUnavailableError` at once when the engine cannot serve."""
+    def submit(self, *requests: Request) -> None:
+        """Queue requests (FIFO); they join the running batch together at the next step (a
+        batch call's rows are queued under one lock, so the engine never admits half of them).
+        Raises `EngineUnavailableError` at once when the engine cannot serve."""
         with self._cond:
             self._check_usable()
-            self.scheduler.add(request)
+            for request in requests:
+                self.scheduler.add(request)
             try:
                 self._wake()
             except BaseException:
-                self.scheduler.remove(request)
+                for request in requests:
+                    self.scheduler.remove(request)
                 raise
 
     def call(self, fn: Callable[[], T]) -> T:
@@ -192,6 +200,7 @@ class Engine:
         self.outputs.cancelled([*schedule.cancelled_waiting, *schedule.cancelled_running])
         self.runner.drop(set(schedule.cancelled_running))
         self.stats.admitted += len(schedule.admitted)
+        self.sampler.prefetch_masks(schedule.admitted)  # computed while the prefill runs
         new_speculative, logits = self.runner.admit(schedule.admitted)
         self._in_transit = []
         if new_speculative:
@@ -209,6 +218,8 @@ class Engine:
         sampled = self.sampler.sample(self.runner.plain.logits, rows)
         tokens = {r: [t] for r, t in zip(rows, sampled.token_ids, strict=True)}
         done = self.outputs.process(tokens, sampled.failed)
+        # the next step's grammar masks are computed while the models run
+        self.sampler.prefetch_masks([r for r in rows if r not in done], whole_batch=True)
         self.runner.decode(sampled.tokens, done)
 
     def _first_speculative_tokens(self, rows: list[Request], logits: list[torch.Tensor]) -> None:
@@ -229,6 +240,7 @@ class Engine:
         unknown) and go on; stop for good after too many failures in a row."""
         self._crashes += 1
         logger.error("EFT engine step failed; failing the rows in flight", exc_info=error)
+        self.sampler.drop_masks()
         if self._crashes >= MAX_CONSECUTIVE_CRASHES:
             self._stop_for_good(error)
             return

@@ -174,6 +174,19 @@ class Ensemble:
             )
         return composed
 
+    def score_prompts(
+        self,
+        chat_ids: list[list[int]],
+        base_ids: list[list[int]],
+        weights: torch.Tensor,
+        conservative_top_p: float | None = None,
+    ) -> torch.Tensor:
+        """Composed next-token log-probs [B, V] of whole prompts (a prefill that keeps no
+        cache); `weights` [B, n_behaviors]."""
+        _, logits = self.prefill(chat_ids, base_ids, [1] * len(chat_ids))
+        rows = [conservative_top_p] * len(chat_ids)
+        return self.compose(logits, weights.to(self.device), rows)
+
     def _compose_rows(
         self,
         logits: Sequence[torch.Tensor],

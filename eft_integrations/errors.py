@@ -15,11 +15,13 @@ __all__ = ["EFTRequestError", "EngineError", "EngineUnavailableError"]
 
 class EFTRequestError(ValueError):
     """A request that cannot be decoded as given; `param` names the offending parameter
-    (the core's name: `weights`, `temperature`, `constraints`, `prompt`, ...)."""
+    (the core's name: `weights`, `temperature`, `constraints`, `prompt`, ...) and `code` says
+    what kind of problem it is where that has a name (`context_length_exceeded`)."""
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class EngineError(RuntimeError):

@@ -62,7 +62,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from . import chat as core
 from .decoder import EFTDecoder
-from .loading import LazyDecoder, aget_decoder, get_decoder
+from .lazy import LazyDecoder, aget_decoder, get_decoder
 from .options import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_CHAT_TEMPERATURE,

@@ -59,7 +59,7 @@ from llama_index.core.types import PydanticProgramMode
 
 from . import chat as core_chat
 from .decoder import EFTDecoder
-from .loading import LazyDecoder, aget_decoder, get_decoder
+from .lazy import LazyDecoder, aget_decoder, get_decoder
 from .options import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_CHAT_TEMPERATURE,

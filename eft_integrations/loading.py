@@ -8,10 +8,8 @@ are fine, since composition runs over the tokenizer's vocabulary only.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -21,16 +19,19 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 __all__ = [
     "Behavior",
-    "LazyDecoder",
+    "LoadedModels",
     "ModelRef",
     "ModelSpec",
-    "aget_decoder",
+    "check_loaded_models",
     "check_same_vocabulary",
-    "get_decoder",
     "load_model",
+    "load_models",
     "load_tokenizer",
     "model_context_window",
     "model_device",
+    "model_label",
+    "pick_tokenizer",
+    "smallest_context_window",
 ]
 
 
@@ -163,164 +164,120 @@ def model_context_window(model: PreTrainedModel) -> int | None:
     return None
 
 
-class LazyDecoder:
-    """An `EFTDecoder` loaded on first use from the arguments of `EFTDecoder.from_pretrained`.
+def pick_tokenizer(
+    tokenizer_of: Callable[[ModelRef], PreTrainedTokenizerBase | None],
+    base: ModelRef,
+    behaviors: Sequence[Behavior],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    chat_template: str | None = None,
+) -> tuple[PreTrainedTokenizerBase, str | None]:
+    """The shared tokenizer and chat template of a decoder: `tokenizer` if given, else the
+    first among base, fine-tuned and reference models (`tokenizer_of` gives a model's, None
+    for a loaded model); the template given, else the first fine-tuned model's that has one,
+    else the tokenizer's own. `tokenizer_of` is called only as far as the choice needs."""
+    if chat_template is None:
+        for behavior in behaviors:
+            candidate = tokenizer_of(behavior.finetuned)
+            if candidate is not None and getattr(candidate, "chat_template", None):
+                chat_template = candidate.chat_template
+                break
+    if tokenizer is None:
+        refs = [base, *(ref for b in behaviors for ref in (b.finetuned, b.reference))]
+        tokenizer = next((t for ref in refs if (t := tokenizer_of(ref)) is not None), None)
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass tokenizer=... when every model is loaded")
+    return tokenizer, chat_template or getattr(tokenizer, "chat_template", None)
 
-    Holding one is cheap: nothing loads until `get()` is called (the models load once, in
-    whichever thread asks first; others wait for that load). `tokenizer` and `format_chat` load
-    the shared tokenizer alone, so prompts can be rendered and tokens counted before any model
-    is needed. Copies (`copy.copy`, `copy.deepcopy`) are this same holder, so copies of an
-    adapter share one set of models; a pickle keeps only the arguments, and the models load
-    again where it is unpickled. Drop every reference and the models are freed.
 
-        lazy = LazyDecoder(base="gpt2-large", behaviors={"chat": ("my/chat", "gpt2")})
-        lazy.tokenizer("Hello")      # the tokenizer only
-        decoder = lazy.get()         # the EFTDecoder, loaded once
-    """
+@dataclass
+class LoadedModels:
+    """What `load_models` gives `EFTDecoder`: the models, de-duplicated, and the tokenizer."""
 
-    def __init__(
-        self,
-        base: ModelRef,
-        behaviors: Mapping[str, Behavior | tuple[ModelRef, ModelRef]] | None = None,
-        **load_args: Any,
-    ) -> None:
-        self.load_args: dict[str, Any] = {
-            "base": base,
-            "behaviors": dict(behaviors or {}),
-            **load_args,
-        }
-        """Keyword arguments for `EFTDecoder.from_pretrained`."""
-        self._decoder: Any = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._chat_template: str | None = None
-        # one lock per load: counting tokens does not wait for the models to load
-        self._decoder_lock = threading.Lock()
-        self._tokenizer_lock = threading.Lock()
+    base: PreTrainedModel
+    behaviors: dict[str, tuple[PreTrainedModel, PreTrainedModel]]
+    tokenizer: PreTrainedTokenizerBase
+    chat_template: str | None
 
-    @property
-    def loaded(self) -> bool:
-        """Whether the models are loaded."""
-        return self._decoder is not None
 
-    def get(self) -> Any:
-        """The `EFTDecoder`, loaded on the first call."""
-        if self._decoder is None:
-            with self._decoder_lock:
-                if self._decoder is None:
-                    from .decoder import EFTDecoder  # here: decoder.py imports this module
+def load_models(
+    base: ModelRef,
+    behaviors: Mapping[str, Behavior | tuple[ModelRef, ModelRef]] | None,
+    dtype: Any = "auto",
+    device_map: Any = None,
+    *,
+    trust_remote_code: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    chat_template: str | None = None,
+) -> LoadedModels:
+    """Load every model of a decoder once (a model named in several roles is one object),
+    pick the shared tokenizer and chat template (`pick_tokenizer`) and check that every
+    model's tokenizer maps the same strings to the same ids."""
+    coerced = {name: Behavior.coerce(name, b) for name, b in (behaviors or {}).items()}
+    loaded: dict[tuple[Any, ...], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+    names: dict[int, str] = {}
 
-                    self._decoder = EFTDecoder.from_pretrained(**self.load_args)
-        return self._decoder
+    def get(ref: ModelRef) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+        if isinstance(ref, PreTrainedModel):
+            return ref, None
+        spec = ref if isinstance(ref, ModelSpec) else ModelSpec(ref)
+        if spec.key() not in loaded:
+            model = load_model(spec, dtype, device_map, trust_remote_code)
+            names[id(model)] = spec.name_or_path
+            loaded[spec.key()] = (model, load_tokenizer(spec, trust_remote_code))
+        return loaded[spec.key()]
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The shared tokenizer: the decoder's once loaded, else loaded alone (no model)."""
-        if self._decoder is not None:
-            return self._decoder.tokenizer
-        return self._load_tokenizer()[0]
+    base_model, _ = get(base)
+    pairs = {n: (get(b.finetuned)[0], get(b.reference)[0]) for n, b in coerced.items()}
+    tokenizer, chat_template = pick_tokenizer(
+        lambda ref: get(ref)[1], base, list(coerced.values()), tokenizer, chat_template
+    )
+    tokenizers = [(names[id(model)], tok) for model, tok in loaded.values()]
+    for name, other in tokenizers[1:]:
+        check_same_vocabulary(*tokenizers[0], name, other)
+    return LoadedModels(base_model, pairs, tokenizer, chat_template)
 
-    @property
-    def behavior_names(self) -> list[str]:
-        """The behaviors' names, known without loading a model."""
-        if self._decoder is not None:
-            return list(self._decoder.behavior_names)
-        return list(self.load_args["behaviors"])
 
-    @property
-    def model_name(self) -> str:
-        """The decoder's `model_name` once loaded; before, the base model's name."""
-        if self._decoder is not None:
-            return self._decoder.model_name
-        return str(self.load_args["base"])
+def model_label(model: PreTrainedModel, index: int) -> str:
+    """A model's hub id or path where known, else `model<index>`."""
+    return (
+        getattr(model, "name_or_path", "")
+        or getattr(model.config, "_name_or_path", "")
+        or f"model{index}"
+    )
 
-    def format_chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> str:
-        """`EFTDecoder.format_chat` (same arguments), without loading a model when none is
-        loaded yet."""
-        if self._decoder is not None:
-            return self._decoder.format_chat(messages, tools=tools, **template_kwargs)
-        tokenizer, template = self._load_tokenizer()
-        if not template:
-            raise ValueError(
-                "no chat template: none of the models' tokenizers has one; pass "
-                "chat_template=... to EFTDecoder or EFTDecoder.from_pretrained"
-            )
-        template_kwargs.setdefault("add_generation_prompt", True)
-        return tokenizer.apply_chat_template(
-            list(messages),
-            tools=list(tools) if tools else None,
-            chat_template=template,
-            tokenize=False,
-            **template_kwargs,
+
+def check_loaded_models(
+    base: Any, behaviors: Mapping[str, Behavior], tokenizer: PreTrainedTokenizerBase | None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer, once every model is a loaded transformers model that scores every one
+    of its tokens; a ValueError naming the model and the fix otherwise."""
+    if tokenizer is None:
+        raise ValueError(
+            "EFTDecoder(...) with loaded models needs tokenizer=...; or use "
+            "EFTDecoder.from_pretrained(...), which loads it"
         )
-
-    def _load_tokenizer(self) -> tuple[PreTrainedTokenizerBase, str | None]:
-        """The tokenizer and chat template that `from_pretrained` would pick: the first
-        tokenizer among base, fine-tuned and reference models; the template given, else the
-        first fine-tuned model's, else the tokenizer's own."""
-        with self._tokenizer_lock:
-            if self._tokenizer is None:
-                args = self.load_args
-                trust = bool(args.get("trust_remote_code", False))
-                behaviors = [Behavior.coerce(n, b) for n, b in args["behaviors"].items()]
-                found: dict[tuple[Any, ...], PreTrainedTokenizerBase] = {}
-
-                def tokenizer_of(ref: ModelRef) -> PreTrainedTokenizerBase | None:
-                    if isinstance(ref, PreTrainedModel):
-                        return None  # a loaded model carries no tokenizer
-                    spec = ref if isinstance(ref, ModelSpec) else ModelSpec(ref)
-                    if spec.key() not in found:
-                        found[spec.key()] = load_tokenizer(spec, trust)
-                    return found[spec.key()]
-
-                template = args.get("chat_template")
-                if template is None:
-                    for behavior in behaviors:
-                        candidate = tokenizer_of(behavior.finetuned)
-                        if candidate is not None and getattr(candidate, "chat_template", None):
-                            template = candidate.chat_template
-                            break
-                tokenizer = args.get("tokenizer")
-                if tokenizer is None:
-                    refs = [args["base"]]
-                    refs += [r for b in behaviors for r in (b.finetuned, b.reference)]
-                    tokenizer = next((t for r in refs if (t := tokenizer_of(r)) is not None), None)
-                if tokenizer is None:
-                    raise ValueError("no tokenizer: pass tokenizer=... when every model is loaded")
-                self._chat_template = template or getattr(tokenizer, "chat_template", None)
-                self._tokenizer = tokenizer
-            return self._tokenizer, self._chat_template
-
-    def __copy__(self) -> LazyDecoder:
-        return self  # a copy shares the models
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> LazyDecoder:
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"load_args": self.load_args}  # the arguments only: models load again
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state["load_args"])  # type: ignore[misc]
-
-    def __repr__(self) -> str:
-        base, behaviors = self.load_args["base"], list(self.load_args["behaviors"])
-        return f"LazyDecoder(base={base!r}, behaviors={behaviors}, loaded={self.loaded})"
+    roles = [("base", base)]
+    for name, b in behaviors.items():
+        roles += [(f"behavior {name!r} finetuned", b.finetuned)]
+        roles += [(f"behavior {name!r} reference", b.reference)]
+    for role, model in roles:
+        if not isinstance(model, PreTrainedModel):
+            raise ValueError(
+                f"{role} must be a loaded transformers model here, got {type(model).__name__}; "
+                "use EFTDecoder.from_pretrained for paths"
+            )
+    for i, (_, model) in enumerate(roles):
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < len(tokenizer):
+            raise ValueError(
+                f"model {model_label(model, i)!r} has {rows} output rows but the tokenizer has "
+                f"{len(tokenizer)} tokens: it cannot score every token; use the tokenizer "
+                "the model was trained with"
+            )
+    return tokenizer
 
 
-def get_decoder(holder: Any) -> Any:
-    """The `EFTDecoder` a holder stands for: an `EFTDecoder` as it is, a `LazyDecoder`
-    loaded on first use (what the adapters hold either)."""
-    return holder.get() if isinstance(holder, LazyDecoder) else holder
-
-
-async def aget_decoder(holder: Any) -> Any:
-    """`get_decoder` from a coroutine: a first load runs on a worker thread, so it never
-    blocks the event loop."""
-    if isinstance(holder, LazyDecoder) and not holder.loaded:
-        return await asyncio.to_thread(holder.get)
-    return get_decoder(holder)
+def smallest_context_window(models: Sequence[PreTrainedModel]) -> int | None:
+    """The smallest context window among the models whose config gives one."""
+    windows = [w for m in models if (w := model_context_window(m)) is not None]
+    return min(windows) if windows else None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
+
+from .errors import EFTRequestError
 
 __all__ = [
     "DEFAULT_CHAT_MAX_TOKENS",
@@ -18,7 +20,9 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "GREEDY_TEMPERATURE",
     "MAX_ABS_WEIGHT",
+    "OPTION_NAMES",
     "SEED_RANGE",
+    "GenerationKwargs",
     "GenerationOptions",
     "GenerationResult",
     "RequestStats",
@@ -71,45 +75,189 @@ class GenerationOptions:
     seed: int | None = None
     """Seed of this call's own random generator; same seed, same samples. Any int in
     [-2**63, 2**64 - 1] (`SEED_RANGE`)."""
+    speculative_k: int | None = None
+    """Draft k tokens per round with the behaviors' fine-tuned models and verify them with
+    one forward of the others; the output distribution is exactly EFT's."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's (after
+    temperature, top-k and top-p, as transformers' MinPLogitsWarper); 0 disables it."""
+    repetition_penalty: float = 1.0
+    """Scale the composed log-prob of every token already in the prompt or the completion
+    by this factor (transformers' RepetitionPenaltyLogitsProcessor on log-probs: > 1
+    discourages repeats); 1 disables it. Not with speculative_k."""
+    presence_penalty: float = 0.0
+    """Subtract this from the score of every token the completion already holds (OpenAI's
+    presence penalty, in [-2, 2]). Not with speculative_k."""
+    frequency_penalty: float = 0.0
+    """Subtract this times its count in the completion from each token's score (OpenAI's
+    frequency penalty, in [-2, 2]). Not with speculative_k."""
+    logit_bias: Mapping[int, float] | None = None
+    """Token id -> bias added to its composed score before sampling (OpenAI's logit_bias,
+    each in [-100, 100]; -100 in effect bans a token, 100 forces it)."""
+
+    @classmethod
+    def from_kwargs(cls, **options: Any) -> GenerationOptions:
+        """Options from keywords (`stop` may be None); an unknown name is a ValueError naming
+        the accepted ones."""
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise EFTRequestError(
+                f"unknown generation options {unknown}; accepted: {list(OPTION_NAMES)}",
+                param=unknown[0],
+            )
+        if options.get("stop", ()) is None:
+            options["stop"] = ()
+        return cls(**options)
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether sampling reads the tokens so far (the penalties)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """ValueError if an option names a token outside [0, vocab_size)."""
+        bad = [t for t in self.logit_bias or {} if not 0 <= t < vocab_size]
+        if bad:
+            raise EFTRequestError(
+                f"logit_bias names token id {bad[0]}, outside the vocabulary [0, {vocab_size})",
+                param="logit_bias",
+            )
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+            raise EFTRequestError(
+                f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}",
+                param="max_new_tokens",
+            )
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise EFTRequestError(
+                f"max_new_tokens must be >= 1, got {self.max_new_tokens}", param="max_new_tokens"
+            )
         _check_real("temperature", self.temperature)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise EFTRequestError(
+                f"temperature must be >= 0 (0 = greedy), got {self.temperature}",
+                param="temperature",
+            )
         if self.temperature < GREEDY_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)
         _check_real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+            raise EFTRequestError(
+                f"top_p must be in (0, 1] (1 disables it), got {self.top_p}", param="top_p"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+            raise EFTRequestError(
+                f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}", param="top_k"
+            )
         if self.conservative_top_p is not None:
             _check_real("conservative_top_p", self.conservative_top_p)
             if not 0.0 < self.conservative_top_p <= 1.0:
-                raise ValueError(
-                    f"conservative_top_p must be in (0, 1] or None, got {self.conservative_top_p}"
+                raise EFTRequestError(
+                    f"conservative_top_p must be in (0, 1] or None, got {self.conservative_top_p}",
+                    param="conservative_top_p",
                 )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+            raise EFTRequestError(
+                f"stop must be non-empty strings, got {self.stop!r}", param="stop"
+            )
         object.__setattr__(self, "stop", stop)
+        self._check_sampling_extras()
         seed_is_int = isinstance(self.seed, int) and not isinstance(self.seed, bool)
         if self.seed is not None and not seed_is_int:
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+            raise EFTRequestError(f"seed must be an int or None, got {self.seed!r}", param="seed")
         if seed_is_int and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:  # type: ignore[operator]
-            raise ValueError(
+            raise EFTRequestError(
                 f"seed must be in [-2**63, 2**64 - 1], got {self.seed}; reduce it, e.g. "
-                "seed % 2**64"
+                "seed % 2**64",
+                param="seed",
             )
+
+    def _check_sampling_extras(self) -> None:
+        k = self.speculative_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise EFTRequestError(
+                f"speculative_k must be an int >= 1 or None, got {k!r}", param="speculative_k"
+            )
+        _check_real("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise EFTRequestError(
+                f"min_p must be in [0, 1] (0 disables it), got {self.min_p}", param="min_p"
+            )
+        _check_real("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise EFTRequestError(
+                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}",
+                param="repetition_penalty",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_real(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise EFTRequestError(
+                    f"{name} must be in [-2, 2] (0 disables it), got {value}", param=name
+                )
+        if self.uses_history and k is not None:
+            raise EFTRequestError(
+                "repetition, presence and frequency penalties read every token so far, which "
+                "speculative drafts change within a round; leave speculative_k=None with them",
+                param="speculative_k",
+            )
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise EFTRequestError(
+                    f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}",
+                    param="logit_bias",
+                )
+            bias = {}
+            for token, value in self.logit_bias.items():
+                if isinstance(token, bool) or not isinstance(token, int):
+                    raise EFTRequestError(
+                        f"logit_bias keys must be int token ids, got {token!r}", param="logit_bias"
+                    )
+                _check_real(f"logit_bias[{token}]", value)
+                if not -100.0 <= value <= 100.0:
+                    raise EFTRequestError(
+                        f"logit_bias[{token}] must be in [-100, 100], got {value}",
+                        param="logit_bias",
+                    )
+                bias[token] = float(value)
+            object.__setattr__(self, "logit_bias", MappingProxyType(bias) if bias else None)
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(GenerationOptions))
+"""Every option `GenerationOptions` takes (the keywords of generate/stream and the
+adapters' per-call options)."""
+
+
+class GenerationKwargs(TypedDict, total=False):
+    """`GenerationOptions` as keyword arguments (`EFTDecoder.generate(**options)`)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    conservative_top_p: float | None
+    stop: str | Sequence[str] | None
+    seed: int | None
+    speculative_k: int | None
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: Mapping[int, float] | None
 
 
 def _check_real(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise EFTRequestError(
+            f"{name} must be a finite number, got {value!r}", param=name.split("[")[0]
+        )
 
 
 @dataclass(frozen=True)
@@ -197,23 +345,28 @@ def merge_weights(
     if weights is None:
         return dict(defaults)
     if not isinstance(weights, Mapping):
-        raise ValueError(
+        raise EFTRequestError(
             f"weights must be a dict of behavior name -> float, got {type(weights).__name__}; "
-            f"known behaviors: {known}"
+            f"known behaviors: {known}",
+            param="weights",
         )
     resolved = dict(defaults)
     for name, value in weights.items():
         if name not in defaults:
-            raise ValueError(f"unknown behavior {name!r} in weights; known behaviors: {known}")
+            raise EFTRequestError(
+                f"unknown behavior {name!r} in weights; known behaviors: {known}", param="weights"
+            )
         if isinstance(value, bool) or not isinstance(value, Real):
-            raise ValueError(
+            raise EFTRequestError(
                 f"weight of {name!r} must be a float, got {type(value).__name__}; "
-                f"known behaviors: {known}"
+                f"known behaviors: {known}",
+                param="weights",
             )
         if not math.isfinite(value) or abs(value) > MAX_ABS_WEIGHT:
-            raise ValueError(
+            raise EFTRequestError(
                 f"weight of {name!r} must be a finite number in [-1e6, 1e6], got {value}; "
-                f"known behaviors: {known}"
+                f"known behaviors: {known}",
+                param="weights",
             )
         resolved[name] = float(value)
     return resolved
@@ -240,9 +393,10 @@ def resolve_weights(
     """
     if isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)):
         if len(weights) != batch_size:
-            raise ValueError(
+            raise EFTRequestError(
                 f"got {len(weights)} weight dicts for {batch_size} prompts; give one dict per "
-                "prompt, or a single dict for all"
+                "prompt, or a single dict for all",
+                param="weights",
             )
         rows = [merge_weights(w, defaults) for w in weights]
     else:
@@ -265,10 +419,11 @@ def merge_call_weights(
     Validated now against the decoder's `behaviors` (`merge_weights`), so a bad name or value
     fails at the call, naming the known behaviors."""
     if isinstance(call_weights, Sequence) and not isinstance(call_weights, str):
-        raise ValueError(
+        raise EFTRequestError(
             f"weights is one dict per call, got a {type(call_weights).__name__}; for different "
             "weights per input of a batch, give each input its own call or config (in "
-            "LangChain: configurable_fields(weights=...) and one config per input)"
+            "LangChain: configurable_fields(weights=...) and one config per input)",
+            param="weights",
         )
     known = dict.fromkeys(behaviors, 1.0)
     for checked in (weights, call_weights):
@@ -291,11 +446,12 @@ def merge_call_options(
     `max_new_tokens`, `temperature`, ...); `call` holds the call's overrides, where `aliases`
     maps other accepted names to the core's (`max_tokens` -> `max_new_tokens`) and
     `passthrough` names options that have no field but go to the core as given (`tools`,
-    `tool_choice`, ...). Call weights merge over the field's, validated against the
-    decoder's `behaviors` (`merge_call_weights`); a None `max_new_tokens` is the decoder's
-    default. Any other name is a ValueError naming it and the accepted ones (`owner` says
-    whose call it was)."""
-    accepted = [*fields, *aliases, *passthrough]
+    `tool_choice`, ...); every `GenerationOptions` name is accepted too, so a new sampling
+    option reaches the core through both adapters without touching them. Call weights
+    merge over the field's, validated against the decoder's `behaviors`
+    (`merge_call_weights`); a None `max_new_tokens` is the decoder's default. Any other
+    name is a ValueError naming it and the accepted ones (`owner` says whose call it was)."""
+    accepted = list(dict.fromkeys([*fields, *aliases, *passthrough, *OPTION_NAMES]))
     unknown = [name for name in call if name not in accepted]
     if unknown:
         raise ValueError(f"unknown {owner} call options {unknown}; accepted: {accepted}")

@@ -27,7 +27,7 @@ import torch
 from .ensemble import Ensemble
 from .kv_state import KVState
 from .request import Request
-from .sampler import Sampler
+from .sampler import Sampler, not_finite
 from .speculative import DraftPlan, SpeculativeRow, speculative_round
 
 __all__ = ["ModelRunner", "RoundOutput"]
@@ -281,8 +281,6 @@ class ModelRunner:
         out = RoundOutput()
         for request, plan in zip(batch.rows, plans, strict=True):
             if plan.failed:
-                from .sampler import not_finite
-
                 out.failed[request] = not_finite(request, composed=True)
                 continue
             request.speculative.update(plan.k, plan.accepted)  # type: ignore[union-attr]

@@ -3,6 +3,7 @@
 Per step, for every row (nano-vllm's and vLLM v1's sampler, with EFT's composition first):
 
     compose      log p_eft from every model's logits at the row's weights (`Ensemble.compose`)
+    process      logit_bias and the repetition / presence / frequency penalties
     constrain    -inf outside the row's grammar mask, renormalised
     sample       argmax for greedy rows; otherwise temperature -> top-k -> top-p (transformers'
                  order and semantics), then a draw: rows with their own seed draw one by one
@@ -10,7 +11,11 @@ Per step, for every row (nano-vllm's and vLLM v1's sampler, with EFT's compositi
                  others draw together from the sampler's generator
 
 The per-row options become tensors once per batch composition (`SamplingMetadata`), not once
-per step. A row fails alone (`SamplerOutput.failed`) when its constraint raises or answers a
+per step. Grammar masks for a step are computed ahead, on the sampler's worker thread, while
+the models run (`prefetch_masks`, called before each forward; llguidance and torch both release
+the GIL), so a constrained row adds little to the step's critical path.
+
+A row fails alone (`SamplerOutput.failed`) when its constraint raises or answers a
 malformed mask, or when its distribution is not finite (nan, +inf, or no token left); its
 batch-mates are sampled as if it were not there. One host sync per step: the tokens and the
 finiteness flags together.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +35,7 @@ from .composition import finite_rows, where_finite
 from .ensemble import Ensemble
 from .errors import EFTRequestError
 from .request import Request
-from .sampling import SamplingMetadata, sampling_transform
+from .sampling import SamplingMetadata, sampling_transform, score_processors
 
 __all__ = ["Sampler", "SamplerOutput"]
 
@@ -53,6 +59,26 @@ class Sampler:
         """The random source of rows without a seed of their own."""
         self.generator.manual_seed(secrets.randbits(63))
         self._metadata: tuple[tuple[int, ...], SamplingMetadata] | None = None
+        self._masks: dict[Request, Future[Any]] = {}  # next step's masks, being computed
+        self._mask_worker: ThreadPoolExecutor | None = None
+
+    def prefetch_masks(self, rows: Sequence[Request], *, whole_batch: bool = False) -> None:
+        """Start computing the next step's grammar masks of `rows` on the worker thread (call
+        it after the rows' constraints took their last token, before the models run). With
+        `whole_batch`, `rows` are every row still decoding: masks prefetched for others
+        belong to rows that left, and are dropped."""
+        if whole_batch:
+            self._masks.clear()
+        constrained = [r for r in rows if r.row.constraint is not None and not r.row.finished]
+        if not constrained:
+            return
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="eft-masks")
+        vocab = self.ensemble.vocab_size
+        for request in constrained:
+            constraint = request.row.constraint
+            assert constraint is not None
+            self._masks[request] = self._mask_worker.submit(constraint.allowed_mask, vocab)
 
     def metadata(self, rows: Sequence[Request]) -> SamplingMetadata:
         """The batch's option tensors, rebuilt only when its rows change."""
@@ -62,17 +88,31 @@ class Sampler:
             self._metadata = (key, meta)
         return self._metadata[1]
 
+    def drop_masks(self) -> None:
+        """Wait for the masks being computed and drop them (after a failed step: the rows'
+        constraints are then touched by the engine thread alone)."""
+        for future in self._masks.values():
+            future.exception()  # waits; the mask or its error is not needed any more
+        self._masks.clear()
+
     def sample(self, logits: list[torch.Tensor], rows: Sequence[Request]) -> SamplerOutput:
         """One token per row from every model's next-token logits [B, V]."""
         weights = torch.cat([r.weight_row for r in rows]).to(self.device)  # [B, W]
         logprobs = self.ensemble.compose(
             logits, weights, [r.options.conservative_top_p for r in rows]
         )  # [B, V]
+        meta = self.metadata(rows)
+        if meta.bias is not None or meta.uses_penalties:
+            history = (
+                _history(rows, logprobs.shape[-1], self.device) if meta.uses_penalties else None
+            )
+            logprobs = score_processors(logprobs, meta, history)
         composed_ok = finite_rows(logprobs)  # [B]
         failed: dict[int, Exception] = {}
-        logprobs = _constrain(logprobs, rows, failed)
+        masks = {r: self._masks.pop(r) for r in rows if r in self._masks}
+        logprobs = _constrain(logprobs, rows, masks, failed)
         ok = finite_rows(logprobs) & composed_ok
-        tokens = self.draw(where_finite(logprobs, ok), self.metadata(rows), failed)  # [B]
+        tokens = self.draw(where_finite(logprobs, ok), meta, failed)  # [B]
         # the step's one host sync: the tokens and which rows could be sampled
         token_ids, composed_ok_, ok_ = torch.stack([tokens, composed_ok.long(), ok.long()]).tolist()
         for b, request in enumerate(rows):
@@ -107,11 +147,33 @@ class Sampler:
         return tokens
 
 
+def _history(
+    rows: Sequence[Request], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seen [B, V]: in the prompt or the completion, counts [B, V]: in the completion) for
+    the penalties, built from the rows that use them (others stay empty). Rebuilt each step
+    from the rows' tokens: the cost is one pass over those tokens."""
+    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
+    counts = torch.zeros(len(rows), vocab_size)
+    for b, request in enumerate(rows):
+        if not request.options.uses_history:
+            continue
+        completion = torch.tensor(request.row.token_ids, dtype=torch.long)
+        counts[b] = torch.bincount(completion, minlength=vocab_size)[:vocab_size].float()
+        seen[b, torch.tensor(request.chat_ids, dtype=torch.long)] = True
+        seen[b] |= counts[b] > 0
+    return seen.to(device), counts.to(device)
+
+
 def _constrain(
-    logprobs: torch.Tensor, rows: Sequence[Request], failed: dict[int, Exception]
+    logprobs: torch.Tensor,
+    rows: Sequence[Request],
+    masks: dict[Request, Future[Any]],
+    failed: dict[int, Exception],
 ) -> torch.Tensor:
     """Mask the tokens each row's constraint forbids, and renormalise those rows; a
-    constraint that raises or answers a malformed mask fails its row alone."""
+    constraint that raises or answers a malformed mask fails its row alone. `masks` holds the
+    masks prefetched while the models ran; a row without one computes its mask here."""
     masked = logprobs
     vocab = logprobs.shape[-1]
     for b, request in enumerate(rows):
@@ -119,7 +181,9 @@ def _constrain(
         if constraint is None:
             continue
         try:
-            allowed = _checked_mask(constraint.allowed_mask(vocab), vocab)
+            future = masks.get(request)
+            mask = future.result() if future is not None else constraint.allowed_mask(vocab)
+            allowed = _checked_mask(mask, vocab)
         except Exception as error:
             failed[b] = error
             continue

@@ -44,7 +44,7 @@ import torch
 from .composition import draft_logprobs, finite_rows, where_finite
 from .ensemble import Ensemble
 from .kv_state import KVState
-from .sampling import SamplingMetadata, sampling_transform
+from .sampling import SamplingMetadata, sampling_transform, score_processors
 
 __all__ = ["DraftPlan", "SpeculativeRow", "speculative_round", "verify_drafts"]
 
@@ -95,11 +95,12 @@ class DraftPlan:
 
 
 def _transform(lp: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """The sampling transforms of every row: lp is [B, V] or [B, N, V]."""
-    if lp.dim() == 2:
-        return sampling_transform(lp, meta)
-    batch, n, vocab = lp.shape
-    return sampling_transform(lp.reshape(batch * n, vocab), meta.repeat(n)).reshape(lp.shape)
+    """Every row's score processors (logit_bias; penalties are refused with speculative_k)
+    and sampling transforms: lp is [B, V] or [B, N, V]."""
+    if lp.dim() == 3:
+        batch, n, vocab = lp.shape
+        return _transform(lp.reshape(batch * n, vocab), meta.repeat(n)).reshape(lp.shape)
+    return sampling_transform(score_processors(lp, meta), meta)
 
 
 def _draw(

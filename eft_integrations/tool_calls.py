@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import EFTRequestError
+
 __all__ = [
     "DEFAULT_MAX_STRING_LENGTH",
     "TOOL_CALL_CLOSE",
@@ -94,9 +96,10 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
     for tool in tools or []:
         function = tool.get("function", tool) if isinstance(tool, Mapping) else None
         if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise ValueError(
+            raise EFTRequestError(
                 f"a tool is a dict {{'type': 'function', 'function': {{'name': ..., "
-                f"'parameters': {{...}}}}}}, got {tool!r}"
+                f"'parameters': {{...}}}}}}, got {tool!r}",
+                param="tools",
             )
         parameters = dict(function.get("parameters") or {"type": "object", "properties": {}})
         normalized.append(
@@ -111,7 +114,7 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
         )
     names = [t["function"]["name"] for t in normalized]
     if len(set(names)) != len(names):
-        raise ValueError(f"tool names must be unique, got {names}")
+        raise EFTRequestError(f"tool names must be unique, got {names}", param="tools")
     return normalized
 
 
@@ -208,7 +211,7 @@ def _call_rules(
     tagged calls), `call` (the JSON), `open` and `close` (the tags). The last call's closing
     tag is optional, as for the parser: a call is complete when its JSON is."""
     if not tools:
-        raise ValueError("a tool-call grammar needs at least one tool")
+        raise EFTRequestError("a tool-call grammar needs at least one tool", param="tools")
     call_schemas = [_call_schema(t, max_string_length) for t in tools]
     defs: dict[str, Any] = {}
     for schema in call_schemas:

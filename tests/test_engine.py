@@ -29,7 +29,9 @@ WAIT = 60  # seconds: only a deadlock would reach it
 
 
 class Gate:
-    """A constraint that allows every token but blocks the engine at its `at`-th step."""
+    """A constraint that allows every token but blocks the engine thread when it records its
+    `at`-th token (after that step's sampling, before its forward: a deterministic point of
+    the step, since masks are computed on a worker thread)."""
 
     def __init__(self, at: int) -> None:
         self.at = at
@@ -38,27 +40,29 @@ class Gate:
         self.release = threading.Event()
 
     def allowed_mask(self, vocab_size: int) -> None:
+        return None
+
+    def advance(self, token_id: int) -> None:
         self.calls += 1
         if self.calls == self.at:
             self.reached.set()
             assert self.release.wait(WAIT), "gate never released"
-        return None
-
-    def advance(self, token_id: int) -> None:
-        pass
 
     def is_finished(self) -> bool:
         return False
 
 
 class Broken(Gate):
-    """Fails at its `at`-th step, like a grammar engine error in one request."""
+    """Fails at its `at`-th mask, like a grammar engine error in one request."""
 
     def allowed_mask(self, vocab_size: int) -> None:
         self.calls += 1
         if self.calls == self.at:
             raise RuntimeError("grammar engine failed")
         return None
+
+    def advance(self, token_id: int) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -397,3 +401,65 @@ def test_sliding_window_base_plain_batched_and_speculative_match_the_reference(s
     for k in (1, 2, 4, 8):
         fast = decoder.generate(PROMPTS[:2], temperature=0, max_new_tokens=20, speculative_k=k)
         assert [o.token_ids for o in fast] == expected, k
+
+
+class _SlowMask:
+    """A constraint allowing every token but the first few ids, whose mask takes 50 ms (a
+    large grammar) and records when and on which thread it was computed."""
+
+    def __init__(self) -> None:
+        self.intervals: list[tuple[float, float, str]] = []
+
+    def allowed_mask(self, vocab_size: int) -> torch.Tensor:
+        start = time.perf_counter()
+        time.sleep(0.05)
+        mask = torch.ones(vocab_size, dtype=torch.bool)
+        mask[:4] = False
+        self.intervals.append((start, time.perf_counter(), threading.current_thread().name))
+        return mask
+
+    def advance(self, token_id: int) -> None:
+        pass
+
+    def is_finished(self) -> bool:
+        return False
+
+
+def test_grammar_masks_are_computed_while_the_models_run(tiny_paths):
+    """The next step's masks are computed on the sampler's worker thread while the models'
+    forward runs (not after it, on the engine thread), and the output is unchanged: equal to
+    the same constraint applied the slow way, by the brute-force reference loop."""
+    decoder = tiny_family(tiny_paths, eos_token_ids=[])
+    base = decoder._models[decoder._ensemble.base]
+    forwards: list[tuple[float, float]] = []
+    handle_pre = base.register_forward_pre_hook(
+        lambda *_: forwards.append((time.perf_counter(), 0.0))
+    )
+    handle = base.register_forward_hook(
+        lambda *_: forwards.__setitem__(-1, (forwards[-1][0], time.perf_counter()))
+    )
+    constraint = _SlowMask()
+    try:
+        out = decoder.generate(
+            "The capital", temperature=0, max_new_tokens=5, constraints=[constraint]
+        )
+    finally:
+        handle_pre.remove()
+        handle.remove()
+    assert all(t >= 4 for t in out.token_ids)
+    assert {name for *_, name in constraint.intervals} == {"eft-masks_0"}
+    # every forward overlaps a mask computation (prefill and the decode steps)
+    overlapping = [
+        any(m0 < f1 and f0 < m1 for m0, m1, _ in constraint.intervals) for f0, f1 in forwards
+    ]
+    assert sum(overlapping) >= len(out.token_ids) - 1
+    # the same tokens as the brute-force loop under the same mask
+    behaviors = {"chat": (tiny_paths["chat"], tiny_paths["ref"])}
+    behaviors["safe"] = (tiny_paths["safe"], tiny_paths["ref"])
+    reference = BruteForceEFT(tiny_paths["base"], behaviors, decoder.vocab_size)
+    ids = decoder.encode("The capital")
+    for expected in out.token_ids:
+        lp = reference.next_logprobs(ids, {})
+        lp[:4] = float("-inf")
+        assert int(lp.argmax()) == expected
+        ids.append(expected)

@@ -191,7 +191,7 @@ def nan_rows_on(token: int):
 
 
 def base_model(decoder: EFTDecoder) -> torch.nn.Module:
-    return decoder._models[decoder._base]
+    return decoder._models[decoder._ensemble.base]
 
 
 def poison_token(decoder: EFTDecoder, clean: list[list[int]]) -> int:

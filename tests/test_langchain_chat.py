@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from eft_integrations import EFTDecoder, loading
 from eft_integrations import chat as core
 from eft_integrations.langchain import ChatEFT, _to_core_messages
-from eft_integrations.loading import LazyDecoder, get_decoder
+from eft_integrations.lazy import LazyDecoder, get_decoder
 from eft_integrations.options import Usage
 
 from .chat_family import chat_decoder, chat_family_paths, from_pretrained_args

@@ -127,9 +127,9 @@ def test_forwards_per_round_references_never_run_per_draft(fixed_k):
         for h in hooks:
             h.remove()
     rounds = out.stats.speculative_rounds
-    base = names[fixed_k._base]
-    ref = names[fixed_k._pairs[0].reference]
-    chat, safe = (names[pair.finetuned] for pair in fixed_k._pairs)
+    base = names[fixed_k._ensemble.base]
+    ref = names[fixed_k._ensemble.pairs[0].reference]
+    chat, safe = (names[pair.finetuned] for pair in fixed_k._ensemble.pairs)
     prompt = len(fixed_k.encode(PROMPTS[0]))
     for scorer in (base, ref):  # one prefill, then ONE forward per round: pending + k drafts
         assert calls[scorer][0] == prompt and len(calls[scorer]) == 1 + rounds

@@ -46,10 +46,10 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from ..chat import ChatDelta, ChatResult, astream_chat, resolved_weights
-from ..errors import EngineError, EngineUnavailableError
+from ..errors import EFTRequestError, EngineError, EngineUnavailableError
 from ..tool_calls import InvalidToolCall, ToolCall
 from .admission import Admission, Reservation
-from .config import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
+from .defaults import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
 from .errors import APIError, ClientDisconnected, internal_error
 from .middleware import BodySizeLimit, BodyTimeout, RequestContext, RequireKey, on_end, request_id
 from .protocol import (
@@ -456,20 +456,11 @@ async def _disconnect(request: Request) -> None:
 
 # ------------------------------------------------------------------------------ errors
 
-_PARAMS = (  # words of the core's ValueErrors -> the request field they are about (first hit)
-    ("speculative", "speculative_k"),
-    ("context window", "<prompt>"),
-    ("max_new_tokens", "max_tokens"),
-    ("behavior", "eft_weights"),
-    ("weight", "eft_weights"),
-    ("tool_choice", "tool_choice"),
-    ("tool", "tools"),
-    ("response_format", "response_format"),
-    ("schema", "response_format"),
-    ("token id", "<prompt>"),
-    ("content", "<prompt>"),
-    ("prompt", "<prompt>"),
-)
+_WIRE_NAMES = {  # the core's parameter names -> the request fields that carry them
+    "weights": "eft_weights",
+    "max_new_tokens": "max_tokens",
+    "constraints": "response_format",
+}
 
 
 @contextlib.contextmanager
@@ -491,12 +482,12 @@ def _error_of(error: BaseException, request: Request, prompt_field: str = "messa
         return error
     if isinstance(error, EngineUnavailableError):  # its reason is public: /health shows it
         return APIError(503, str(error), type="service_unavailable", code="engine_unavailable")
+    if isinstance(error, EFTRequestError):  # typed: the field comes with it, never from text
+        param = error.param
+        param = prompt_field if param in ("prompt", "messages") else _WIRE_NAMES.get(param, param)
+        return APIError(400, str(error), param=param, code=error.code)
     if isinstance(error, ValueError):
-        message = str(error)
-        param = next((p for words, p in _PARAMS if words in message), None)
-        param = prompt_field if param == "<prompt>" else param
-        code = "context_length_exceeded" if "context window" in message else None
-        return APIError(400, message, param=param, code=code)
+        return APIError(400, str(error))
     rid = request_id(request.scope)
     logger.error("request %s failed", rid, exc_info=error)
     if isinstance(error, EngineError):  # the engine recovered: the request may be retried

@@ -18,21 +18,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ServeConfig", "parse_behavior", "parse_weight"]
+from .app import build_app
+from .defaults import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEP_ALIVE,
+    DEFAULT_LIMIT_CONCURRENCY,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_SHUTDOWN_GRACE,
+)
 
-# the server's defaults, here so that the app, the server and the command line share them
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-"""Largest request body accepted (413 beyond)."""
-DEFAULT_BODY_TIMEOUT = 60.0
-"""Seconds a request's body may take to arrive after its headers (408 beyond)."""
-DEFAULT_KEEP_ALIVE = 5.0
-"""Seconds an idle connection is kept open between requests (uvicorn's default)."""
-DEFAULT_HEADER_TIMEOUT = 10.0
-"""Seconds a connection has to send its request headers (then 408 and closed)."""
-DEFAULT_LIMIT_CONCURRENCY = 1024
-"""Most connections and tasks at once; uvicorn answers 503 beyond."""
-DEFAULT_SHUTDOWN_GRACE = 30.0
-"""Seconds running requests get to finish on SIGTERM before they are cut short."""
+__all__ = ["ServeConfig", "parse_behavior", "parse_weight"]
 
 
 def parse_behavior(text: str) -> tuple[str, tuple[str, str]]:
@@ -194,8 +190,6 @@ class ServeConfig(BaseModel):
 
     def build_app(self, decoder: Any = None) -> Any:
         """The FastAPI app over `decoder` (loaded from this config when not given)."""
-        from .app import build_app
-
         return build_app(
             decoder if decoder is not None else self.load_decoder(), **self.app_kwargs()
         )

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..chat import ChatDelta, ChatResult, InvalidToolCall, ToolCall, ToolCallChunk
+from ..errors import EFTRequestError
 from ..options import GenerationResult, StreamChunk, Usage
 
 __all__ = [
@@ -84,14 +85,16 @@ class ChatMessage(OpenAIModel):
     tool_call_id: str | None = None
 
     def text(self) -> str | None:
-        """The content as one string (text parts joined); ValueError for other parts."""
+        """The content as one string (text parts joined); an `EFTRequestError` for other
+        parts."""
         if self.content is None or isinstance(self.content, str):
             return self.content
         texts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(
-                    f"only text content parts are supported, got a {part.get('type')!r} part"
+                raise EFTRequestError(
+                    f"only text content parts are supported, got a {part.get('type')!r} part",
+                    param="messages",
                 )
             texts.append(part["text"])
         return "".join(texts)
@@ -197,6 +200,10 @@ class SamplingFields(OpenAIModel):
     """EFT paper 4.4: up-scale only tokens in the top-p set of the fine-tuning-scale model."""
     speculative_k: int | None = Field(default=None, ge=1)
     """Draft k tokens per round with the behaviors' models (same output distribution)."""
+    min_p: Finite | None = None
+    """Drop tokens below min_p times the most likely one's probability (vLLM's field)."""
+    repetition_penalty: Finite | None = None
+    """> 1 discourages tokens already in the prompt or completion (vLLM's field)."""
 
     @field_validator("n")
     @classmethod
@@ -205,18 +212,12 @@ class SamplingFields(OpenAIModel):
             raise ValueError(f"n must be 1 (one choice per request; send {n} requests), got {n}")
         return n
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("penalties are not supported; leave them unset or 0")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported; leave it unset")
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (digits), got {key!r}")
         return value
 
     @field_validator("stop")
@@ -243,8 +244,17 @@ class SamplingFields(OpenAIModel):
             "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
             "seed": self.seed,
         }
-        if self.speculative_k is not None:
-            options["speculative_k"] = self.speculative_k
+        extras = {
+            "speculative_k": self.speculative_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": {int(t): b for t, b in self.logit_bias.items()}
+            if self.logit_bias
+            else None,
+        }  # left out when unset: the core's defaults, validated there (400 naming the field)
+        options.update({name: value for name, value in extras.items() if value is not None})
         return options
 
 

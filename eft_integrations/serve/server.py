@@ -29,7 +29,7 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from .admission import ABORT_WAIT
-from .config import (
+from .defaults import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_KEEP_ALIVE,
     DEFAULT_LIMIT_CONCURRENCY,

@@ -158,7 +158,7 @@ def test_unknown_behaviors_fail_before_a_lazy_llm_loads(rag_paths):
 def test_llms_sharing_a_lazy_decoder_load_it_once(rag_paths):
     """`decoder=LazyDecoder(...)` (the loader ChatEFT takes too): weights are checked against
     its behaviors unloaded; the first call loads the models for every LLM holding it."""
-    from eft_integrations.loading import LazyDecoder
+    from eft_integrations.lazy import LazyDecoder
 
     lazy = LazyDecoder(
         base=str(rag_paths["base"]),

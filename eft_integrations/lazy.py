@@ -1,0 +1,162 @@
+"""`LazyDecoder`: an `EFTDecoder` held by its loading arguments and loaded on first use.
+
+The adapters hold one when built from model paths, so building, copying and pickling a
+`ChatEFT` or `EFTLLM` stays cheap and loads nothing; the tokenizer alone loads when a prompt
+must be rendered or counted before any model is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .decoder import EFTDecoder
+from .loading import Behavior, ModelRef, ModelSpec, load_tokenizer, pick_tokenizer
+from .prompts import render_chat
+
+__all__ = ["LazyDecoder", "aget_decoder", "get_decoder"]
+
+
+class LazyDecoder:
+    """An `EFTDecoder` loaded on first use from the arguments of `EFTDecoder.from_pretrained`.
+
+    Holding one is cheap: nothing loads until `get()` is called (the models load once, in
+    whichever thread asks first; others wait for that load). `tokenizer` and `format_chat` load
+    the shared tokenizer alone, so prompts can be rendered and tokens counted before any model
+    is needed. Copies (`copy.copy`, `copy.deepcopy`) are this same holder, so copies of an
+    adapter share one set of models; a pickle keeps only the arguments, and the models load
+    again where it is unpickled. Drop every reference and the models are freed.
+
+        lazy = LazyDecoder(base="gpt2-large", behaviors={"chat": ("my/chat", "gpt2")})
+        lazy.tokenizer("Hello")      # the tokenizer only
+        decoder = lazy.get()         # the EFTDecoder, loaded once
+    """
+
+    def __init__(
+        self,
+        base: ModelRef,
+        behaviors: Mapping[str, Behavior | tuple[ModelRef, ModelRef]] | None = None,
+        **load_args: Any,
+    ) -> None:
+        self.load_args: dict[str, Any] = {
+            "base": base,
+            "behaviors": dict(behaviors or {}),
+            **load_args,
+        }
+        """Keyword arguments for `EFTDecoder.from_pretrained`."""
+        self._decoder: EFTDecoder | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._chat_template: str | None = None
+        # one lock per load: counting tokens does not wait for the models to load
+        self._decoder_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the models are loaded."""
+        return self._decoder is not None
+
+    def get(self) -> EFTDecoder:
+        """The `EFTDecoder`, loaded on the first call."""
+        if self._decoder is None:
+            with self._decoder_lock:
+                if self._decoder is None:
+                    self._decoder = EFTDecoder.from_pretrained(**self.load_args)
+        return self._decoder
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The shared tokenizer: the decoder's once loaded, else loaded alone (no model)."""
+        if self._decoder is not None:
+            return self._decoder.tokenizer
+        return self._load_tokenizer()[0]
+
+    @property
+    def behavior_names(self) -> list[str]:
+        """The behaviors' names, known without loading a model."""
+        if self._decoder is not None:
+            return list(self._decoder.behavior_names)
+        return list(self.load_args["behaviors"])
+
+    @property
+    def model_name(self) -> str:
+        """The decoder's `model_name` once loaded; before, the base model's name."""
+        if self._decoder is not None:
+            return self._decoder.model_name
+        return str(self.load_args["base"])
+
+    def format_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """`EFTDecoder.format_chat` (same arguments), without loading a model when none is
+        loaded yet."""
+        if self._decoder is not None:
+            return self._decoder.format_chat(messages, tools=tools, **template_kwargs)
+        tokenizer, template = self._load_tokenizer()
+        return render_chat(tokenizer, template, messages, tools, **template_kwargs)
+
+    def _load_tokenizer(self) -> tuple[PreTrainedTokenizerBase, str | None]:
+        """The tokenizer and chat template that `from_pretrained` would pick: the first
+        tokenizer among base, fine-tuned and reference models; the template given, else the
+        first fine-tuned model's, else the tokenizer's own."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                args = self.load_args
+                trust = bool(args.get("trust_remote_code", False))
+                found: dict[tuple[Any, ...], PreTrainedTokenizerBase] = {}
+
+                def tokenizer_of(ref: ModelRef) -> PreTrainedTokenizerBase | None:
+                    if isinstance(ref, PreTrainedModel):
+                        return None  # a loaded model carries no tokenizer
+                    spec = ref if isinstance(ref, ModelSpec) else ModelSpec(ref)
+                    if spec.key() not in found:
+                        found[spec.key()] = load_tokenizer(spec, trust)
+                    return found[spec.key()]
+
+                behaviors = [Behavior.coerce(n, b) for n, b in args["behaviors"].items()]
+                self._tokenizer, self._chat_template = pick_tokenizer(
+                    tokenizer_of,
+                    args["base"],
+                    behaviors,
+                    args.get("tokenizer"),
+                    args.get("chat_template"),
+                )
+            return self._tokenizer, self._chat_template
+
+    def __copy__(self) -> LazyDecoder:
+        return self  # a copy shares the models
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LazyDecoder:
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"load_args": self.load_args}  # the arguments only: models load again
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["load_args"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        base, behaviors = self.load_args["base"], list(self.load_args["behaviors"])
+        return f"LazyDecoder(base={base!r}, behaviors={behaviors}, loaded={self.loaded})"
+
+
+def get_decoder(holder: EFTDecoder | LazyDecoder) -> EFTDecoder:
+    """The `EFTDecoder` a holder stands for: an `EFTDecoder` as it is, a `LazyDecoder`
+    loaded on first use (what the adapters hold either)."""
+    return holder.get() if isinstance(holder, LazyDecoder) else holder
+
+
+async def aget_decoder(holder: EFTDecoder | LazyDecoder) -> EFTDecoder:
+    """`get_decoder` from a coroutine: a first load runs on a worker thread, so it never
+    blocks the event loop."""
+    if isinstance(holder, LazyDecoder) and not holder.loaded:
+        return await asyncio.to_thread(holder.get)
+    return get_decoder(holder)
