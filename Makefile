@@ -48,6 +48,7 @@ lint: $(VENV)/.installed-test
 ## bench: the benchmarks, each writing its section of BENCHMARKS.md (gpu.py needs CUDA)
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/speculative.py
 	$(PY) benchmarks/serve.py

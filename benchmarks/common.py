@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from eft_integrations import EFTDecoder
 
@@ -55,13 +55,18 @@ def word_level_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
 
 
-def realistic_family(**decoder_kwargs) -> EFTDecoder:
+def realistic_family(
+    base_size: tuple[int, int, int] = (768, 12, 12),
+    small_size: tuple[int, int, int] = (256, 4, 4),
+    **decoder_kwargs,
+) -> EFTDecoder:
     """A ~134M-parameter Llama base and two ~20M small models (chat and its reference) with
-    random weights and a 32k vocabulary, loaded through `EFTDecoder.from_pretrained`."""
+    random weights and a 32k vocabulary, loaded through `EFTDecoder.from_pretrained`.
+    `base_size` and `small_size` are (hidden size, layers, heads)."""
     made = {
-        "base": random_llama(768, 12, 12, seed=0),
-        "chat": random_llama(256, 4, 4, seed=1),
-        "ref": random_llama(256, 4, 4, seed=2),
+        "base": random_llama(*base_size, seed=0),
+        "chat": random_llama(*small_size, seed=1),
+        "ref": random_llama(*small_size, seed=2),
     }
     tokenizer = word_level_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,3 +126,18 @@ def write_section(name: str, lines: list[str], path: Path = BENCHMARKS_MD) -> No
     )
     path.write_text(text)
     print("\n".join(lines))
+
+
+@torch.inference_mode()
+def bare_decode(model: torch.nn.Module, prompts: list[list[int]], tokens: int) -> float:
+    """Seconds of a model's own cached greedy decode of `tokens` tokens per row, as bare
+    forwards (a prefill, then one-token forwards over a `DynamicCache`, argmax on device):
+    the least any decoder running this model must pay."""
+    start = time.perf_counter()
+    cache = DynamicCache()
+    logits = model(input_ids=torch.tensor(prompts), past_key_values=cache, use_cache=True).logits
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(tokens - 1):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - start
