@@ -18,16 +18,18 @@ Responses carry the token usage, finish reason, full weights and the engine's pe
 `stats` in `raw` (usage also in `additional_kwargs`, where `TokenCountingHandler` reads it).
 
 RAG packing: `metadata.context_window` is the smallest context window of the composed models
-and `num_output` is `max_new_tokens`. LlamaIndex counts prompt tokens with its global
-tokenizer (tiktoken by default); for exact packing set
+and `num_output` is `max_new_tokens`; reading `metadata` never loads the models (before a lazy
+decoder loads, the window comes from the models' configs). LlamaIndex counts prompt tokens
+with its global tokenizer (tiktoken by default); for exact packing set
 `Settings.tokenizer = llm.decoder.tokenizer.encode`.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -53,19 +55,27 @@ from llama_index.core.instrumentation.events.llm import (
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
-from llama_index.core.llms.utils import parse_partial_json
-from llama_index.core.program.utils import create_flexible_model
 from llama_index.core.types import PydanticProgramMode
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from . import chat as core_chat
 from .decoder import EFTDecoder
-from .lazy import LazyDecoder, aget_decoder, get_decoder
+from .lazy import LazyDecoder, get_decoder
+from .llama_index_responses import (
+    CHAT,
+    TEXT,
+    arguments_dict,
+    astructured_stream,
+    json_schema_format,
+    keep_first_tool_call,
+    parse_structured,
+    structured_stream,
+    tool_selections,
+)
+from .loading import Behavior, ModelSpec, model_context_window, model_label
 from .options import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_CHAT_TEMPERATURE,
     GenerationOptions,
-    StreamChunk,
-    Usage,
     merge_call_options,
     merge_call_weights,
 )
@@ -96,7 +106,100 @@ _CHAT_FIELDS = ("max_string_length",)
 _CHAT_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
 
-class EFTLLM(FunctionCallingLLM):
+class _JSONStructuredOutput(FunctionCallingLLM):
+    """`EFTLLM`'s structured output: the reply is constrained to the output class's JSON
+    schema (the core's `response_format`) instead of LlamaIndex's default program, which asks
+    for a tool call; with another `pydantic_program_mode`, LlamaIndex's program is used."""
+
+    @dispatcher.span
+    def structured_predict(
+        self,
+        output_cls: type[BaseModel],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> BaseModel:
+        """A schema-valid `output_cls`: the reply is constrained to its JSON schema."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        _structured_start(output_cls, prompt, prompt_args)
+        messages, kwargs = self._structured_chat(output_cls, prompt, llm_kwargs, prompt_args)
+        return _structured_end(output_cls, self.chat(messages, **kwargs))
+
+    @dispatcher.span
+    async def astructured_predict(
+        self,
+        output_cls: type[BaseModel],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> BaseModel:
+        """`structured_predict`, decoded on the engine while the event loop keeps running."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        _structured_start(output_cls, prompt, prompt_args)
+        messages, kwargs = self._structured_chat(output_cls, prompt, llm_kwargs, prompt_args)
+        return _structured_end(output_cls, await self.achat(messages, **kwargs))
+
+    def _structured_stream_call(
+        self,
+        output_cls: type[BaseModel],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Iterator[BaseModel]:
+        """Partial objects (all fields optional) while the constrained JSON streams, then
+        the schema-valid `output_cls` (behind `stream_structured_predict` and
+        `as_structured_llm(...).stream_chat`)."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super()._structured_stream_call(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_chat(output_cls, prompt, llm_kwargs, prompt_args)
+        return structured_stream(output_cls, self.stream_chat(messages, **kwargs))
+
+    async def _structured_astream_call(
+        self,
+        output_cls: type[BaseModel],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncIterator[BaseModel]:
+        """`_structured_stream_call` on the event loop."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super()._structured_astream_call(
+                output_cls, prompt, llm_kwargs, **prompt_args
+            )
+        messages, kwargs = self._structured_chat(output_cls, prompt, llm_kwargs, prompt_args)
+        return astructured_stream(output_cls, await self.astream_chat(messages, **kwargs))
+
+    def _structured_chat(
+        self,
+        output_cls: type[BaseModel],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None,
+        prompt_args: Mapping[str, Any],
+    ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """The messages and chat keywords of a structured call."""
+        messages = self._get_messages(prompt, **prompt_args)
+        return messages, dict(response_format=json_schema_format(output_cls), **(llm_kwargs or {}))
+
+
+def _structured_start(
+    output_cls: type[BaseModel], prompt: PromptTemplate, prompt_args: Mapping[str, Any]
+) -> None:
+    dispatcher.event(
+        LLMStructuredPredictStartEvent(
+            output_cls=output_cls, template=prompt, template_args=dict(prompt_args)
+        )
+    )
+
+
+def _structured_end(output_cls: type[BaseModel], response: ChatResponse) -> BaseModel:
+    result = parse_structured(output_cls, response)
+    dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+    return result
+
+
+class EFTLLM(_JSONStructuredOutput):
     """A LlamaIndex LLM decoding with emulated fine-tuning (EFT) through an `EFTDecoder`.
 
     Build it from a shared decoder, `EFTDecoder` or `LazyDecoder` (`EFTLLM(decoder=decoder,
@@ -261,15 +364,22 @@ class EFTLLM(FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Honest limits: RAG packing relies on context_window and num_output."""
-        decoder = self.decoder
+        """Honest limits: RAG packing relies on context_window and num_output. Reading them
+        never loads the models: before a lazy decoder loads, they come from the models'
+        configs (a few small files), with the values the loaded decoder will report."""
+        holder = self._holder
+        if isinstance(holder, LazyDecoder) and not holder.loaded:
+            window, name = _unloaded_context_window(holder), _unloaded_model_name(holder.load_args)
+        else:
+            decoder = get_decoder(holder)
+            window, name = decoder.context_window, decoder.model_name
         return LLMMetadata(
             # no model states a limit: fall back to LlamaIndex's default guess
-            context_window=decoder.context_window or DEFAULT_CONTEXT_WINDOW,
+            context_window=window or DEFAULT_CONTEXT_WINDOW,
             num_output=self.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
-            model_name=self.model_name or decoder.model_name,
+            model_name=self.model_name or name,
             system_role=MessageRole.SYSTEM,
         )
 
@@ -293,51 +403,45 @@ class EFTLLM(FunctionCallingLLM):
         """Keyword arguments for the core's chat functions."""
         return {"messages": _to_core_messages(messages), **self._options(call, chat=True)}
 
-    def _completion_prompt(self, prompt: str, formatted: bool) -> str:
-        return prompt if formatted else self.completion_to_prompt(prompt)
+    def _text_request(
+        self, prompt: str, formatted: bool, call: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Keyword arguments for the decoder: the prompt (through `completion_to_prompt`
+        unless `formatted`) and the options."""
+        options = self._options(call)
+        return {"prompt": prompt if formatted else self.completion_to_prompt(prompt), **options}
 
     # ------------------------------------------------------------------ completion
+    # Not derived from chat, nor chat from completion (llama-index-core's generic_utils
+    # decorators): completion continues raw text with no chat template, and chat needs the
+    # core's template, tools and constrained output. Both run through one driver (`Route`).
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Continue `prompt` as raw text (no chat template); kwargs override options."""
-        options = self._options(kwargs)
-        result = self.decoder.generate(self._completion_prompt(prompt, formatted), **options)
-        return _completion_response(result.text, result, result.weights, result.token_ids)
+        return TEXT.call(self._holder, self._text_request(prompt, formatted, kwargs))
 
     @llm_completion_callback()
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
         """Stream the continuation of `prompt`: `delta` is new text, `text` is cumulative."""
-        options = self._options(kwargs)
-        decoder = self.decoder
-        chunks = decoder.stream(self._completion_prompt(prompt, formatted), **options)
-        return _responses(
-            chunks, _StreamedText(core_chat.resolved_weights(decoder, options["weights"]))
-        )
+        return TEXT.stream_call(self._holder, self._text_request(prompt, formatted, kwargs))
 
     @llm_completion_callback()
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
         """`complete`, decoded on the engine while the event loop keeps running."""
-        options = self._options(kwargs)
-        decoder = await aget_decoder(self._holder)
-        result = await decoder.agenerate(self._completion_prompt(prompt, formatted), **options)
-        return _completion_response(result.text, result, result.weights, result.token_ids)
+        return await TEXT.acall(self._holder, self._text_request(prompt, formatted, kwargs))
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
         """`stream_complete` on the event loop; closing the stream stops decoding."""
-        options = self._options(kwargs)
-        decoder = await aget_decoder(self._holder)
-        chunks = decoder.astream(self._completion_prompt(prompt, formatted), **options)
-        return _aresponses(
-            chunks, _StreamedText(core_chat.resolved_weights(decoder, options["weights"]))
-        )
+        request = self._text_request(prompt, formatted, kwargs)
+        return await TEXT.astream_call(self._holder, request)
 
     # ------------------------------------------------------------------ chat
 
@@ -345,37 +449,24 @@ class EFTLLM(FunctionCallingLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Reply through the decoder's chat template; kwargs override options and may carry
         `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` for the core."""
-        request = self._chat_request(messages, kwargs)
-        return _chat_response(core_chat.chat(self.decoder, **request))
+        return CHAT.call(self._holder, self._chat_request(messages, kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream a reply: `delta` is new text, `message` the reply so far (tool calls too)."""
-        request = self._chat_request(messages, kwargs)
-        decoder = self.decoder
-        deltas = core_chat.stream_chat(decoder, **request)
-        return _responses(
-            deltas, _StreamedReply(core_chat.resolved_weights(decoder, request["weights"]))
-        )
+        return CHAT.stream_call(self._holder, self._chat_request(messages, kwargs))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """`chat`, decoded on the engine while the event loop keeps running."""
-        request = self._chat_request(messages, kwargs)
-        decoder = await aget_decoder(self._holder)
-        return _chat_response(await core_chat.achat(decoder, **request))
+        return await CHAT.acall(self._holder, self._chat_request(messages, kwargs))
 
     @llm_chat_callback()
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
         """`stream_chat` on the event loop; closing the stream stops decoding."""
-        request = self._chat_request(messages, kwargs)
-        decoder = await aget_decoder(self._holder)
-        deltas = core_chat.astream_chat(decoder, **request)
-        return _aresponses(
-            deltas, _StreamedReply(core_chat.resolved_weights(decoder, request["weights"]))
-        )
+        return await CHAT.astream_call(self._holder, self._chat_request(messages, kwargs))
 
     # ------------------------------------------------------------------ tools
 
@@ -398,15 +489,14 @@ class EFTLLM(FunctionCallingLLM):
             user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
         if user_msg is not None:
             messages.append(user_msg)
-        specs = [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
-        if not specs:
+        if not tools:
             return {"messages": messages, **kwargs}
-        if tool_choice is None:
-            tool_choice = "required" if tool_required else "auto"
         return {
             "messages": messages,
-            "tools": specs,
-            "tool_choice": tool_choice,
+            "tools": [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools],
+            "tool_choice": (
+                tool_choice if tool_choice is not None else "required" if tool_required else "auto"
+            ),
             "parallel_tool_calls": allow_parallel_tool_calls,
             **kwargs,
         }
@@ -419,149 +509,90 @@ class EFTLLM(FunctionCallingLLM):
         **kwargs: Any,
     ) -> ChatResponse:
         """Keep one tool call when parallel calls are not allowed."""
-        if allow_parallel_tool_calls:
-            return response
-        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
-        if len(calls) > 1:
-            response.message.blocks = [
-                b
-                for b in response.message.blocks
-                if not isinstance(b, ToolCallBlock) or b is calls[0]
-            ]
-        return response
+        return response if allow_parallel_tool_calls else keep_first_tool_call(response)
 
     def get_tool_calls_from_response(
-        self,
-        response: ChatResponse,
-        error_on_no_tool_call: bool = True,
-        **kwargs: Any,
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
     ) -> list[ToolSelection]:
         """The tool calls of a (possibly partial, streamed) response as `ToolSelection`s."""
-        selections = [
-            ToolSelection(
-                tool_id=block.tool_call_id or "",
-                tool_name=block.tool_name,
-                tool_kwargs=_arguments_dict(block.tool_kwargs),
+        return tool_selections(response, error_on_no_tool_call)
+
+
+# ---------------------------------------------------------------------- before the models load
+
+
+def _specs(load_args: Mapping[str, Any]) -> list[ModelSpec | PreTrainedModel]:
+    """The models `EFTDecoder.from_pretrained(**load_args)` loads, in the decoder's order:
+    the base, then each behavior's fine-tuned model and reference."""
+    behaviors = [Behavior.coerce(n, b) for n, b in load_args["behaviors"].items()]
+    refs = [load_args["base"], *(r for b in behaviors for r in (b.finetuned, b.reference))]
+    return [r if isinstance(r, (ModelSpec, PreTrainedModel)) else ModelSpec(r) for r in refs]
+
+
+def _key(model: ModelSpec | PreTrainedModel) -> Any:
+    """One key per distinct model (a spec named twice loads once)."""
+    return ("loaded", id(model)) if isinstance(model, PreTrainedModel) else model.key()
+
+
+_WINDOWS: weakref.WeakKeyDictionary[LazyDecoder, int | None] = weakref.WeakKeyDictionary()
+"""The context window of each unloaded `LazyDecoder` whose configs were read."""
+
+
+def _unloaded_context_window(holder: LazyDecoder) -> int | None:
+    """The context window `holder` will have once loaded, read once from the configs; None
+    when no config states one, or one cannot be read (then the load will say why)."""
+    if holder not in _WINDOWS:
+        try:
+            _WINDOWS[holder] = _configured_window(holder.load_args)
+        except (OSError, ValueError):
+            return None
+    return _WINDOWS[holder]
+
+
+def _configured_window(load_args: Mapping[str, Any]) -> int | None:
+    """`EFTDecoder.context_window` of the decoder `load_args` describe: the smallest window
+    the models' configs state, read with `AutoConfig` (the arguments `from_pretrained` gets,
+    no weights)."""
+    trust = bool(load_args.get("trust_remote_code", False))
+    configs = {}
+    for model in _specs(load_args):
+        if isinstance(model, PreTrainedModel):
+            configs[_key(model)] = model.config
+        elif _key(model) not in configs:
+            kwargs = {"trust_remote_code": trust, **model.kwargs}
+            given = kwargs.pop("config", None)  # from_pretrained(path, config=...) reads it
+            configs[_key(model)] = (
+                given
+                if isinstance(given, PretrainedConfig)
+                else AutoConfig.from_pretrained(given or model.name_or_path, **kwargs)
             )
-            for block in response.message.blocks
-            if isinstance(block, ToolCallBlock)
-        ]
-        if not selections and error_on_no_tool_call:
-            invalid = response.message.additional_kwargs.get("invalid_tool_calls")
-            detail = f"; invalid calls: {invalid}" if invalid else ""
-            raise ValueError(
-                f"expected at least one tool call, got none{detail}; pass tool_required=True "
-                "to force a call"
-            )
-        return selections
+    # model_context_window reads the model's config only
+    windows = [model_context_window(SimpleNamespace(config=c)) for c in configs.values()]
+    return min((w for w in windows if w is not None), default=None)
 
-    # ------------------------------------------------------------------ structured output
 
-    @dispatcher.span
-    def structured_predict(
-        self,
-        output_cls: type[BaseModel],
-        prompt: PromptTemplate,
-        llm_kwargs: dict[str, Any] | None = None,
-        **prompt_args: Any,
-    ) -> BaseModel:
-        """A schema-valid `output_cls`: the reply is constrained to its JSON schema.
+def _unloaded_model_name(load_args: Mapping[str, Any]) -> str:
+    """`EFTDecoder.model_name` of the decoder `load_args` describe, e.g.
+    `base + chat(ft - ref)` (the names the loaded models will carry; local paths shortened
+    to their last folder)."""
+    models = _specs(load_args)
+    distinct = list(dict.fromkeys(_key(m) for m in models))
 
-        With `pydantic_program_mode` other than DEFAULT, LlamaIndex's program is used.
-        """
-        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
-            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
-        dispatcher.event(
-            LLMStructuredPredictStartEvent(
-                output_cls=output_cls, template=prompt, template_args=prompt_args
-            )
+    def name(model: ModelSpec | PreTrainedModel) -> str:
+        if isinstance(model, ModelSpec):
+            full = model.name_or_path
+        else:
+            full = model_label(model, distinct.index(_key(model)))
+        return os.path.basename(full.rstrip("/")) if os.path.isabs(full) else full
+
+    parts = [name(models[0])]
+    parts += [
+        f"{behavior}({name(ft)} - {name(ref)})"
+        for behavior, ft, ref in zip(
+            load_args["behaviors"], models[1::2], models[2::2], strict=True
         )
-        messages = self._get_messages(prompt, **prompt_args)
-        response = self.chat(
-            messages, response_format=_json_schema_format(output_cls), **(llm_kwargs or {})
-        )
-        result = _parse_structured(output_cls, response)
-        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
-        return result
-
-    @dispatcher.span
-    async def astructured_predict(
-        self,
-        output_cls: type[BaseModel],
-        prompt: PromptTemplate,
-        llm_kwargs: dict[str, Any] | None = None,
-        **prompt_args: Any,
-    ) -> BaseModel:
-        """`structured_predict`, decoded on a worker thread."""
-        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
-            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
-        dispatcher.event(
-            LLMStructuredPredictStartEvent(
-                output_cls=output_cls, template=prompt, template_args=prompt_args
-            )
-        )
-        messages = self._get_messages(prompt, **prompt_args)
-        response = await self.achat(
-            messages, response_format=_json_schema_format(output_cls), **(llm_kwargs or {})
-        )
-        result = _parse_structured(output_cls, response)
-        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
-        return result
-
-    def _structured_stream_call(
-        self,
-        output_cls: type[BaseModel],
-        prompt: PromptTemplate,
-        llm_kwargs: dict[str, Any] | None = None,
-        **prompt_args: Any,
-    ) -> Iterator[BaseModel]:
-        """Partial objects (all fields optional) while the constrained JSON streams, then
-        the schema-valid `output_cls` (behind `stream_structured_predict` and
-        `as_structured_llm(...).stream_chat`)."""
-        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
-            return super()._structured_stream_call(output_cls, prompt, llm_kwargs, **prompt_args)
-        messages = self._get_messages(prompt, **prompt_args)
-        stream = self.stream_chat(
-            messages, response_format=_json_schema_format(output_cls), **(llm_kwargs or {})
-        )
-
-        def gen() -> Iterator[BaseModel]:
-            partial = _PartialObjects(output_cls)
-            last = None
-            for last in stream:
-                yield from partial.add(last)
-            if last is not None:
-                yield _parse_structured(output_cls, last)
-
-        return gen()
-
-    async def _structured_astream_call(
-        self,
-        output_cls: type[BaseModel],
-        prompt: PromptTemplate,
-        llm_kwargs: dict[str, Any] | None = None,
-        **prompt_args: Any,
-    ) -> AsyncIterator[BaseModel]:
-        """`_structured_stream_call`, decoded on a worker thread."""
-        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
-            return await super()._structured_astream_call(
-                output_cls, prompt, llm_kwargs, **prompt_args
-            )
-        messages = self._get_messages(prompt, **prompt_args)
-        stream = await self.astream_chat(
-            messages, response_format=_json_schema_format(output_cls), **(llm_kwargs or {})
-        )
-
-        async def gen() -> AsyncIterator[BaseModel]:
-            partial = _PartialObjects(output_cls)
-            last = None
-            async for last in stream:
-                for obj in partial.add(last):
-                    yield obj
-            if last is not None:
-                yield _parse_structured(output_cls, last)
-
-        return gen()
+    ]
+    return " + ".join(parts)
 
 
 # ---------------------------------------------------------------------- translation helpers
@@ -623,185 +654,5 @@ def _core_tool_call(call_id: str | None, name: str, arguments: Any) -> dict[str,
     return {
         "id": call_id or "",
         "type": "function",
-        "function": {"name": name, "arguments": _arguments_dict(arguments)},
+        "function": {"name": name, "arguments": arguments_dict(arguments)},
     }
-
-
-def _arguments_dict(arguments: Any) -> dict[str, Any]:
-    """Tool arguments as a dict; a JSON string (possibly still streaming) is parsed."""
-    if isinstance(arguments, Mapping):
-        return dict(arguments)
-    if not arguments:
-        return {}
-    try:
-        parsed = parse_partial_json(arguments)
-    except (ValueError, json.JSONDecodeError):
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
-
-
-def _usage_fields(usage: Usage | None) -> dict[str, int]:
-    """Usage as `TokenCountingHandler` reads it (from `raw["usage"]` or `additional_kwargs`)."""
-    if usage is None:
-        return {}
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-def _raw(
-    source: Any, weights: Mapping[str, float], token_ids: Sequence[int] | None = None
-) -> dict[str, Any]:
-    """`raw` of a response from the core's result or stream item `source` (a GenerationResult,
-    StreamChunk, ChatResult or ChatDelta): finish reason, weights, and once known (the final
-    item), usage and the engine's stats."""
-    raw: dict[str, Any] = {"finish_reason": source.finish_reason, "weights": dict(weights)}
-    if token_ids is not None:
-        raw["token_ids"] = list(token_ids)
-    if source.usage is not None:
-        raw["usage"] = _usage_fields(source.usage)
-    if source.stats is not None:
-        raw["stats"] = source.stats.as_dict()
-    return raw
-
-
-def _completion_response(
-    text: str,
-    source: Any,
-    weights: Mapping[str, float],
-    token_ids: Sequence[int] | None = None,
-    delta: str | None = None,
-) -> CompletionResponse:
-    return CompletionResponse(
-        text=text,
-        delta=delta,
-        raw=_raw(source, weights, token_ids),
-        additional_kwargs=_usage_fields(source.usage),
-    )
-
-
-def _chat_reply(
-    content: str,
-    tool_calls: Sequence[core_chat.ToolCall],
-    invalid_tool_calls: Sequence[core_chat.InvalidToolCall],
-    source: Any,
-    weights: Mapping[str, float],
-    delta: str | None = None,
-) -> ChatResponse:
-    """A LlamaIndex reply: text and tool-call blocks; calls the core could not read go to
-    `additional_kwargs["invalid_tool_calls"]`."""
-    blocks: list[Any] = [TextBlock(text=content)] if content else []
-    blocks += [
-        ToolCallBlock(tool_call_id=call.id, tool_name=call.name, tool_kwargs=call.arguments)
-        for call in tool_calls
-    ]
-    extra = {"invalid_tool_calls": [asdict(c) for c in invalid_tool_calls]}
-    message = ChatMessage(
-        role=MessageRole.ASSISTANT,
-        blocks=blocks,
-        additional_kwargs=extra if invalid_tool_calls else {},
-    )
-    return ChatResponse(
-        message=message,
-        delta=delta,
-        raw=_raw(source, weights),
-        additional_kwargs=_usage_fields(source.usage),
-    )
-
-
-def _chat_response(result: core_chat.ChatResult) -> ChatResponse:
-    return _chat_reply(
-        result.content, result.tool_calls, result.invalid_tool_calls, result, result.weights
-    )
-
-
-class _StreamedText:
-    """The decoder's `StreamChunk`s as cumulative `CompletionResponse`s."""
-
-    def __init__(self, weights: Mapping[str, float]) -> None:
-        self.weights = weights
-        self.text = ""
-
-    def add(self, chunk: StreamChunk) -> CompletionResponse:
-        self.text += chunk.text
-        return _completion_response(self.text, chunk, self.weights, delta=chunk.text)
-
-
-class _StreamedReply:
-    """The core's `ChatDelta`s as cumulative `ChatResponse`s. Each tool call arrives whole in
-    one delta, read by the core (`tool_calls`) or not readable (`invalid_tool_calls`)."""
-
-    def __init__(self, weights: Mapping[str, float]) -> None:
-        self.weights = weights
-        self.content = ""
-        self.tool_calls: list[core_chat.ToolCall] = []
-        self.invalid_tool_calls: list[core_chat.InvalidToolCall] = []
-
-    def add(self, delta: core_chat.ChatDelta) -> ChatResponse:
-        self.content += delta.content
-        self.tool_calls += delta.tool_calls
-        self.invalid_tool_calls += delta.invalid_tool_calls
-        return _chat_reply(
-            self.content,
-            self.tool_calls,
-            self.invalid_tool_calls,
-            delta,
-            self.weights,
-            delta=delta.content,
-        )
-
-
-def _responses(items: Iterator[Any], reply: _StreamedText | _StreamedReply) -> Iterator[Any]:
-    """A stream's items as cumulative responses; closing it closes the stream."""
-    try:
-        for item in items:
-            yield reply.add(item)
-    finally:
-        items.close()  # type: ignore[attr-defined]
-
-
-async def _aresponses(
-    items: AsyncIterator[Any], reply: _StreamedText | _StreamedReply
-) -> AsyncIterator[Any]:
-    """`_responses` for an async stream."""
-    try:
-        async for item in items:
-            yield reply.add(item)
-    finally:
-        await items.aclose()  # type: ignore[attr-defined]
-
-
-def _json_schema_format(output_cls: type[BaseModel]) -> dict[str, Any]:
-    return {"type": "json_schema", "schema": output_cls.model_json_schema()}
-
-
-class _PartialObjects:
-    """Partial JSON of a streamed structured answer -> flexible objects (fields optional)."""
-
-    def __init__(self, output_cls: type[BaseModel]) -> None:
-        self.flexible = create_flexible_model(output_cls)
-        self.seen: dict[str, Any] | None = None
-
-    def add(self, response: ChatResponse) -> list[BaseModel]:
-        fields = _arguments_dict(response.message.content or "")
-        if not fields or fields == self.seen:
-            return []
-        self.seen = fields
-        try:
-            return [self.flexible.model_validate(fields)]
-        except ValueError:  # a half-written value that does not fit yet
-            return []
-
-
-def _parse_structured(output_cls: type[BaseModel], response: ChatResponse) -> BaseModel:
-    content = response.message.content or ""
-    try:
-        return output_cls.model_validate_json(content)
-    except ValueError as error:  # only when decoding stopped early (max_new_tokens)
-        reason = (response.raw or {}).get("finish_reason")
-        raise ValueError(
-            f"structured output for {output_cls.__name__} is not valid (finish_reason="
-            f"{reason!r}); raise max_new_tokens. Output: {content!r}"
-        ) from error

@@ -251,9 +251,9 @@ async def test_structured_llm_astream(llm):
 def test_streamed_calls_the_core_could_not_read_are_reported_invalid():
     """The core streams each call whole, read (`tool_calls`) or not (`invalid_tool_calls`,
     with its error): the adapter reports what the core decided and parses nothing."""
-    from eft_integrations.llama_index import _StreamedReply
+    from eft_integrations.llama_index_responses import StreamedReply
 
-    reply = _StreamedReply({"chat": 1.0})
+    reply = StreamedReply({"chat": 1.0})
     rome = '{"city": "Rome"}'
     reply.add(
         core_chat.ChatDelta(
