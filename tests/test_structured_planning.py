@@ -249,3 +249,42 @@ def test_a_tool_whose_parameters_are_unsatisfiable_is_refused_naming_it(tool_cho
         core.chat(decoder, USER, tools=[broken], tool_choice=tool_choice, max_new_tokens=60)
     # with tool_choice "none" the tools are only shown, never called: nothing to refuse
     prepare_chat(decoder, USER, tools=[fine, broken], tool_choice="none")
+
+
+# ------------------------------------------------------------------------------ look ahead
+
+
+def test_the_look_ahead_leaves_the_parser_where_it_was():
+    # closing mode tries tokens on the row's own parser (consume, then roll back) instead of
+    # copying it: the parser must come back exactly, after a refused token too (no error
+    # state) and when the block raises
+    import llguidance
+
+    from eft_integrations.grammar_masks import stepped
+    from eft_integrations.token_tables import ll_tokenizer
+    from eft_integrations.tool_calls import json_grammar
+
+    decoder = chat_decoder()
+    tokenizer, eos = decoder.tokenizer, tuple(sorted(decoder.eos_token_ids))
+    grammar = json_grammar(SATISFIABLE["pattern in an object"])
+    matcher = llguidance.LLMatcher(
+        ll_tokenizer(tokenizer, decoder.vocab_size, eos),
+        llguidance.LLMatcher.grammar_from_lark(grammar),
+        log_level=0,
+    )
+    matcher.consume_tokens(tokenizer('{"code": "A', add_special_tokens=False)["input_ids"])
+
+    def state():
+        return matcher.compute_bitmask(), matcher.is_accepting(), matcher.is_stopped()
+
+    before = state()
+    letter, refused = (tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in "B}")
+    with stepped(matcher, [letter]) as consumed:
+        assert consumed and state() != before
+    assert state() == before
+    with stepped(matcher, [refused]) as consumed:
+        assert not consumed
+    assert state() == before and not matcher.is_error()
+    with pytest.raises(RuntimeError), stepped(matcher, [letter]):
+        raise RuntimeError("a failure while looking ahead")
+    assert state() == before
