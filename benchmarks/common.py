@@ -6,6 +6,7 @@ rewrites only that section, so the scripts can run separately and the file keeps
 
 from __future__ import annotations
 
+import inspect
 import platform
 import re
 import statistics
@@ -133,11 +134,13 @@ def bare_decode(model: torch.nn.Module, prompts: list[list[int]], tokens: int) -
     """Seconds of a model's own cached greedy decode of `tokens` tokens per row, as bare
     forwards (a prefill, then one-token forwards over a `DynamicCache`, argmax on device):
     the least any decoder running this model must pay."""
+    # the cache keyword as the engine passes it (transformers renamed it on some models)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     start = time.perf_counter()
     cache = DynamicCache()
-    logits = model(input_ids=torch.tensor(prompts), past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=torch.tensor(prompts), use_cache=True, **{name: cache}).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(tokens - 1):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **{name: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return time.perf_counter() - start

@@ -14,7 +14,6 @@ thread or event loop.
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ from .loading import (
     Behavior,
     ModelRef,
     check_loaded_models,
+    composition_name,
     load_models,
     model_label,
     smallest_context_window,
@@ -185,10 +185,6 @@ class EFTDecoder:
         return self._ensemble.models
 
     @property
-    def _base(self) -> int:
-        return self._ensemble.base
-
-    @property
     def model_names(self) -> list[str]:
         """Names of the distinct models (their hub id or path where known)."""
         return [model_label(m, i) for i, m in enumerate(self._models)]
@@ -197,12 +193,10 @@ class EFTDecoder:
     def model_name(self) -> str:
         """A readable name for the composition, e.g. `base + chat(ft - ref)`; local paths are
         shortened to their last folder."""
-        names = [
-            os.path.basename(n.rstrip("/")) if os.path.isabs(n) else n for n in self.model_names
-        ]
+        names = self.model_names
         pairs = zip(self.behavior_names, self._ensemble.pairs, strict=True)
-        parts = [names[self._base], *(f"{b}({names[f]} - {names[r]})" for b, (f, r) in pairs)]
-        return " + ".join(parts)
+        triples = [(b, names[ft], names[ref]) for b, (ft, ref) in pairs]
+        return composition_name(names[self._ensemble.base], triples)
 
     # ------------------------------------------------------------------ prompts
 

@@ -12,11 +12,20 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .decoder import EFTDecoder
-from .loading import Behavior, ModelRef, ModelSpec, load_tokenizer, pick_tokenizer
+from .loading import (
+    Behavior,
+    ModelRef,
+    ModelSpec,
+    composition_name,
+    config_context_window,
+    load_tokenizer,
+    model_label,
+    pick_tokenizer,
+)
 from .prompts import render_chat
 
 __all__ = ["LazyDecoder", "aget_decoder", "get_decoder"]
@@ -50,6 +59,7 @@ class LazyDecoder:
         }
         """Keyword arguments for `EFTDecoder.from_pretrained`."""
         self._decoder: EFTDecoder | None = None
+        self._window: int | object | None = _UNKNOWN  # read from the configs on first use
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._chat_template: str | None = None
         # one lock per load: counting tokens does not wait for the models to load
@@ -85,10 +95,63 @@ class LazyDecoder:
 
     @property
     def model_name(self) -> str:
-        """The decoder's `model_name` once loaded; before, the base model's name."""
+        """The decoder's `model_name` (e.g. `base + chat(ft - ref)`), known without loading:
+        before the load it is named from the loading arguments, as the decoder will name it."""
         if self._decoder is not None:
             return self._decoder.model_name
-        return str(self.load_args["base"])
+        models = self._models()
+        distinct = list(dict.fromkeys(_key(m) for m in models))
+
+        def name(model: ModelSpec | PreTrainedModel) -> str:
+            if isinstance(model, ModelSpec):
+                return model.name_or_path
+            return model_label(model, distinct.index(_key(model)))
+
+        names = [name(m) for m in models]
+        triples = zip(self.load_args["behaviors"], names[1::2], names[2::2], strict=True)
+        return composition_name(names[0], triples)
+
+    @property
+    def context_window(self) -> int | None:
+        """The decoder's `context_window` (the smallest the models admit), known without
+        loading: before the load it is read once from the models' configs (`AutoConfig`, a
+        few small files, no weights). None when no config states one, or a config cannot be
+        read before loading (the load then says why)."""
+        if self._decoder is not None:
+            return self._decoder.context_window
+        if self._window is _UNKNOWN:
+            try:
+                self._window = self._configured_window()
+            except (OSError, ValueError):
+                return None
+        return self._window  # type: ignore[return-value]
+
+    def _models(self) -> list[ModelSpec | PreTrainedModel]:
+        """The models `from_pretrained` loads, in the decoder's order: the base, then each
+        behavior's fine-tuned model and reference."""
+        args = self.load_args
+        behaviors = [Behavior.coerce(n, b) for n, b in args["behaviors"].items()]
+        refs = [args["base"], *(r for b in behaviors for r in (b.finetuned, b.reference))]
+        return [r if isinstance(r, (ModelSpec, PreTrainedModel)) else ModelSpec(r) for r in refs]
+
+    def _configured_window(self) -> int | None:
+        """The smallest window the models' configs state, read with the arguments
+        `from_pretrained` gets."""
+        trust = bool(self.load_args.get("trust_remote_code", False))
+        configs: dict[Any, PretrainedConfig] = {}
+        for model in self._models():
+            if isinstance(model, PreTrainedModel):
+                configs[_key(model)] = model.config
+            elif _key(model) not in configs:
+                kwargs = {"trust_remote_code": trust, **model.kwargs}
+                given = kwargs.pop("config", None)  # from_pretrained(path, config=...) reads it
+                configs[_key(model)] = (
+                    given
+                    if isinstance(given, PretrainedConfig)
+                    else AutoConfig.from_pretrained(given or model.name_or_path, **kwargs)
+                )
+        windows = [config_context_window(c) for c in configs.values()]
+        return min((w for w in windows if w is not None), default=None)
 
     def format_chat(
         self,
@@ -146,6 +209,14 @@ class LazyDecoder:
     def __repr__(self) -> str:
         base, behaviors = self.load_args["base"], list(self.load_args["behaviors"])
         return f"LazyDecoder(base={base!r}, behaviors={behaviors}, loaded={self.loaded})"
+
+
+_UNKNOWN = object()
+
+
+def _key(model: ModelSpec | PreTrainedModel) -> Any:
+    """One key per distinct model (a spec named twice loads once)."""
+    return ("loaded", id(model)) if isinstance(model, PreTrainedModel) else model.key()
 
 
 def get_decoder(holder: EFTDecoder | LazyDecoder) -> EFTDecoder:

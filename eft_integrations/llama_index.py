@@ -26,10 +26,7 @@ with its global tokenizer (tiktoken by default); for exact packing set
 
 from __future__ import annotations
 
-import os
-import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -56,7 +53,6 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import PydanticProgramMode
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .decoder import EFTDecoder
 from .lazy import LazyDecoder, get_decoder
@@ -71,7 +67,6 @@ from .llama_index_responses import (
     structured_stream,
     tool_selections,
 )
-from .loading import Behavior, ModelSpec, model_context_window, model_label
 from .options import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_CHAT_TEMPERATURE,
@@ -367,12 +362,8 @@ class EFTLLM(_JSONStructuredOutput):
         """Honest limits: RAG packing relies on context_window and num_output. Reading them
         never loads the models: before a lazy decoder loads, they come from the models'
         configs (a few small files), with the values the loaded decoder will report."""
-        holder = self._holder
-        if isinstance(holder, LazyDecoder) and not holder.loaded:
-            window, name = _unloaded_context_window(holder), _unloaded_model_name(holder.load_args)
-        else:
-            decoder = get_decoder(holder)
-            window, name = decoder.context_window, decoder.model_name
+        holder = self._holder  # an EFTDecoder, or a LazyDecoder that knows them unloaded
+        window, name = holder.context_window, holder.model_name
         return LLMMetadata(
             # no model states a limit: fall back to LlamaIndex's default guess
             context_window=window or DEFAULT_CONTEXT_WINDOW,
@@ -519,80 +510,6 @@ class EFTLLM(_JSONStructuredOutput):
 
 
 # ---------------------------------------------------------------------- before the models load
-
-
-def _specs(load_args: Mapping[str, Any]) -> list[ModelSpec | PreTrainedModel]:
-    """The models `EFTDecoder.from_pretrained(**load_args)` loads, in the decoder's order:
-    the base, then each behavior's fine-tuned model and reference."""
-    behaviors = [Behavior.coerce(n, b) for n, b in load_args["behaviors"].items()]
-    refs = [load_args["base"], *(r for b in behaviors for r in (b.finetuned, b.reference))]
-    return [r if isinstance(r, (ModelSpec, PreTrainedModel)) else ModelSpec(r) for r in refs]
-
-
-def _key(model: ModelSpec | PreTrainedModel) -> Any:
-    """One key per distinct model (a spec named twice loads once)."""
-    return ("loaded", id(model)) if isinstance(model, PreTrainedModel) else model.key()
-
-
-_WINDOWS: weakref.WeakKeyDictionary[LazyDecoder, int | None] = weakref.WeakKeyDictionary()
-"""The context window of each unloaded `LazyDecoder` whose configs were read."""
-
-
-def _unloaded_context_window(holder: LazyDecoder) -> int | None:
-    """The context window `holder` will have once loaded, read once from the configs; None
-    when no config states one, or one cannot be read (then the load will say why)."""
-    if holder not in _WINDOWS:
-        try:
-            _WINDOWS[holder] = _configured_window(holder.load_args)
-        except (OSError, ValueError):
-            return None
-    return _WINDOWS[holder]
-
-
-def _configured_window(load_args: Mapping[str, Any]) -> int | None:
-    """`EFTDecoder.context_window` of the decoder `load_args` describe: the smallest window
-    the models' configs state, read with `AutoConfig` (the arguments `from_pretrained` gets,
-    no weights)."""
-    trust = bool(load_args.get("trust_remote_code", False))
-    configs = {}
-    for model in _specs(load_args):
-        if isinstance(model, PreTrainedModel):
-            configs[_key(model)] = model.config
-        elif _key(model) not in configs:
-            kwargs = {"trust_remote_code": trust, **model.kwargs}
-            given = kwargs.pop("config", None)  # from_pretrained(path, config=...) reads it
-            configs[_key(model)] = (
-                given
-                if isinstance(given, PretrainedConfig)
-                else AutoConfig.from_pretrained(given or model.name_or_path, **kwargs)
-            )
-    # model_context_window reads the model's config only
-    windows = [model_context_window(SimpleNamespace(config=c)) for c in configs.values()]
-    return min((w for w in windows if w is not None), default=None)
-
-
-def _unloaded_model_name(load_args: Mapping[str, Any]) -> str:
-    """`EFTDecoder.model_name` of the decoder `load_args` describe, e.g.
-    `base + chat(ft - ref)` (the names the loaded models will carry; local paths shortened
-    to their last folder)."""
-    models = _specs(load_args)
-    distinct = list(dict.fromkeys(_key(m) for m in models))
-
-    def name(model: ModelSpec | PreTrainedModel) -> str:
-        if isinstance(model, ModelSpec):
-            full = model.name_or_path
-        else:
-            full = model_label(model, distinct.index(_key(model)))
-        return os.path.basename(full.rstrip("/")) if os.path.isabs(full) else full
-
-    parts = [name(models[0])]
-    parts += [
-        f"{behavior}({name(ft)} - {name(ref)})"
-        for behavior, ft, ref in zip(
-            load_args["behaviors"], models[1::2], models[2::2], strict=True
-        )
-    ]
-    return " + ".join(parts)
 
 
 # ---------------------------------------------------------------------- translation helpers

@@ -9,12 +9,12 @@ are fine, since composition runs over the tokenizer's vocabulary only.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "ModelSpec",
     "check_loaded_models",
     "check_same_vocabulary",
+    "composition_name",
+    "config_context_window",
     "load_model",
     "load_models",
     "load_tokenizer",
@@ -155,7 +157,11 @@ def model_device(model: PreTrainedModel) -> torch.device:
 
 def model_context_window(model: PreTrainedModel) -> int | None:
     """The longest sequence the model's config admits, if the config says."""
-    config = model.config
+    return config_context_window(model.config)
+
+
+def config_context_window(config: PretrainedConfig) -> int | None:
+    """The longest sequence a model config admits, if it says."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(text_config, attr, None)
@@ -281,3 +287,14 @@ def smallest_context_window(models: Sequence[PreTrainedModel]) -> int | None:
     """The smallest context window among the models whose config gives one."""
     windows = [w for m in models if (w := model_context_window(m)) is not None]
     return min(windows) if windows else None
+
+
+def composition_name(base: str, behaviors: Iterable[tuple[str, str, str]]) -> str:
+    """`base + chat(ft - ref) + ...` from model names and (behavior, fine-tuned, reference)
+    triples; local paths are shortened to their last folder."""
+
+    def short(name: str) -> str:
+        return os.path.basename(name.rstrip("/")) if os.path.isabs(name) else name
+
+    parts = [short(base), *(f"{b}({short(ft)} - {short(ref)})" for b, ft, ref in behaviors)]
+    return " + ".join(parts)
