@@ -136,11 +136,14 @@ def bare_decode(model: torch.nn.Module, prompts: list[list[int]], tokens: int) -
     the least any decoder running this model must pay."""
     # the cache keyword as the engine passes it (transformers renamed it on some models)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.tensor(prompts, device=model.device)
     start = time.perf_counter()
     cache = DynamicCache()
-    logits = model(input_ids=torch.tensor(prompts), use_cache=True, **{name: cache}).logits
+    logits = model(input_ids=ids, use_cache=True, **{name: cache}).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(tokens - 1):
         out = model(input_ids=token, use_cache=True, **{name: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+    if ids.is_cuda:
+        torch.cuda.synchronize(ids.device)  # the forwards were only queued
     return time.perf_counter() - start

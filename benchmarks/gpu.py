@@ -6,7 +6,10 @@ random weights, 32k vocabulary, bfloat16 on one CUDA device. Measured side by si
 - EFT decode (batch 1) against the sum of the three models' own cached `generate`;
 - concurrent callers (1, 8, 32 threads) against the same calls made one after another;
 - time to first token of a request arriving while 7 others decode, against alone;
-- speculative EFT (k = 4, adaptive) against plain EFT, greedy, same tokens checked.
+- speculative EFT (k = 4, adaptive) against plain EFT, greedy, same tokens checked;
+- engine overhead where model compute is negligible (`overhead.py`'s tiny models on the
+  device): the EFT step against the three models' bare cached forwards at batch 1 and 16,
+  and the host reads (synchronisations) per step.
 
 Without CUDA it says so and exits (`--device cpu --shapes tiny` runs the same code on small
 shapes, to check the script). Run: `python benchmarks/gpu.py`.
@@ -34,6 +37,7 @@ from benchmarks.common import (
     word_level_tokenizer,
     write_section,
 )
+from benchmarks.overhead import overhead_rows, tiny_family
 from eft_integrations import EFTDecoder
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate
@@ -172,6 +176,9 @@ def main() -> None:
             f"{plain_s / seconds:.2f}x | {out.stats.acceptance_rate or 0:.2f} | "
             f"{out.token_ids == plain.token_ids} |"
         )
+    tiny = tiny_family(device_map=args.device)
+    tiny_args = argparse.Namespace(tokens=48, prompt_tokens=16, repeats=args.repeats)
+    overhead_table, _ = overhead_rows(tiny, tiny_args)
     write_section(
         f"gpu-{args.shapes}",
         [
@@ -189,6 +196,11 @@ def main() -> None:
             *rows,
             "",
             *spec_rows,
+            "",
+            "Engine overhead on tiny models (hidden 64, 2 layers, 32k vocabulary; "
+            "`benchmarks/overhead.py`'s method on this device):",
+            "",
+            *overhead_table,
             "",
         ],
     )

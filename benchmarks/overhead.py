@@ -113,9 +113,10 @@ def overhead_rows(decoder: EFTDecoder, args: argparse.Namespace) -> tuple[list[s
     return rows, ratios
 
 
-def tiny_family() -> EFTDecoder:
-    """Three distinct tiny Llamas (hidden 64, 2 layers) over the 32k word-level vocabulary."""
-    return realistic_family(base_size=(64, 2, 2), small_size=(64, 2, 2))
+def tiny_family(**decoder_kwargs) -> EFTDecoder:
+    """Three distinct tiny Llamas (hidden 64, 2 layers) over the 32k word-level vocabulary;
+    `decoder_kwargs` go to `from_pretrained` (e.g. `device_map="cuda"`)."""
+    return realistic_family(base_size=(64, 2, 2), small_size=(64, 2, 2), **decoder_kwargs)
 
 
 def main() -> None:

@@ -119,7 +119,7 @@ class Ensemble:
         device = self._devices[i]
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(device, non_blocking=True),
-            "attention_mask": state.attention_mask,
+            "attention_mask": state.attention_mask if state.padded else None,
             "position_ids": position_ids,
             "use_cache": True,
             self._cache_kwarg[i]: state.cache,

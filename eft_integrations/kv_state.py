@@ -30,6 +30,10 @@ class KVState:
     attention_mask: torch.Tensor  # [B, L] 1 = real token, 0 = left padding (model device)
     next_position: torch.Tensor  # [B] position id of the next token fed (model device)
     last_position: torch.Tensor  # [B] the last position a row's own tokens can take
+    padded: bool = True
+    """Whether some row has left padding, known on the host (no device read): without
+    padding the models get no attention mask, so transformers has none to inspect (its SDPA
+    path reads a given mask back to the host on every forward to see if it can drop it)."""
 
     @classmethod
     def for_prompts(
@@ -53,7 +57,8 @@ class KVState:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
         lengths = mask.sum(-1)
         last = lengths + torch.tensor(room, dtype=torch.long, device=device) - 1
-        state = cls(DynamicCache(), mask, lengths, last)
+        padded = any(len(s) != length for s in sequences)
+        state = cls(DynamicCache(), mask, lengths, last, padded)
         return state, input_ids, positions
 
     @property
@@ -97,6 +102,7 @@ class KVState:
                 layer.values = layer.values.gather(2, by_row.expand_as(layer.values))
         self.attention_mask = self.attention_mask.gather(1, index) * (columns >= extra[:, None])
         self.next_position = self.next_position - extra
+        self.padded = True
         self._trim_left()
 
     def select(self, rows: torch.Tensor) -> None:
@@ -120,6 +126,11 @@ class KVState:
             mine.values = torch.cat(
                 [_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)]
             )
+        self.padded = (
+            self.padded
+            or other.padded
+            or self.attention_mask.shape[1] != other.attention_mask.shape[1]
+        )
         self.attention_mask = torch.cat(
             [_pad_left(self.attention_mask, length, 1), _pad_left(other.attention_mask, length, 1)]
         )
@@ -128,8 +139,11 @@ class KVState:
 
     def _trim_left(self) -> None:
         """Drop leading columns that are padding in every row (rows end at the last column)."""
-        real = self.attention_mask.sum(-1).max()
-        drop = self.attention_mask.shape[1] - int(real)  # one host sync, only when rows leave
+        lengths = self.attention_mask.sum(-1)
+        # one host sync, only when rows leave or roll back unevenly
+        longest, shortest = torch.stack([lengths.max(), lengths.min()]).tolist()
+        drop = self.attention_mask.shape[1] - longest
+        self.padded = shortest < longest
         if drop <= 0:
             return
         for layer in self.cache.layers:
