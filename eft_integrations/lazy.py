@@ -123,7 +123,7 @@ class LazyDecoder:
             try:
                 self._window = self._configured_window()
             except (OSError, ValueError):
-                return None
+                self._window = None  # read once: metadata is read on every prompt packing
         return self._window  # type: ignore[return-value]
 
     def _models(self) -> list[ModelSpec | PreTrainedModel]:
@@ -132,7 +132,7 @@ class LazyDecoder:
         args = self.load_args
         behaviors = [Behavior.coerce(n, b) for n, b in args["behaviors"].items()]
         refs = [args["base"], *(r for b in behaviors for r in (b.finetuned, b.reference))]
-        return [r if isinstance(r, (ModelSpec, PreTrainedModel)) else ModelSpec(r) for r in refs]
+        return [r if isinstance(r, PreTrainedModel) else ModelSpec.of(r) for r in refs]
 
     def _configured_window(self) -> int | None:
         """The smallest window the models' configs state, read with the arguments
@@ -179,7 +179,7 @@ class LazyDecoder:
                 def tokenizer_of(ref: ModelRef) -> PreTrainedTokenizerBase | None:
                     if isinstance(ref, PreTrainedModel):
                         return None  # a loaded model carries no tokenizer
-                    spec = ref if isinstance(ref, ModelSpec) else ModelSpec(ref)
+                    spec = ModelSpec.of(ref)
                     if spec.key() not in found:
                         found[spec.key()] = load_tokenizer(spec, trust)
                     return found[spec.key()]

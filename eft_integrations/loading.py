@@ -65,6 +65,11 @@ class ModelSpec:
         object.__setattr__(self, "device_map", device_map)
         object.__setattr__(self, "kwargs", dict(kwargs))
 
+    @classmethod
+    def of(cls, ref: str | os.PathLike[str] | ModelSpec) -> ModelSpec:
+        """`ref` as a spec: a path or hub id takes the decoder-wide loading options."""
+        return ref if isinstance(ref, ModelSpec) else cls(ref)
+
     def key(self) -> tuple[Any, ...]:
         """Identity used to load a model named in several roles only once."""
         return (
@@ -225,7 +230,7 @@ def load_models(
     def get(ref: ModelRef) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
         if isinstance(ref, PreTrainedModel):
             return ref, None
-        spec = ref if isinstance(ref, ModelSpec) else ModelSpec(ref)
+        spec = ModelSpec.of(ref)
         if spec.key() not in loaded:
             model = load_model(spec, dtype, device_map, trust_remote_code)
             names[id(model)] = spec.name_or_path

@@ -240,23 +240,30 @@ class CountingTokenizer:
         return getattr(self.tokenizer, name)
 
 
+def streamed_decoding_work(tokenizer, ids: list[int], stop) -> tuple[str, list[int]]:
+    """Stream `ids` through a `CompletionText` (append + delta per token): the final text and
+    the tokens `tokenizer.decode` was passed at each token."""
+    counting = CountingTokenizer(tokenizer)
+    got = CompletionText(counting, stop)
+    per_token = []
+    for token in ids:
+        before = counting.decoded_tokens
+        got.append(token)
+        got.delta()
+        per_token.append(counting.decoded_tokens - before)
+    got.delta(final=True)
+    return got.text, per_token
+
+
 @pytest.mark.parametrize("name", list(TOKENIZERS))
 @pytest.mark.parametrize("stop", [(), ("never-in-the-text", "\n\n")])
 def test_decoding_work_per_token_does_not_grow_with_the_length(name, stop):
     # a long streamed completion: each token (append + delta) decodes a bounded window,
     # however long the text already is (full re-decoding would pass ~k tokens at token k)
-    tokenizer = CountingTokenizer(TOKENIZERS[name])
-    ids = tokenizer.encode(" ".join(TEXTS * 12), add_special_tokens=False)
+    ids = TOKENIZERS[name].encode(" ".join(TEXTS * 12), add_special_tokens=False)
     assert len(ids) > 1000
-    got = CompletionText(tokenizer, stop)
-    per_token = []
-    for token in ids:
-        before = tokenizer.decoded_tokens
-        got.append(token)
-        got.delta()
-        per_token.append(tokenizer.decoded_tokens - before)
-    got.delta(final=True)
-    assert got.text == TOKENIZERS[name].decode(ids, skip_special_tokens=True)
+    text, per_token = streamed_decoding_work(TOKENIZERS[name], ids, stop)
+    assert text == TOKENIZERS[name].decode(ids, skip_special_tokens=True)
     # the same texts repeat: the work per token later on is no more than in the first quarter
     # (the window spans at most a run of byte-fallback tokens, 27 for "日本語のテキスト。")
     quarter = len(ids) // 4

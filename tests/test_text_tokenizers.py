@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerFast
 from eft_integrations import EFTDecoder
 from eft_integrations.text import CompletionText
 
-from .test_text import TEXTS, CountingTokenizer, clean_up_tokenizer, sentencepiece_tokenizer
+from .test_text import TEXTS, clean_up_tokenizer, sentencepiece_tokenizer, streamed_decoding_work
 from .tiny_models import WORDPIECE_CORPUS, build_tokenizer, build_wordpiece_tokenizer, llama
 
 # What transformers' clean-up and the decoders join or split: drawn often in random sequences.
@@ -237,18 +237,10 @@ def long_completion(tokenizer) -> list[int]:
 def test_decoding_work_per_token_is_bounded_for_every_tokenizer(name, stop):
     # each token (append + delta) decodes a bounded window, clean-up tokenizers included:
     # re-decoding the whole completion would pass ~k tokens at token k
-    tokenizer = CountingTokenizer(TOKENIZERS[name])
     ids = long_completion(TOKENIZERS[name])
     assert len(ids) > 1000
-    got = CompletionText(tokenizer, stop)
-    per_token = []
-    for token in ids:
-        before = tokenizer.decoded_tokens
-        got.append(token)
-        got.delta()
-        per_token.append(tokenizer.decoded_tokens - before)
-    got.delta(final=True)
-    assert got.text == decode(TOKENIZERS[name], ids)
+    text, per_token = streamed_decoding_work(TOKENIZERS[name], ids, stop)
+    assert text == decode(TOKENIZERS[name], ids)
     quarter = len(ids) // 4
     # no growth with the length; the window spans at most a run of byte-fallback tokens
     assert max(per_token[3 * quarter :]) <= max(per_token[:quarter]) <= 64, per_token
