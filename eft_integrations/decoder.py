@@ -363,7 +363,13 @@ class EFTDecoder:
         if conservative_top_p is not None:
             GenerationOptions(conservative_top_p=conservative_top_p)  # validates it
         views = self._builder.views(prompt, base_prompt, weights, self.default_weights)
-        args = (views.chat_ids, views.base_ids, views.weight_tensor, conservative_top_p)
+        args = (
+            self.engine.memory,
+            views.chat_ids,
+            views.base_ids,
+            views.weight_tensor,
+            conservative_top_p,
+        )
         # cloned: a normal tensor for the caller, not an inference-mode one
         logprobs = self.engine.call(lambda: self._ensemble.score_prompts(*args)).clone()
         return logprobs if views.is_batch else logprobs[0]

@@ -42,18 +42,22 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from .ensemble import Ensemble
-from .errors import EngineError, EngineUnavailableError
+from .errors import EFTRequestError, EngineError, EngineUnavailableError
+from .kv_memory import KVMemory, default_kv_cache_tokens
 from .outputs import EngineStats, OutputProcessor
 from .request import Request
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
 
-__all__ = ["MAX_CONSECUTIVE_CRASHES", "Engine", "EngineStats", "Request"]
+__all__ = ["DEFAULT_PREFILL_CHUNK", "MAX_CONSECUTIVE_CRASHES", "Engine", "EngineStats", "Request"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DEFAULT_PREFILL_CHUNK = 512
+"""Prompt tokens per model prefilled per step (see `benchmarks/kv_memory.py`)."""
 
 MAX_CONSECUTIVE_CRASHES = 3
 """Engine iterations that may fail in a row (each failing the rows in flight) before the
@@ -69,13 +73,39 @@ class Engine:
         max_batch_size: int = 32,
         max_tokens_in_flight: int = 131_072,
         adaptive_speculation: bool = True,
+        kv_cache_tokens: int | None = None,
+        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+        prefix_caching: bool = True,
+        block_size: int = 16,
     ) -> None:
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.ensemble = ensemble
-        self.scheduler: Scheduler[Request] = Scheduler(max_batch_size, max_tokens_in_flight)
+        if kv_cache_tokens is None:
+            kv_cache_tokens = default_kv_cache_tokens(
+                ensemble.models, ensemble.device, max_tokens_in_flight
+            )
+        self.memory = KVMemory(
+            ensemble.models,
+            ensemble.devices,
+            ensemble.pad_id,
+            kv_cache_tokens,
+            max_batch_size,
+            block_size,
+            prefix_caching,
+        )
+        """The models' KV pools and prefix caches (`memory.pools`)."""
+        self.scheduler: Scheduler[Request] = Scheduler(
+            max_batch_size, min(max_tokens_in_flight, kv_cache_tokens)
+        )
         self.sampler = Sampler(ensemble)
         self.stats = EngineStats()
         self.outputs = OutputProcessor(self.stats)
-        self.runner = ModelRunner(ensemble, self.sampler, fail=self.outputs.fail)
+        self.runner = ModelRunner(
+            ensemble, self.sampler, self.outputs.fail, self.memory, prefill_chunk
+        )
+        self._limits = (max_tokens_in_flight, adaptive_speculation, kv_cache_tokens)
+        self._memory_args = (prefill_chunk, prefix_caching, block_size)
         self.adaptive_speculation = adaptive_speculation
         """Speculative rows grow k after full acceptance and shrink it after a rejection."""
         self.failure: str | None = None
@@ -89,9 +119,16 @@ class Engine:
         _ENGINES.add(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # a pickled engine is its models and limits: it unpickles idle, with no thread
-        limits = (self.max_batch_size, self.max_tokens_in_flight, self.adaptive_speculation)
-        return (Engine, (self.ensemble, *limits))
+        # a pickled engine is its models and limits: it unpickles idle, with no thread and
+        # an empty cache
+        tokens, adaptive, kv_tokens = self._limits
+        args = (self.ensemble, self.max_batch_size, tokens, adaptive, kv_tokens)
+        return (Engine, (*args, *self._memory_args))
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """The KV budget per model, in tokens (see `kv_memory.py`)."""
+        return self.memory.kv_cache_tokens
 
     @property
     def max_batch_size(self) -> int:
@@ -113,6 +150,8 @@ class Engine:
         """Queue requests (FIFO); they join the running batch together at the next step (a
         batch call's rows are queued under one lock, so the engine never admits half of them).
         Raises `EngineUnavailableError` at once when the engine cannot serve."""
+        for request in requests:
+            self._check_fits(request)
         with self._cond:
             self._check_usable()
             for request in requests:
@@ -123,6 +162,20 @@ class Engine:
                 for request in requests:
                     self.scheduler.remove(request)
                 raise
+
+    def _check_fits(self, request: Request) -> None:
+        """A request that could never fit in the KV budget is refused now (it would wait
+        for ever)."""
+        need, budget = request.token_footprint, self.memory.kv_cache_tokens
+        if need > budget:
+            raise EFTRequestError(
+                f"this request needs up to {need} KV cache tokens per model (its prompt plus "
+                f"max_tokens) but the decoder's KV budget is {budget} (kv_cache_tokens): "
+                "shorten the prompt, lower max_tokens or build the decoder with a larger "
+                "kv_cache_tokens",
+                param="max_tokens",
+                code="kv_cache_budget",
+            )
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between two steps (the models are never run by two
@@ -144,10 +197,10 @@ class Engine:
     @property
     def batch_size(self) -> int:
         """Rows decoding now (speculative requests included)."""
-        return len(self.runner.plain.rows) + len(self.runner.speculative.rows)
+        return len(self.runner.plain_rows) + len(self.runner.speculative_rows)
 
     def cached_tokens(self) -> int:
-        """Cache positions held by the batch, summed over models (padding included)."""
+        """Tokens the rows in flight hold in the models' caches, summed over models."""
         return self.runner.cached_tokens()
 
     def _check_usable(self) -> None:
@@ -193,7 +246,7 @@ class Engine:
         """One iteration: tasks, then schedule -> prefill -> decode (-> speculative round)."""
         with self._cond:
             tasks, self._tasks = self._tasks, []
-            schedule = self.scheduler.schedule(self.runner.plain.rows, self.runner.speculative.rows)
+            schedule = self.scheduler.schedule(self.runner.plain_rows, self.runner.speculative_rows)
             self._in_transit = [*schedule.admitted, *schedule.cancelled_waiting]
         for task in tasks:
             task.run()
@@ -220,7 +273,7 @@ class Engine:
         done = self.outputs.process(tokens, sampled.failed)
         # the next step's grammar masks are computed while the models run
         self.sampler.prefetch_masks([r for r in rows if r not in done], whole_batch=True)
-        self.runner.decode(sampled.tokens, done)
+        self.runner.decode(sampled.tokens, done, sampled.token_ids)
 
     def _first_speculative_tokens(self, rows: list[Request], logits: list[torch.Tensor]) -> None:
         """New speculative rows sample their first token from their prefill: it is pending."""
@@ -287,7 +340,7 @@ def _join_engine_threads() -> None:
     for engine in list(_ENGINES):
         with engine._cond:
             engine.scheduler.drain()
-            for request in [*engine.runner.plain.rows, *engine.runner.speculative.rows]:
+            for request in [*engine.runner.plain_rows, *engine.runner.speculative_rows]:
                 request.cancel()
     # every engine thread, also one that has marked its engine idle and is still returning
     for thread in list(_THREADS):

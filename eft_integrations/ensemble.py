@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -17,6 +17,9 @@ from transformers import PreTrainedModel
 from .composition import compose_logprobs
 from .kv_state import KVState
 from .loading import model_device
+
+if TYPE_CHECKING:
+    from .kv_memory import KVMemory
 
 __all__ = ["BehaviorPair", "Ensemble"]
 
@@ -49,7 +52,7 @@ class Ensemble:
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.device = model_device(self.models[self.base])  # where composition runs
-        self._devices = [model_device(m) for m in self.models]
+        self.devices = [model_device(m) for m in self.models]
         # transformers 5.24 renamed `past_key_values` to `cache` on some models
         self._cache_kwarg = [
             "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
@@ -116,7 +119,7 @@ class Ensemble:
     ) -> torch.Tensor:
         """One forward of model i over new tokens [B, n] already counted in `state`'s mask;
         float logits of the last `keep` positions [B, keep, V] on the composing device."""
-        device = self._devices[i]
+        device = self.devices[i]
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(device, non_blocking=True),
             "attention_mask": state.attention_mask if state.padded else None,
@@ -135,18 +138,51 @@ class Ensemble:
         positions = state.append(tokens.shape[1])
         return self.forward(i, state, tokens, positions, keep)
 
+    def start(
+        self,
+        memory: KVMemory,
+        chat_ids: Sequence[Sequence[int]],
+        base_ids: Sequence[Sequence[int]],
+        room: Sequence[int],
+    ) -> list[KVState]:
+        """New rows in every distinct model, each reading its view of the prompts (cached
+        prefixes found, nothing computed). `room[b]`: tokens row b may add afterwards."""
+        return [
+            memory.start(i, chat_ids if chat_view else base_ids, room)
+            for i, chat_view in enumerate(self.reads_chat_view)
+        ]
+
+    def prefill_chunk(
+        self, states: Sequence[KVState], budget: int | None
+    ) -> list[tuple[torch.Tensor, list[int]]]:
+        """One prefill forward per model with prompt tokens left, over at most `budget` of
+        them (None: all). Per model: next-token logits [B, V] and the rows whose prompt
+        this forward finished (only their rows of the logits mean anything)."""
+        out = []
+        for i, state in enumerate(states):
+            if not state.pending:
+                out.append((torch.empty(0), []))
+                continue
+            input_ids, positions, finishing = state.next_chunk(budget)
+            out.append((self.forward(i, state, input_ids, positions)[:, -1], finishing))
+        return out
+
     def prefill(
-        self, chat_ids: list[list[int]], base_ids: list[list[int]], room: list[int]
+        self,
+        memory: KVMemory,
+        chat_ids: Sequence[Sequence[int]],
+        base_ids: Sequence[Sequence[int]],
+        room: Sequence[int],
     ) -> tuple[list[KVState], list[torch.Tensor]]:
-        """Every distinct model reads its view of the prompts, left-padded: per model a new
-        state and next-token logits [B, V]. `room[b]`: tokens row b may add afterwards."""
-        states, logits = [], []
-        for i, chat_view in enumerate(self.reads_chat_view):
-            state, input_ids, positions = KVState.for_prompts(
-                chat_ids if chat_view else base_ids, self.pad_id, self._devices[i], room
-            )
-            logits.append(self.forward(i, state, input_ids, positions)[:, -1])
-            states.append(state)
+        """Every distinct model reads its view of the whole prompts: per model the rows'
+        state and next-token logits [B, V]."""
+        states = self.start(memory, chat_ids, base_ids, room)
+        try:
+            logits = [x for x, _ in self.prefill_chunk(states, None)]
+        except BaseException:
+            for state in states:
+                state.release()
+            raise
         return states, logits
 
     def step(self, states: list[KVState], tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -176,14 +212,17 @@ class Ensemble:
 
     def score_prompts(
         self,
+        memory: KVMemory,
         chat_ids: list[list[int]],
         base_ids: list[list[int]],
         weights: torch.Tensor,
         conservative_top_p: float | None = None,
     ) -> torch.Tensor:
-        """Composed next-token log-probs [B, V] of whole prompts (a prefill that keeps no
-        cache); `weights` [B, n_behaviors]."""
-        _, logits = self.prefill(chat_ids, base_ids, [1] * len(chat_ids))
+        """Composed next-token log-probs [B, V] of whole prompts (their cache is let go at
+        once; full blocks stay in the prefix cache); `weights` [B, n_behaviors]."""
+        states, logits = self.prefill(memory, chat_ids, base_ids, [1] * len(chat_ids))
+        for state in states:
+            state.release()
         rows = [conservative_top_p] * len(chat_ids)
         return self.compose(logits, weights.to(self.device), rows)
 

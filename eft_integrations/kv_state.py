@@ -1,167 +1,241 @@
-"""One model's side of the rows in flight: its KV cache, attention mask and next positions.
+"""One model's side of a group of rows: their block tables, lengths and next forward.
 
-Rows are left-padded: every row's real tokens end at the last cache column, so one decode
-step appends one column for all rows. Rows join (`merge`, padding the shorter side on the
-left), leave (`select`) and roll back rejected drafts (`rewind`) without recomputing anything.
+Each row owns a list of blocks in the model's `BlockPool` (see `kv_pool.py`); a row's
+memory follows its own length, and joining (`merge`), leaving (`select`), splitting off
+(`split`) and rolling back drafts (`rewind_rows`) edit block tables only: no cache is
+copied. Before each forward the state plans it (`append`, `next_chunk`): blocks are
+allocated for the new tokens, and the model's `PagedCache` learns which slots to write and
+which to read (see `paged_cache.py`). Positions equal a row's token index, clamped to the
+last position the row may use (`room`), so a batch-mate's extra drafts never push a row
+past its context window (absolute position embeddings) or a RoPE scaling threshold.
 
-The cache is transformers' `DynamicCache` with full (non-sliding) layers on purpose: a
-sliding-window layer keeps only the last window of tokens and cannot be cropped or
-left-padded, while a full layer under the model's own sliding-window mask gives the same
-attention (the mask is what limits the window). The cost is memory for long contexts on
-sliding-window models. transformers has no call to merge two caches of different lengths;
-`merge` pads the two caches' tensors on the left and concatenates them on the batch axis.
+A row knows the tokens in its cache where the host knows them (its prompt, the tokens
+recorded after each step); those tokens' full blocks are registered in the prefix cache,
+so later prompts that start the same way reuse them (`start` looks them up).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-__all__ = ["KVState"]
+from .kv_pool import BlockPool
+from .paged_cache import ForwardPlan, PagedCache
+
+__all__ = ["KVState", "PagedRow"]
+
+
+@dataclass
+class PagedRow:
+    """One row in one model: its blocks, how many tokens its cache holds, what it knows."""
+
+    blocks: list[int]
+    length: int  # tokens in the cache
+    tokens: list[int]  # known tokens from the start (longer than `length` while prefilling)
+    last_position: int  # the last position the row's own tokens can take
+    registered: int = 0  # leading blocks registered in (or found in) the prefix cache
+    cached: int = 0  # prompt tokens found in the prefix cache
+
+    @property
+    def pending(self) -> int:
+        """Prompt tokens still to prefill."""
+        return max(0, len(self.tokens) - self.length)
 
 
 @dataclass
 class KVState:
-    """KV cache + attention mask + positions of one distinct model for the rows in flight."""
+    """Rows of one model in one batch (see the module docstring)."""
 
-    cache: DynamicCache
-    attention_mask: torch.Tensor  # [B, L] 1 = real token, 0 = left padding (model device)
-    next_position: torch.Tensor  # [B] position id of the next token fed (model device)
-    last_position: torch.Tensor  # [B] the last position a row's own tokens can take
-    padded: bool = True
-    """Whether some row has left padding, known on the host (no device read): without
-    padding the models get no attention mask, so transformers has none to inspect (its SDPA
-    path reads a given mask back to the host on every forward to see if it can drop it)."""
+    pool: BlockPool
+    cache: PagedCache
+    pad_id: int
+    device: torch.device
+    rows: list[PagedRow] = field(default_factory=list)
+    attention_mask: torch.Tensor | None = None  # [B, L] of the planned forward
+    padded: bool = False
+    """Whether some row of the planned forward is shorter than the context (known on the
+    host): without padding the model gets no mask at all (transformers' SDPA path reads a
+    given mask back to the host on every forward to see whether it can drop it)."""
 
     @classmethod
-    def for_prompts(
-        cls, sequences: list[list[int]], pad_id: int, device: torch.device, room: list[int]
-    ) -> tuple[KVState, torch.Tensor, torch.Tensor]:
-        """An empty state for left-padded prompts: (state, input_ids [B, S], positions [B, S]).
-
-        `room[b]` is how many tokens row b may still add after its sequence: positions past
-        that only ever hold tokens that are thrown away (a speculative round feeds every row
-        the batch's largest number of drafts), and they are clamped to the row's last own
-        position, so a batch-mate never pushes a row past its context window (absolute
-        position embeddings) or past a RoPE scaling threshold (longrope)."""
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)  # [B, S]
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, S]
-        for row, seq in enumerate(sequences):
-            input_ids[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, length - len(seq) :] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        # positions count real tokens only, so left padding does not shift them
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-        lengths = mask.sum(-1)
-        last = lengths + torch.tensor(room, dtype=torch.long, device=device) - 1
-        padded = any(len(s) != length for s in sequences)
-        state = cls(DynamicCache(), mask, lengths, last, padded)
-        return state, input_ids, positions
+    def start(
+        cls,
+        pool: BlockPool,
+        cache: PagedCache,
+        pad_id: int,
+        device: torch.device,
+        sequences: Sequence[Sequence[int]],
+        room: Sequence[int],
+    ) -> KVState:
+        """Rows for prompts, nothing computed yet: each starts with the longest cached prefix
+        of its prompt (never the whole prompt: its last token must be read for logits)."""
+        rows = []
+        for sequence, extra in zip(sequences, room, strict=True):
+            blocks = pool.match(sequence, len(sequence) - 1)
+            length = len(blocks) * pool.block_size
+            rows.append(
+                PagedRow(
+                    blocks=blocks,
+                    length=length,
+                    tokens=list(sequence),
+                    last_position=len(sequence) + extra - 1,
+                    registered=len(blocks),
+                    cached=length,
+                )
+            )
+        return cls(pool, cache, pad_id, device, rows)
 
     @property
     def batch_size(self) -> int:
-        return self.attention_mask.shape[0]
+        return len(self.rows)
+
+    @property
+    def pending(self) -> int:
+        """Prompt tokens still to prefill, over all rows."""
+        return sum(r.pending for r in self.rows)
+
+    # ------------------------------------------------------------------ forwards
+
+    def next_chunk(self, budget: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Plan a prefill forward over the next pending prompt tokens, at most `budget` in
+        all (None: all of them), rows in order. Returns input_ids and positions [B, S]
+        (rows' new tokens end at the last column) and the rows whose prompt this finishes."""
+        left = budget if budget is not None else sum(r.pending for r in self.rows)
+        new = []
+        for row in self.rows:
+            take = min(row.pending, max(left, 0))
+            new.append(take)
+            left -= take
+        width = max(max(new), 1)
+        input_ids = torch.full((len(self.rows), width), self.pad_id, dtype=torch.long)
+        for b, (row, n) in enumerate(zip(self.rows, new, strict=True)):
+            if n:
+                chunk = row.tokens[row.length : row.length + n]
+                input_ids[b, width - n :] = torch.tensor(chunk, dtype=torch.long)
+        finishing = [
+            b for b, (r, n) in enumerate(zip(self.rows, new, strict=True)) if n and n == r.pending
+        ]
+        positions = self._plan(new, width)
+        self.register()
+        return input_ids.to(self.device, non_blocking=True), positions, finishing
 
     def append(self, n: int) -> torch.Tensor:
-        """Make room for n new tokens per row; their position ids [B, n]."""
-        ones = torch.ones_like(self.attention_mask[:, :1]).expand(-1, n)
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
-        positions = self.next_position[:, None] + torch.arange(n, device=self.next_position.device)
-        self.next_position = self.next_position + n
-        return torch.minimum(positions, self.last_position[:, None])  # see `for_prompts`
+        """Plan a forward that feeds n new tokens to every row; their position ids [B, n]."""
+        return self._plan([n] * len(self.rows), n)
+
+    def _plan(self, new: list[int], width: int) -> torch.Tensor:
+        """Allocate blocks for `new[b]` tokens per row, point the cache at the slots, and
+        return the positions [B, width] of the query columns."""
+        size = self.pool.block_size
+        old = [r.length for r in self.rows]
+        for row, n in zip(self.rows, new, strict=True):
+            row.length += n
+            need = -(-row.length // size) - len(row.blocks)
+            if need > 0:
+                row.blocks += self.pool.allocate(need)
+        lengths = [r.length for r in self.rows]
+        kv_length = max(max(lengths), width)
+        widest = max(len(r.blocks) for r in self.rows)
+        table = torch.tensor([r.blocks + [0] * (widest - len(r.blocks)) for r in self.rows])
+        host = torch.tensor([old, lengths, [r.last_position for r in self.rows]])
+        table, host = table.to(self.device), host.to(self.device)
+        old_t, length_t, last_t = host[0][:, None], host[1][:, None], host[2][:, None]
+        # context columns: row b's tokens fill the last lengths[b] columns
+        context = torch.arange(kv_length, device=self.device)[None] - (kv_length - length_t)
+        read = _slots(table, context, size)  # [B, L]
+        # query columns: row b's new tokens fill the last new[b] columns
+        query = torch.arange(width, device=self.device)[None] + (length_t - width)
+        write = torch.where(query >= old_t, _slots(table, query, size), 0)  # [B, S]
+        positions = torch.minimum(query.clamp(min=0), last_t)
+        self.padded = any(n != kv_length for n in lengths)
+        self.attention_mask = (context >= 0).long() if self.padded else None
+        self.cache.plan = ForwardPlan(
+            write_slots=write.flatten(),
+            read_slots=read.flatten(),
+            batch=len(self.rows),
+            queries=width,
+            kv_length=kv_length,
+            slots_needed=self.pool.highest_slot,
+        )
+        return positions
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def record(self, tokens: Sequence[Sequence[int]]) -> None:
+        """The host now knows the last tokens each row's cache holds (`tokens[b]`, in order):
+        rows whose earlier tokens are all known extend what they know."""
+        for row, ids in zip(self.rows, tokens, strict=True):
+            if len(row.tokens) == row.length - len(ids):
+                row.tokens.extend(ids)
+
+    def register(self) -> None:
+        """Register the rows' full blocks of known, computed tokens in the prefix cache."""
+        for row in self.rows:
+            row.registered = self.pool.register(
+                row.blocks, row.tokens[: row.length], row.registered
+            )
+
+    def rewind_rows(self, counts: Sequence[int]) -> None:
+        """Forget the last counts[b] tokens of row b (rejected speculative drafts)."""
+        size = self.pool.block_size
+        for row, n in zip(self.rows, counts, strict=True):
+            if n <= 0:
+                continue
+            row.length -= n
+            del row.tokens[row.length :]
+            keep = -(-row.length // size)
+            if keep < len(row.blocks):
+                self.pool.release(row.blocks[keep:])
+                del row.blocks[keep:]
 
     def rewind(self, n: int) -> None:
-        """Forget the last n tokens of every row (rejected speculative drafts)."""
-        if n <= 0:
-            return
-        # crop(-n) removes n tokens in transformers 4.x (max_length < 0) and 5.x alike
-        self.cache.crop(-n)
-        self.attention_mask = self.attention_mask[:, :-n]
-        self.next_position = self.next_position - n
+        """Forget the last n tokens of every row."""
+        self.rewind_rows([n] * len(self.rows))
 
-    def rewind_rows(self, counts: list[int]) -> None:
-        """Forget the last counts[b] tokens of row b (rows accept different numbers of drafts).
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the rows at `keep` (in that order); the others let go of their blocks."""
+        kept = set(keep)
+        self._release([r for b, r in enumerate(self.rows) if b not in kept])
+        self.rows = [self.rows[b] for b in keep]
 
-        The common part is cropped; a row with more to forget is shifted right by the rest,
-        so its forgotten tokens wrap round to the left edge, where the mask hides them."""
-        common = min(counts)
-        self.rewind(common)
-        extra = torch.tensor([c - common for c in counts], device=self.attention_mask.device)
-        if not any(c > common for c in counts):
-            return
-        length = self.attention_mask.shape[1]
-        columns = torch.arange(length, device=extra.device)
-        index = (columns - extra[:, None]) % length  # [B, L]: new column c reads old c - shift
-        for layer in self.cache.layers:
-            if layer.is_initialized and layer.keys.numel():
-                by_row = index[:, None, :, None]  # [B, 1, L, 1]
-                layer.keys = layer.keys.gather(2, by_row.expand_as(layer.keys))
-                layer.values = layer.values.gather(2, by_row.expand_as(layer.values))
-        self.attention_mask = self.attention_mask.gather(1, index) * (columns >= extra[:, None])
-        self.next_position = self.next_position - extra
-        self.padded = True
-        self._trim_left()
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (indices [B'] on the model device), then drop padding columns
-        that no remaining row needs."""
-        self.cache.batch_select_indices(rows)
-        self.attention_mask = self.attention_mask[rows]
-        self.next_position = self.next_position[rows]
-        self.last_position = self.last_position[rows]
-        self._trim_left()
+    def split(self, indices: Sequence[int]) -> KVState:
+        """Move the rows at `indices` into a new state (no cache is copied)."""
+        moved = set(indices)
+        out = KVState(
+            self.pool, self.cache, self.pad_id, self.device, [self.rows[b] for b in indices]
+        )
+        self.rows = [r for b, r in enumerate(self.rows) if b not in moved]
+        return out
 
     def merge(self, other: KVState) -> None:
-        """Append `other`'s rows after this state's rows (left-padding the shorter one)."""
-        length = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            if not (mine.is_initialized and theirs.is_initialized):
-                continue  # layers that share another layer's KV hold nothing of their own
-            mine.keys = torch.cat(
-                [_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)]
-            )
-            mine.values = torch.cat(
-                [_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)]
-            )
-        self.padded = (
-            self.padded
-            or other.padded
-            or self.attention_mask.shape[1] != other.attention_mask.shape[1]
-        )
-        self.attention_mask = torch.cat(
-            [_pad_left(self.attention_mask, length, 1), _pad_left(other.attention_mask, length, 1)]
-        )
-        self.next_position = torch.cat([self.next_position, other.next_position])
-        self.last_position = torch.cat([self.last_position, other.last_position])
+        """Append `other`'s rows after this state's rows (no cache is copied)."""
+        self.rows += other.rows
+        other.rows = []
 
-    def _trim_left(self) -> None:
-        """Drop leading columns that are padding in every row (rows end at the last column)."""
-        lengths = self.attention_mask.sum(-1)
-        # one host sync, only when rows leave or roll back unevenly
-        longest, shortest = torch.stack([lengths.max(), lengths.min()]).tolist()
-        drop = self.attention_mask.shape[1] - longest
-        self.padded = shortest < longest
-        if drop <= 0:
-            return
-        for layer in self.cache.layers:
-            if layer.is_initialized and layer.keys.numel():
-                layer.keys = layer.keys[:, :, drop:]
-                layer.values = layer.values[:, :, drop:]
-        self.attention_mask = self.attention_mask[:, drop:]
+    def release(self) -> None:
+        """Every row lets go of its blocks."""
+        self._release(self.rows)
+        self.rows = []
+
+    def _release(self, rows: Sequence[PagedRow]) -> None:
+        for row in rows:
+            row.registered = self.pool.register(
+                row.blocks, row.tokens[: row.length], row.registered
+            )
+            self.pool.release(row.blocks)
+            row.blocks = []
 
     def num_tokens(self) -> int:
-        """Cache columns times rows: what this state holds (for memory diagnostics)."""
-        return int(self.attention_mask.numel())
+        """Tokens the rows' caches hold (what this state keeps in memory, blocks rounded)."""
+        return sum(r.length for r in self.rows)
 
 
-def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zero-pad `t` on the left along `dim` up to `length`."""
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+def _slots(table: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Pool slots of token indices [B, n] given block tables [B, blocks]; indices below 0
+    (padding) read the padding slot 0."""
+    valid = index >= 0
+    index = index.clamp(min=0)
+    block = table.gather(1, (index // size).clamp(max=table.shape[1] - 1))
+    return torch.where(valid, block * size + index % size, 0)

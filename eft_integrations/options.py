@@ -266,6 +266,9 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens that every model read from the prefix cache instead of computing them
+    (OpenAI's `prompt_tokens_details.cached_tokens`)."""
 
     @property
     def total_tokens(self) -> int:

@@ -96,7 +96,7 @@ class OutputProcessor:
         row = request.row
         row.finish_reason = row.finish_reason or reason
         now = time.monotonic()
-        usage = Usage(row.prompt_tokens, len(row.token_ids))
+        usage = Usage(row.prompt_tokens, len(row.token_ids), request.cached_prompt_tokens)
         stats = request.stats(now)
         self.stats.finished += 1
         if request.streaming:

@@ -47,6 +47,8 @@ class Request:
     """Its own random source when it has a seed (None: the sampler's shared one)."""
     speculative: SpeculativeRow | None = None
     pending: int | None = None  # speculative rows: the last token, not yet read by the models
+    cached_prompt_tokens: int = 0
+    """Prompt tokens every model found in the prefix cache (the fewest over the models)."""
     serial: int = field(default_factory=lambda: next(_SERIALS))
     """Unique for the process's lifetime (an `id()` is reused once a request is freed)."""
     _cancelled: threading.Event = field(default_factory=threading.Event)

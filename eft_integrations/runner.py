@@ -1,13 +1,19 @@
 """The model runner: the only code that runs models, and the owner of the rows' KV state.
 
-It holds two batches of rows in flight, each aligned with every distinct model's `KVState`:
+It holds the rows in flight, each batch aligned with every distinct model's `KVState` (block
+tables over the models' pools, see `kv_memory.py`): the rows still prefilling their prompt,
 the plain rows (one token per step, with the next-token logits of every model) and the
 speculative rows (several tokens per round, see `speculative.py`). Its verbs:
 
-    admit     prefill new rows (together; one at a time if that raises) and add them
+    admit     new rows start prefilling (cached prefixes found); then one prefill chunk
+              runs, and the rows whose prompt is read in every model join their batch
     decode    drop the rows that left, feed every other row its token (one forward per model)
     round     one speculative draft-verify round for the speculative rows
-    drop      rows leave (cancelled, finished, failed); their cache rows are freed
+    drop      rows leave (cancelled, finished, failed); their blocks are let go
+
+Chunked prefill: with `prefill_chunk` set, each step prefills at most that many prompt
+tokens per model, so a long prompt is read over several steps while the running rows keep
+decoding (Sarathi-Serve's chunked prefill, as vLLM schedules it).
 
 A batched forward that raises is never the whole batch's failure: the rows are prefilled again
 from their own tokens, together and then one at a time, and only the rows that fail alone fail
@@ -25,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .ensemble import Ensemble
+from .kv_memory import KVMemory
 from .kv_state import KVState
 from .request import Request
 from .sampler import Sampler, not_finite
@@ -59,7 +66,7 @@ class _Batch:
         self.rows += rows
 
     def drop(self, gone: Collection[Request]) -> list[int]:
-        """Rows in `gone` leave (their cache rows are freed); the kept indices."""
+        """Rows in `gone` leave (their blocks are let go); the kept indices."""
         keep = [b for b, r in enumerate(self.rows) if r not in gone]
         if len(keep) == len(self.rows):
             return keep
@@ -68,17 +75,33 @@ class _Batch:
             self.clear()
             return keep
         for state in self.states:
-            state.select(torch.tensor(keep, dtype=torch.long, device=state.attention_mask.device))
+            state.select(keep)
         if self.logits:
             index = torch.tensor(keep, dtype=torch.long, device=self.logits[0].device)
             self.logits = [x.index_select(0, index) for x in self.logits]
         return keep
 
     def clear(self) -> None:
+        """Every row leaves (its blocks are let go)."""
+        for state in self.states:
+            state.release()
         self.rows, self.states, self.logits = [], [], []
 
     def cached_tokens(self) -> int:
         return sum(s.num_tokens() for s in self.states)
+
+
+@dataclass
+class _Prefilling:
+    """Rows reading their prompt chunk by chunk, and each row's next-token logits from the
+    models that have read all of it."""
+
+    batch: _Batch = field(default_factory=_Batch)
+    finished: dict[Request, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+    def done(self, models: int) -> list[int]:
+        """Indices of the rows every model has read."""
+        return [b for b, r in enumerate(self.batch.rows) if len(self.finished[r]) == models]
 
 
 class _View(NamedTuple):
@@ -118,28 +141,58 @@ class RoundOutput:
 class ModelRunner:
     """Runs the ensemble over the rows in flight (see the module docstring)."""
 
-    def __init__(self, ensemble: Ensemble, sampler: Sampler, fail: Fail) -> None:
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        sampler: Sampler,
+        fail: Fail,
+        memory: KVMemory,
+        prefill_chunk: int | None = None,
+    ) -> None:
         self.ensemble = ensemble
         self.sampler = sampler
+        self.memory = memory
+        self.prefill_chunk = prefill_chunk
+        self.prefilling = _Prefilling()
         self.plain = _Batch()
         self.speculative = _Batch()
         self._fail = fail
         self.rounds = 0
         """Speculative rounds run."""
+        self.prompt_tokens_computed = 0
+        """Prompt tokens the models computed, summed over models."""
+        self.prompt_tokens_cached = 0
+        """Prompt tokens the models read from the prefix cache, summed over models."""
+
+    @property
+    def plain_rows(self) -> list[Request]:
+        """Plain rows in flight, prefilling ones included."""
+        return [*self.plain.rows, *(r for r in self.prefilling.batch.rows if not r.speculative_k)]
+
+    @property
+    def speculative_rows(self) -> list[Request]:
+        """Speculative rows in flight, prefilling ones included."""
+        return [*self.speculative.rows, *(r for r in self.prefilling.batch.rows if r.speculative_k)]
 
     def cached_tokens(self) -> int:
-        """Cache positions held, summed over models and batches (padding included)."""
-        return self.plain.cached_tokens() + self.speculative.cached_tokens()
+        """Tokens the rows in flight hold in the models' caches, summed over models."""
+        batches = (self.prefilling.batch, self.plain, self.speculative)
+        return sum(b.cached_tokens() for b in batches)
 
     def drop(self, gone: Collection[Request]) -> None:
         """These rows leave whichever batch holds them."""
         if gone:
+            self.prefilling.batch.drop(gone)
+            for request in gone:
+                self.prefilling.finished.pop(request, None)
             self.plain.drop(gone)
             self.speculative.drop(gone)
 
     def clear(self) -> list[Request]:
         """Every row leaves; the rows that were in flight."""
-        rows = [*self.plain.rows, *self.speculative.rows]
+        rows = [*self.prefilling.batch.rows, *self.plain.rows, *self.speculative.rows]
+        self.prefilling.batch.clear()
+        self.prefilling.finished.clear()
         self.plain.clear()
         self.speculative.clear()
         return rows
@@ -147,8 +200,9 @@ class ModelRunner:
     # ------------------------------------------------------------------ admit
 
     def admit(self, requests: Iterable[Request]) -> tuple[list[Request], list[torch.Tensor]]:
-        """Prefill new rows into their batch. Returns the new speculative rows and their
-        next-token logits (their first token is sampled from them)."""
+        """New rows start prefilling; one prefill chunk runs. Rows whose prompt every model
+        has read join their batch. Returns the new speculative rows and their next-token
+        logits (their first token is sampled from them)."""
         ready = []
         for request in requests:
             try:
@@ -157,21 +211,97 @@ class ModelRunner:
                 self._fail(request, error)
                 continue
             ready.append(request)
-        plain = [r for r in ready if r.speculative_k is None]
-        speculative = [r for r in ready if r.speculative_k is not None]
+        if ready:
+            self._start(ready)
+        if not self.prefilling.batch.rows:
+            return [], []
+        try:
+            self._prefill_step()
+        except Exception as error:
+            logger.warning(
+                "a prefill chunk of %d rows failed (%r); one row at a time",
+                len(self.prefilling.batch.rows),
+                error,
+            )
+            rows = self.prefilling.batch.rows
+            self.prefilling.batch.clear()  # their blocks go back; whole prompts again
+            self.prefilling.finished.clear()
+            return self._join(*self._prefill(rows, _prompt_view))
+        return self._join(*self._take_done())
+
+    def _start(self, requests: list[Request]) -> None:
+        """Rows for new requests in every model, each from its longest cached prefix."""
+        views = [_prompt_view(r) for r in requests]
+        states = self.ensemble.start(
+            self.memory,
+            [v.chat_ids for v in views],
+            [v.base_ids for v in views],
+            [v.room for v in views],
+        )
+        self._count_prompts(requests, states)
+        for request in requests:
+            self.prefilling.finished[request] = {}
+        self.prefilling.batch.add(requests, states, [])
+
+    def _count_prompts(self, requests: list[Request], states: list[KVState]) -> None:
+        for b, request in enumerate(requests):
+            rows = [state.rows[b] for state in states]
+            request.cached_prompt_tokens = min(r.cached for r in rows)
+            self.prompt_tokens_cached += sum(r.cached for r in rows)
+            self.prompt_tokens_computed += sum(len(r.tokens) - r.cached for r in rows)
+
+    def _prefill_step(self) -> None:
+        """One chunk of every model's pending prompt tokens; record who finished where."""
+        batch = self.prefilling.batch
+        out = self.ensemble.prefill_chunk(batch.states, self.prefill_chunk)
+        for model, (logits, finishing) in enumerate(out):
+            for b in finishing:
+                self.prefilling.finished[batch.rows[b]][model] = logits[b]
+
+    def _take_done(self) -> tuple[list[Request], list[KVState], list[torch.Tensor]]:
+        """Move the rows every model has read out of the prefilling batch (no cache is
+        copied): the rows, their states and next-token logits [n, V] per model."""
+        prefilling, models = self.prefilling, len(self.ensemble.models)
+        done = prefilling.done(models)
+        if not done:
+            return [], [], []
+        rows = [prefilling.batch.rows[b] for b in done]
+        states = [state.split(done) for state in prefilling.batch.states]
+        kept = [b for b in range(len(prefilling.batch.rows)) if b not in set(done)]
+        prefilling.batch.rows = [prefilling.batch.rows[b] for b in kept]
+        finished = [prefilling.finished.pop(r) for r in rows]
+        logits = [torch.stack([f[i] for f in finished]) for i in range(models)]
+        if not prefilling.batch.rows:
+            prefilling.batch.clear()
+        return rows, states, logits
+
+    def _join(
+        self, rows: list[Request], states: list[KVState], logits: list[torch.Tensor]
+    ) -> tuple[list[Request], list[torch.Tensor]]:
+        """Prefilled rows join their batch; the speculative ones and their logits."""
+        if not rows:
+            return [], []
+        plain = [b for b, r in enumerate(rows) if r.speculative_k is None]
+        speculative = [b for b, r in enumerate(rows) if r.speculative_k is not None]
+        if plain and speculative:
+            plain_states = [state.split(plain) for state in states]
+            plain_logits = [x[plain] for x in logits]
+            logits = [x[speculative] for x in logits]
+        elif plain:
+            plain_states, plain_logits, states, logits = states, logits, [], []
         if plain:
-            self.plain.add(*self._prefill(plain, _prompt_view))
+            self.plain.add([rows[b] for b in plain], plain_states, plain_logits)
         if not speculative:
             return [], []
-        rows, states, logits = self._prefill(speculative, _prompt_view)
+        rows = [rows[b] for b in speculative]
         self.speculative.add(rows, states, [])  # speculative rows keep no logits
         return rows, logits
 
     def _prefill(
         self, rows: list[Request], view: Callable[[Request], _View]
     ) -> tuple[list[Request], list[KVState], list[torch.Tensor]]:
-        """Prefill rows together; if that raises, each row alone, so only the rows whose own
-        input fails are failed. Returns the rows kept, their states and next-token logits."""
+        """Prefill whole prompts together; if that raises, each row alone, so only the rows
+        whose own input fails are failed. Returns the rows kept, their states and logits."""
         try:
             return rows, *self._prefill_together(rows, view)
         except Exception as error:
@@ -192,14 +322,18 @@ class ModelRunner:
     ) -> tuple[list[KVState], list[torch.Tensor]]:
         views = [view(r) for r in rows]
         return self.ensemble.prefill(
-            [v.chat_ids for v in views], [v.base_ids for v in views], [v.room for v in views]
+            self.memory,
+            [v.chat_ids for v in views],
+            [v.base_ids for v in views],
+            [v.room for v in views],
         )
 
     # ------------------------------------------------------------------ decode
 
-    def decode(self, tokens: torch.Tensor, gone: Collection[Request]) -> None:
-        """The rows in `gone` leave; every other plain row reads its token (`tokens` [B],
-        aligned with the rows before they left); their next logits are kept."""
+    def decode(self, tokens: torch.Tensor, gone: Collection[Request], token_ids: list[int]) -> None:
+        """The rows in `gone` leave; every other plain row reads its token (`tokens` [B] on
+        the device, `token_ids` the same on the host, aligned with the rows before they
+        left); their next logits are kept."""
         batch = self.plain
         keep = batch.drop(gone)
         if not batch.rows:
@@ -208,6 +342,9 @@ class ModelRunner:
             tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
         try:
             batch.logits = self.ensemble.step(batch.states, tokens)
+            fed = [[token_ids[b]] for b in keep]
+            for state in batch.states:
+                state.record(fed)
         except Exception as error:
             logger.warning(
                 "a decode forward of %d rows failed (%r); rebuilding them", len(batch.rows), error
@@ -279,13 +416,18 @@ class ModelRunner:
         meta = self.sampler.metadata(batch.rows)
         speculative_round(self.ensemble, batch.states, plans, meta, self.sampler.generator)
         out = RoundOutput()
-        for request, plan in zip(batch.rows, plans, strict=True):
+        read: list[tuple[int, list[int]]] = []  # what each row's caches now hold, at the end
+        for b, (request, plan) in enumerate(zip(batch.rows, plans, strict=True)):
             if plan.failed:
                 out.failed[request] = not_finite(request, composed=True)
                 continue
             request.speculative.update(plan.k, plan.accepted)  # type: ignore[union-attr]
+            read.append((b, [plan.pending, *plan.emitted[:-1]]))
             request.pending = plan.emitted[-1]
             out.tokens[request] = plan.emitted
+        known = {b: ids for b, ids in read}
+        for state in batch.states:  # a failed row's tokens stay unknown: never registered
+            state.record([known.get(b, []) for b in range(len(batch.rows))])
         return out
 
 
