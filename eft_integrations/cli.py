@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .engine import DEFAULT_PREFILL_CHUNK
+
 
 def _generate(args: argparse.Namespace) -> None:
     from .decoder import EFTDecoder
@@ -65,6 +67,20 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
     models.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default auto; toy float32)")
     models.add_argument("--device-map", help='e.g. "auto" with accelerate')
     models.add_argument("--max-batch-size", type=int, help="most rows decoded at once")
+    models.add_argument(
+        "--kv-cache-tokens", type=int, help="KV budget per model in tokens (default: see README)"
+    )
+    models.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="prompt tokens per model prefilled per step (0: whole prompts at once)",
+    )
+    models.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse the cached KV of prompt prefixes across requests",
+    )
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
@@ -157,6 +173,9 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             dtype=args.dtype,
             device_map=args.device_map,
             max_batch_size=args.max_batch_size,
+            kv_cache_tokens=args.kv_cache_tokens,
+            prefill_chunk=args.prefill_chunk or None,
+            prefix_caching=not args.no_prefix_caching,
             served_model_name=args.served_model_name,
             api_key=args.api_key,
             max_queue=args.max_queue,

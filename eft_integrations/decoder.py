@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .constraints import TokenConstraint
-from .engine import Engine
+from .engine import DEFAULT_PREFILL_CHUNK, Engine
 from .ensemble import Ensemble
 from .loading import (
     Behavior,
@@ -65,6 +65,10 @@ class EngineArgs(TypedDict, total=False):
     max_batch_size: int
     max_tokens_in_flight: int
     adaptive_speculation: bool
+    kv_cache_tokens: int | None
+    prefill_chunk: int | None
+    prefix_caching: bool
+    kv_block_size: int
 
 
 Constraints = Sequence[TokenConstraint | None] | TokenConstraint | None
@@ -83,6 +87,14 @@ class EFTDecoder:
     cache positions at most; beyond that requests wait in a FIFO queue). With
     `adaptive_speculation`, speculative requests start at `speculative_k` drafts per round and
     adapt it per row (+2 after full acceptance, -1 after a rejection).
+
+    KV memory (see `kv_memory.py`): each model keeps its cache in blocks within a budget of
+    `kv_cache_tokens` tokens (default: `max_tokens_in_flight`, or on CUDA what 80% of the
+    free memory holds); with `prefix_caching`, prompts that start like an earlier one (a
+    chat's next turn, an agent's next call) reuse its cached prefix in every model and
+    compute only the rest (`GenerationResult.usage.cached_tokens`); prompts longer than
+    `prefill_chunk` tokens are read chunk by chunk between decode steps (None: at once).
+    Blocks hold `kv_block_size` tokens; only whole blocks are shared between prompts.
     """
 
     def __init__(
@@ -97,6 +109,10 @@ class EFTDecoder:
         max_batch_size: int = 32,
         max_tokens_in_flight: int = 131_072,
         adaptive_speculation: bool = True,
+        kv_cache_tokens: int | None = None,
+        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+        prefix_caching: bool = True,
+        kv_block_size: int = 16,
     ) -> None:
         behaviors = {name: Behavior.coerce(name, b) for name, b in (behaviors or {}).items()}
         tokenizer = check_loaded_models(base, behaviors, tokenizer)
@@ -117,7 +133,14 @@ class EFTDecoder:
         self.default_weights = merge_weights(default_weights, dict.fromkeys(behaviors, 1.0))
         self.context_window: int | None = smallest_context_window(self._models)
         self.engine = Engine(
-            self._ensemble, max_batch_size, max_tokens_in_flight, adaptive_speculation
+            self._ensemble,
+            max_batch_size,
+            max_tokens_in_flight,
+            adaptive_speculation,
+            kv_cache_tokens=kv_cache_tokens,
+            prefill_chunk=prefill_chunk,
+            prefix_caching=prefix_caching,
+            block_size=kv_block_size,
         )
         """The decode loop every call goes through; `engine.stats` has its diagnostics."""
         self._builder = RequestBuilder(
@@ -153,7 +176,8 @@ class EFTDecoder:
         the two models and the first differing token otherwise). The chat template comes from
         the first fine-tuned model whose tokenizer has one. `engine_args` are the keyword-only
         arguments of `EFTDecoder` (`eos_token_ids`, `max_batch_size`, `max_tokens_in_flight`,
-        `adaptive_speculation`).
+        `adaptive_speculation`, `kv_cache_tokens`, `prefill_chunk`, `prefix_caching`,
+        `kv_block_size`).
         """
         loaded = load_models(
             base,

@@ -102,7 +102,7 @@ class Engine:
         self.stats = EngineStats()
         self.outputs = OutputProcessor(self.stats)
         self.runner = ModelRunner(
-            ensemble, self.sampler, self.outputs.fail, self.memory, prefill_chunk
+            ensemble, self.sampler, self.outputs.fail, self.memory, self.stats, prefill_chunk
         )
         self._limits = (max_tokens_in_flight, adaptive_speculation, kv_cache_tokens)
         self._memory_args = (prefill_chunk, prefix_caching, block_size)

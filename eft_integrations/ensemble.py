@@ -131,6 +131,7 @@ class Ensemble:
             kwargs["logits_to_keep"] = keep
         self.forward_calls += 1
         logits = self.models[i](**kwargs).logits[:, -keep:, : self.vocab_size]
+        state.commit()
         return logits.to(self.device, non_blocking=True)
 
     def feed(self, i: int, state: KVState, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:

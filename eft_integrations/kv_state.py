@@ -37,6 +37,7 @@ class PagedRow:
     last_position: int  # the last position the row's own tokens can take
     registered: int = 0  # leading blocks registered in (or found in) the prefix cache
     cached: int = 0  # prompt tokens found in the prefix cache
+    computed: int = 0  # leading tokens whose keys and values a finished forward wrote
 
     @property
     def pending(self) -> int:
@@ -83,6 +84,7 @@ class KVState:
                     last_position=len(sequence) + extra - 1,
                     registered=len(blocks),
                     cached=length,
+                    computed=length,
                 )
             )
         return cls(pool, cache, pad_id, device, rows)
@@ -118,7 +120,6 @@ class KVState:
             b for b, (r, n) in enumerate(zip(self.rows, new, strict=True)) if n and n == r.pending
         ]
         positions = self._plan(new, width)
-        self.register()
         return input_ids.to(self.device, non_blocking=True), positions, finishing
 
     def append(self, n: int) -> torch.Tensor:
@@ -170,12 +171,16 @@ class KVState:
             if len(row.tokens) == row.length - len(ids):
                 row.tokens.extend(ids)
 
-    def register(self) -> None:
-        """Register the rows' full blocks of known, computed tokens in the prefix cache."""
+    def commit(self) -> None:
+        """The planned forward finished: what the rows' caches hold is computed (a forward
+        that raised leaves it uncommitted, so it is never registered), and the prompt
+        blocks it completed are registered."""
         for row in self.rows:
-            row.registered = self.pool.register(
-                row.blocks, row.tokens[: row.length], row.registered
-            )
+            row.computed = row.length
+            if row.registered * self.pool.block_size < min(len(row.tokens), row.length):
+                row.registered = self.pool.register(
+                    row.blocks, row.tokens[: row.computed], row.registered
+                )
 
     def rewind_rows(self, counts: Sequence[int]) -> None:
         """Forget the last counts[b] tokens of row b (rejected speculative drafts)."""
@@ -184,6 +189,7 @@ class KVState:
             if n <= 0:
                 continue
             row.length -= n
+            row.computed = min(row.computed, row.length)
             del row.tokens[row.length :]
             keep = -(-row.length // size)
             if keep < len(row.blocks):
@@ -222,7 +228,7 @@ class KVState:
     def _release(self, rows: Sequence[PagedRow]) -> None:
         for row in rows:
             row.registered = self.pool.register(
-                row.blocks, row.tokens[: row.length], row.registered
+                row.blocks, row.tokens[: row.computed], row.registered
             )
             self.pool.release(row.blocks)
             row.blocks = []

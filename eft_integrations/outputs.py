@@ -33,6 +33,12 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     speculative_rounds: int = 0
+    prefill_chunks: int = 0
+    """Prefill steps run (a prompt longer than `prefill_chunk` takes several)."""
+    prompt_tokens_computed: int = 0
+    """Prompt tokens the models computed, summed over models."""
+    prompt_tokens_cached: int = 0
+    """Prompt tokens the models read from the prefix cache, summed over models."""
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
 
     @property

@@ -33,6 +33,7 @@ import torch
 from .ensemble import Ensemble
 from .kv_memory import KVMemory
 from .kv_state import KVState
+from .outputs import EngineStats
 from .request import Request
 from .sampler import Sampler, not_finite
 from .speculative import DraftPlan, SpeculativeRow, speculative_round
@@ -147,6 +148,7 @@ class ModelRunner:
         sampler: Sampler,
         fail: Fail,
         memory: KVMemory,
+        stats: EngineStats,
         prefill_chunk: int | None = None,
     ) -> None:
         self.ensemble = ensemble
@@ -157,12 +159,9 @@ class ModelRunner:
         self.plain = _Batch()
         self.speculative = _Batch()
         self._fail = fail
+        self.stats = stats
         self.rounds = 0
         """Speculative rounds run."""
-        self.prompt_tokens_computed = 0
-        """Prompt tokens the models computed, summed over models."""
-        self.prompt_tokens_cached = 0
-        """Prompt tokens the models read from the prefix cache, summed over models."""
 
     @property
     def plain_rows(self) -> list[Request]:
@@ -247,12 +246,13 @@ class ModelRunner:
         for b, request in enumerate(requests):
             rows = [state.rows[b] for state in states]
             request.cached_prompt_tokens = min(r.cached for r in rows)
-            self.prompt_tokens_cached += sum(r.cached for r in rows)
-            self.prompt_tokens_computed += sum(len(r.tokens) - r.cached for r in rows)
+            self.stats.prompt_tokens_cached += sum(r.cached for r in rows)
+            self.stats.prompt_tokens_computed += sum(len(r.tokens) - r.cached for r in rows)
 
     def _prefill_step(self) -> None:
         """One chunk of every model's pending prompt tokens; record who finished where."""
         batch = self.prefilling.batch
+        self.stats.prefill_chunks += 1
         out = self.ensemble.prefill_chunk(batch.states, self.prefill_chunk)
         for model, (logits, finishing) in enumerate(out):
             for b in finishing:
