@@ -69,6 +69,7 @@ class EngineArgs(TypedDict, total=False):
     prefill_chunk: int | None
     prefix_caching: bool
     kv_block_size: int
+    compile: bool | str
 
 
 Constraints = Sequence[TokenConstraint | None] | TokenConstraint | None
@@ -95,6 +96,9 @@ class EFTDecoder:
     compute only the rest (`GenerationResult.usage.cached_tokens`); prompts longer than
     `prefill_chunk` tokens are read chunk by chunk between decode steps (None: at once).
     Blocks hold `kv_block_size` tokens; only whole blocks are shared between prompts.
+    With `compile` (True, or a torch.compile mode such as "reduce-overhead" for CUDA
+    graphs), decode forwards run with bucketed shapes through `torch.compile`; prefills stay
+    eager. Eager is the default.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class EFTDecoder:
         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
         prefix_caching: bool = True,
         kv_block_size: int = 16,
+        compile: bool | str = False,
     ) -> None:
         behaviors = {name: Behavior.coerce(name, b) for name, b in (behaviors or {}).items()}
         tokenizer = check_loaded_models(base, behaviors, tokenizer)
@@ -141,6 +146,7 @@ class EFTDecoder:
             prefill_chunk=prefill_chunk,
             prefix_caching=prefix_caching,
             block_size=kv_block_size,
+            compile=compile,
         )
         """The decode loop every call goes through; `engine.stats` has its diagnostics."""
         self._builder = RequestBuilder(
@@ -177,7 +183,7 @@ class EFTDecoder:
         the first fine-tuned model whose tokenizer has one. `engine_args` are the keyword-only
         arguments of `EFTDecoder` (`eos_token_ids`, `max_batch_size`, `max_tokens_in_flight`,
         `adaptive_speculation`, `kv_cache_tokens`, `prefill_chunk`, `prefix_caching`,
-        `kv_block_size`).
+        `kv_block_size`, `compile`).
         """
         loaded = load_models(
             base,

@@ -77,6 +77,7 @@ class Engine:
         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
         prefix_caching: bool = True,
         block_size: int = 16,
+        compile: bool | str = False,
     ) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
@@ -93,7 +94,10 @@ class Engine:
             max_batch_size,
             block_size,
             prefix_caching,
+            static=bool(compile),
         )
+        if compile:
+            ensemble.compile(compile if isinstance(compile, str) else None)
         """The models' KV pools and prefix caches (`memory.pools`)."""
         self.scheduler: Scheduler[Request] = Scheduler(
             max_batch_size, min(max_tokens_in_flight, kv_cache_tokens)
@@ -105,7 +109,7 @@ class Engine:
             ensemble, self.sampler, self.outputs.fail, self.memory, self.stats, prefill_chunk
         )
         self._limits = (max_tokens_in_flight, adaptive_speculation, kv_cache_tokens)
-        self._memory_args = (prefill_chunk, prefix_caching, block_size)
+        self._memory_args = (prefill_chunk, prefix_caching, block_size, compile)
         self.adaptive_speculation = adaptive_speculation
         """Speculative rows grow k after full acceptance and shrink it after a rejection."""
         self.failure: str | None = None

@@ -62,8 +62,20 @@ class Ensemble:
             "logits_to_keep" in inspect.signature(m.forward).parameters for m in self.models
         ]
         self._rope_thresholds = [_rope_threshold(m.config) for m in self.models]
+        self._compiled: list[Any] = []  # see `compile`
         self.forward_calls = 0
         """Model forwards run so far (all models); a model in several roles counts once."""
+
+    def compile(self, mode: str | None = None) -> None:
+        """Run the token-feeding forwards (decode, drafts, verification; their shapes are
+        bucketed, see `KVState.static`) through `torch.compile`; prefills stay eager.
+        `mode` is torch.compile's ("reduce-overhead" captures CUDA graphs)."""
+        # one compiled graph per shape bucket and model: allow more than dynamo's default 8
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 64))
+        self._compiled = [torch.compile(m, mode=mode, dynamic=False) for m in self.models]
 
     def _index_of(self, model: PreTrainedModel, finetuned: bool) -> int:
         for i, seen in enumerate(self.models):
@@ -120,6 +132,16 @@ class Ensemble:
         """One forward of model i over new tokens [B, n] already counted in `state`'s mask;
         float logits of the last `keep` positions [B, keep, V] on the composing device."""
         device = self.devices[i]
+        plan = state.cache.plan
+        assert plan is not None  # `state` planned this forward
+        rows = input_ids.shape[0]
+        if plan.batch > rows:  # a bucketed forward: padding rows read the padding block
+            input_ids = torch.cat(
+                [
+                    input_ids,
+                    input_ids.new_full((plan.batch - rows, input_ids.shape[1]), self.pad_id),
+                ]
+            )
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(device, non_blocking=True),
             "attention_mask": state.attention_mask if state.padded else None,
@@ -130,7 +152,8 @@ class Ensemble:
         if self._keeps_last_logits[i]:
             kwargs["logits_to_keep"] = keep
         self.forward_calls += 1
-        logits = self.models[i](**kwargs).logits[:, -keep:, : self.vocab_size]
+        model = self._compiled[i] if plan.bucketed and self._compiled else self.models[i]
+        logits = model(**kwargs).logits[:rows, -keep:, : self.vocab_size]
         state.commit()
         return logits.to(self.device, non_blocking=True)
 

@@ -42,6 +42,7 @@ class KVMemory:
         max_batch_size: int,
         block_size: int = 16,
         prefix_caching: bool = True,
+        static: bool = False,
     ) -> None:
         if kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
@@ -49,7 +50,10 @@ class KVMemory:
         self.block_size = block_size
         margin = 2 + -(-(MAX_ADAPTIVE_K + 1) // block_size)  # blocks per row (docstring)
         capacity = -(-kv_cache_tokens // block_size) + max_batch_size * margin + 1
-        self.pools = [BlockPool(capacity, block_size, prefix_caching) for _ in models]
+        self.pools = [BlockPool(capacity, block_size, prefix_caching, whole=static) for _ in models]
+        self.static = static
+        """Bucketed shapes for compiled models (see `KVState.static`); the pools then
+        allocate their whole capacity at once, so compiled graphs see fixed tensors."""
         self.caches = [PagedCache(pool) for pool in self.pools]
         self.devices = list(devices)
         self.pad_id = pad_id
@@ -57,7 +61,13 @@ class KVMemory:
     def start(self, model: int, sequences: Sequence[Sequence[int]], room: Sequence[int]) -> KVState:
         """New rows of `model` for these prompts (cached prefixes found, nothing computed)."""
         return KVState.start(
-            self.pools[model], self.caches[model], self.pad_id, self.devices[model], sequences, room
+            self.pools[model],
+            self.caches[model],
+            self.pad_id,
+            self.devices[model],
+            sequences,
+            room,
+            self.static,
         )
 
     def used_blocks(self) -> int:

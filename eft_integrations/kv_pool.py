@@ -46,12 +46,21 @@ class BlockPool:
     """Blocks of one model's KV cache, their owners, and the prefix cache (see the module
     docstring)."""
 
-    def __init__(self, capacity_blocks: int, block_size: int = 16, prefix_caching: bool = True):
+    def __init__(
+        self,
+        capacity_blocks: int,
+        block_size: int = 16,
+        prefix_caching: bool = True,
+        whole: bool = False,
+    ) -> None:
         if block_size < 1 or capacity_blocks < 2:
             raise ValueError("a KV pool needs block_size >= 1 and at least 2 blocks")
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
         self.prefix_caching = prefix_caching
+        self.whole = whole
+        """Allocate each layer's whole capacity on its first write (compiled models need
+        tensors that never move)."""
         self._free = list(range(capacity_blocks - 1, 0, -1))  # block 0 is the padding block
         self._refs = [0] * capacity_blocks
         self._key_of: dict[int, PrefixKey] = {}  # registered block -> its key
@@ -171,10 +180,15 @@ class BlockPool:
             return stored
         total = self.capacity_blocks * self.block_size
         have = 0 if stored is None else stored.keys.shape[0]
-        slots = min(total, max(slots_needed, 2 * have, 16 * self.block_size))
+        slots = (
+            total if self.whole else min(total, max(slots_needed, 2 * have, 16 * self.block_size))
+        )
         shape = (slots, like.shape[1], like.shape[3])
         keys = like.new_zeros(shape)
         values = like.new_zeros(shape)
+        if self.whole and keys.is_cuda:  # CUDA graphs may then update them in place
+            torch._dynamo.mark_static_address(keys)
+            torch._dynamo.mark_static_address(values)
         if stored is not None:
             keys[:have] = stored.keys
             values[:have] = stored.values

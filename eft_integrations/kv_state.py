@@ -24,7 +24,10 @@ import torch
 from .kv_pool import BlockPool
 from .paged_cache import ForwardPlan, PagedCache
 
-__all__ = ["KVState", "PagedRow"]
+__all__ = ["MIN_CONTEXT_BUCKET", "KVState", "PagedRow"]
+
+MIN_CONTEXT_BUCKET = 64
+"""The smallest context length of a bucketed forward (see `KVState.static`)."""
 
 
 @dataclass
@@ -59,6 +62,10 @@ class KVState:
     """Whether some row of the planned forward is shorter than the context (known on the
     host): without padding the model gets no mask at all (transformers' SDPA path reads a
     given mask back to the host on every forward to see whether it can drop it)."""
+    static: bool = False
+    """Token-feeding forwards (decode, drafts, verification) get bucketed shapes: rows padded
+    to a power of two, the context to a power of two (at least `MIN_CONTEXT_BUCKET`), so a
+    compiled model (torch.compile, CUDA graphs) sees few distinct shapes."""
 
     @classmethod
     def start(
@@ -69,6 +76,7 @@ class KVState:
         device: torch.device,
         sequences: Sequence[Sequence[int]],
         room: Sequence[int],
+        static: bool = False,
     ) -> KVState:
         """Rows for prompts, nothing computed yet: each starts with the longest cached prefix
         of its prompt (never the whole prompt: its last token must be read for logits)."""
@@ -87,7 +95,7 @@ class KVState:
                     computed=length,
                 )
             )
-        return cls(pool, cache, pad_id, device, rows)
+        return cls(pool, cache, pad_id, device, rows, static=static)
 
     @property
     def batch_size(self) -> int:
@@ -124,11 +132,12 @@ class KVState:
 
     def append(self, n: int) -> torch.Tensor:
         """Plan a forward that feeds n new tokens to every row; their position ids [B, n]."""
-        return self._plan([n] * len(self.rows), n)
+        return self._plan([n] * len(self.rows), n, bucket=self.static)
 
-    def _plan(self, new: list[int], width: int) -> torch.Tensor:
+    def _plan(self, new: list[int], width: int, bucket: bool = False) -> torch.Tensor:
         """Allocate blocks for `new[b]` tokens per row, point the cache at the slots, and
-        return the positions [B, width] of the query columns."""
+        return the positions [B, width] of the query columns ([B', width] with `bucket`:
+        rows past the real ones are one-token rows over the padding block)."""
         size = self.pool.block_size
         old = [r.length for r in self.rows]
         for row, n in zip(self.rows, new, strict=True):
@@ -138,9 +147,16 @@ class KVState:
                 row.blocks += self.pool.allocate(need)
         lengths = [r.length for r in self.rows]
         kv_length = max(max(lengths), width)
-        widest = max(len(r.blocks) for r in self.rows)
-        table = torch.tensor([r.blocks + [0] * (widest - len(r.blocks)) for r in self.rows])
-        host = torch.tensor([old, lengths, [r.last_position for r in self.rows]])
+        tables = [r.blocks for r in self.rows]
+        last = [r.last_position for r in self.rows]
+        if bucket:
+            kv_length = _power_of_two(max(kv_length, MIN_CONTEXT_BUCKET))
+            extra = _power_of_two(len(self.rows)) - len(self.rows)
+            old, lengths = old + [0] * extra, lengths + [1] * extra
+            tables, last = tables + [[0]] * extra, last + [0] * extra
+        widest = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (widest - len(t)) for t in tables])
+        host = torch.tensor([old, lengths, last])
         table, host = table.to(self.device), host.to(self.device)
         old_t, length_t, last_t = host[0][:, None], host[1][:, None], host[2][:, None]
         # context columns: row b's tokens fill the last lengths[b] columns
@@ -150,15 +166,16 @@ class KVState:
         query = torch.arange(width, device=self.device)[None] + (length_t - width)
         write = torch.where(query >= old_t, _slots(table, query, size), 0)  # [B, S]
         positions = torch.minimum(query.clamp(min=0), last_t)
-        self.padded = any(n != kv_length for n in lengths)
+        self.padded = bucket or any(n != kv_length for n in lengths)
         self.attention_mask = (context >= 0).long() if self.padded else None
         self.cache.plan = ForwardPlan(
             write_slots=write.flatten(),
             read_slots=read.flatten(),
-            batch=len(self.rows),
+            batch=len(lengths),
             queries=width,
             kv_length=kv_length,
             slots_needed=self.pool.highest_slot,
+            bucketed=bucket,
         )
         return positions
 
@@ -210,7 +227,12 @@ class KVState:
         """Move the rows at `indices` into a new state (no cache is copied)."""
         moved = set(indices)
         out = KVState(
-            self.pool, self.cache, self.pad_id, self.device, [self.rows[b] for b in indices]
+            self.pool,
+            self.cache,
+            self.pad_id,
+            self.device,
+            [self.rows[b] for b in indices],
+            static=self.static,
         )
         self.rows = [r for b, r in enumerate(self.rows) if b not in moved]
         return out
@@ -236,6 +258,10 @@ class KVState:
     def num_tokens(self) -> int:
         """Tokens the rows' caches hold (what this state keeps in memory, blocks rounded)."""
         return sum(r.length for r in self.rows)
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _slots(table: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:

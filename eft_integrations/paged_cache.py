@@ -42,6 +42,7 @@ class ForwardPlan:
     queries: int  # S
     kv_length: int  # L
     slots_needed: int  # the pool's storage must reach this slot
+    bucketed: bool = False  # shapes from a few buckets (a compiled model may run it)
 
 
 class PagedCache(Cache):

@@ -446,7 +446,9 @@ def test_stream_chunks_reassemble_to_the_chat_result():
     deltas = list(core.stream_chat(decoder, USER, **options))
     assert all(d.finish_reason is None for d in deltas[:-1])
     assert deltas[-1].finish_reason == result.finish_reason == "tool_calls"
-    assert deltas[-1].usage == result.usage
+    # the stream reads the first call's prompt from the prefix cache: the same counts
+    assert deltas[-1].usage.prompt_tokens == result.usage.prompt_tokens
+    assert deltas[-1].usage.completion_tokens == result.usage.completion_tokens
     content, calls = _reassemble(deltas)
     assert content == result.content
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..engine import DEFAULT_PREFILL_CHUNK
 from .app import build_app
 from .defaults import (
     DEFAULT_BODY_TIMEOUT,
@@ -78,6 +79,12 @@ class ServeConfig(BaseModel):
     """Passed to transformers, e.g. "auto" (with accelerate)."""
     max_batch_size: int | None = Field(default=None, ge=1)
     """Most rows the engine decodes at once (the decoder's default otherwise)."""
+    kv_cache_tokens: int | None = Field(default=None, ge=1)
+    """KV budget per model in tokens (the decoder's default otherwise)."""
+    prefill_chunk: int | None = Field(default=DEFAULT_PREFILL_CHUNK, ge=1)
+    """Prompt tokens per model prefilled per step (None: whole prompts at once)."""
+    prefix_caching: bool = True
+    """Reuse the cached KV of prompt prefixes across requests."""
 
     served_model_name: str = "eft"
     """The name clients put in `model`."""
@@ -147,7 +154,11 @@ class ServeConfig(BaseModel):
         if self.toy:
             from ..toyworld.paths import load_decoder
 
-            kwargs: dict[str, Any] = {"dtype": dtype, "device_map": self.device_map}
+            kwargs: dict[str, Any] = {
+                "dtype": dtype,
+                "device_map": self.device_map,
+                **self.engine_kwargs(),
+            }
             if self.weights:
                 kwargs["default_weights"] = self.weights
             decoder = load_decoder(**kwargs)
@@ -163,10 +174,20 @@ class ServeConfig(BaseModel):
                 default_weights=self.weights or None,
                 dtype=dtype,
                 device_map=self.device_map,
+                **self.engine_kwargs(),
             )
-        if self.max_batch_size is not None:
-            decoder.engine.max_batch_size = self.max_batch_size
         return decoder
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The engine's keyword arguments of the decoder (batch size, KV memory)."""
+        kwargs: dict[str, Any] = {
+            "kv_cache_tokens": self.kv_cache_tokens,
+            "prefill_chunk": self.prefill_chunk,
+            "prefix_caching": self.prefix_caching,
+        }
+        if self.max_batch_size is not None:
+            kwargs["max_batch_size"] = self.max_batch_size
+        return kwargs
 
     def app_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `build_app` (all but the decoder)."""
