@@ -204,6 +204,19 @@ def test_chat_equals_the_core(client, chat_dec):
     assert reply.eft_weights == {"chat": 1.0, "safe": 1.0}
 
 
+def test_a_next_turn_reports_its_cached_prompt_tokens(client):
+    first = [{"role": "user", "content": "Tell me about the river of Veloria, in detail."}]
+    reply = client.chat.completions.create(model=MODEL, messages=first, max_tokens=8)
+    turn = [
+        *first,
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "And the capital?"},
+    ]
+    again = client.chat.completions.create(model=MODEL, messages=turn, max_tokens=8)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens
+
+
 def test_streamed_chat_with_usage(client, chat_dec):
     chunks = list(
         client.chat.completions.create(

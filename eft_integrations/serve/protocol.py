@@ -344,18 +344,30 @@ class CompletionRequest(SamplingFields):
 # ------------------------------------------------------------------------------ responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens read from the prefix cache (in every model)."""
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @classmethod
     def of(cls, *usages: Usage | None) -> UsageInfo:
         """The sum of the usages given."""
-        prompt = sum(u.prompt_tokens for u in usages if u is not None)
-        completion = sum(u.completion_tokens for u in usages if u is not None)
+        given = [u for u in usages if u is not None]
+        prompt = sum(u.prompt_tokens for u in given)
+        completion = sum(u.completion_tokens for u in given)
         return cls(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(u.cached_tokens for u in given)
+            ),
         )
 
 
