@@ -7,6 +7,8 @@ random weights, 32k vocabulary, bfloat16 on one CUDA device. Measured side by si
 - concurrent callers (1, 8, 32 threads) against the same calls made one after another;
 - time to first token of a request arriving while 7 others decode, against alone;
 - speculative EFT (k = 4, adaptive) against plain EFT, greedy, same tokens checked;
+- eager vs torch.compile vs CUDA graphs (`compile="reduce-overhead"`) decode, EFT and the
+  base alone, batch 1 and 8;
 - engine overhead where model compute is negligible (`overhead.py`'s tiny models on the
   device): the EFT step against the three models' bare cached forwards at batch 1 and 16,
   and the host reads (synchronisations) per step.
@@ -104,6 +106,55 @@ def callers(decoder: EFTDecoder, n: int, tokens: int, concurrent: bool) -> float
     return time.perf_counter() - start
 
 
+def compiled_rows(decoder: EFTDecoder, tokens: int, repeats: int) -> list[str]:
+    """Eager vs torch.compile vs CUDA graphs ("reduce-overhead"), tokens per second of EFT
+    (three models) and of the base alone, batch 1 and 8, on the same loaded models."""
+    base = decoder._models[decoder._ensemble.base]
+    pair = (
+        decoder._models[decoder._ensemble.pairs[0].finetuned],
+        decoder._models[decoder._ensemble.pairs[0].reference],
+    )
+    rows = [
+        "| decode step | batch | EFT tok/s | base alone tok/s | EFT vs eager |",
+        "|---|---|---|---|---|",
+    ]
+    eager_rate: dict[int, float] = {}
+    for mode in (False, True, "reduce-overhead"):
+        made = {
+            "eft": EFTDecoder(
+                base, {"chat": pair}, decoder.tokenizer, eos_token_ids=[], compile=mode
+            ),
+            "base": EFTDecoder(base, {}, decoder.tokenizer, eos_token_ids=[], compile=mode),
+        }
+        for batch in (1, 8):
+            prompts = [random_prompt(32, seed=i) for i in range(batch)]
+            rates = {}
+            for name, dec in made.items():
+                for _ in range(3):  # compiles every model's graph for the buckets met
+                    dec.generate(prompts, temperature=0, max_new_tokens=tokens)
+                sync()
+                seconds = median(
+                    [
+                        time_it(
+                            lambda d=dec, p=prompts: (
+                                d.generate(p, temperature=0, max_new_tokens=tokens),
+                                sync(),
+                            )
+                        )
+                        for _ in range(repeats)
+                    ]
+                )
+                rates[name] = batch * tokens / seconds
+            if mode is False:
+                eager_rate[batch] = rates["eft"]
+            label = {False: "eager", True: "torch.compile", "reduce-overhead": "CUDA graphs"}[mode]
+            rows.append(
+                f"| {label} | {batch} | {rates['eft']:.0f} | {rates['base']:.0f} | "
+                f"{rates['eft'] / eager_rate[batch]:.2f}x |"
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -176,6 +227,7 @@ def main() -> None:
             f"{plain_s / seconds:.2f}x | {out.stats.acceptance_rate or 0:.2f} | "
             f"{out.token_ids == plain.token_ids} |"
         )
+    compiled = compiled_rows(decoder, n, args.repeats)
     tiny = tiny_family(device_map=args.device)
     tiny_args = argparse.Namespace(tokens=48, prompt_tokens=16, repeats=args.repeats)
     overhead_table, _ = overhead_rows(tiny, tiny_args)
@@ -201,6 +253,10 @@ def main() -> None:
             "`benchmarks/overhead.py`'s method on this device):",
             "",
             *overhead_table,
+            "",
+            "Eager vs compiled decode step (`EFTDecoder(compile=...)`, bucketed shapes):",
+            "",
+            *compiled,
             "",
         ],
     )

@@ -176,7 +176,8 @@ class BlockPool:
         """The pool tensors of `layer` ([slots, kv_heads, head_dim], shaped like `like`
         [B, kv_heads, n, head_dim]), grown to hold `slots_needed` slots."""
         stored = self._layers.get(layer)
-        if stored is not None and stored.keys.shape[0] >= slots_needed:
+        # whole pools never grow (and a compiled graph must not guard on `slots_needed`)
+        if stored is not None and (self.whole or stored.keys.shape[0] >= slots_needed):
             return stored
         total = self.capacity_blocks * self.block_size
         have = 0 if stored is None else stored.keys.shape[0]
