@@ -223,6 +223,12 @@ class KVState:
         self._release([r for b, r in enumerate(self.rows) if b not in kept])
         self.rows = [self.rows[b] for b in keep]
 
+    def subset(self, indices: Sequence[int]) -> KVState:
+        """A state over the rows at `indices` that shares them with this one (a forward
+        planned on it advances them here too)."""
+        rows = [self.rows[b] for b in indices]
+        return KVState(self.pool, self.cache, self.pad_id, self.device, rows, static=self.static)
+
     def split(self, indices: Sequence[int]) -> KVState:
         """Move the rows at `indices` into a new state (no cache is copied)."""
         moved = set(indices)

@@ -562,6 +562,8 @@ def _usage(usage: Any) -> UsageMetadata:
         input_tokens=usage.prompt_tokens,
         output_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
+        # prompt tokens read from the prefix cache, where LangChain's providers report them
+        input_token_details={"cache_read": usage.cached_tokens},
     )
 
 

@@ -253,10 +253,17 @@ class ModelRunner:
         """One chunk of every model's pending prompt tokens; record who finished where."""
         batch = self.prefilling.batch
         self.stats.prefill_chunks += 1
-        out = self.ensemble.prefill_chunk(batch.states, self.prefill_chunk)
-        for model, (logits, finishing) in enumerate(out):
-            for b in finishing:
-                self.prefilling.finished[batch.rows[b]][model] = logits[b]
+        # a solo row (see `Ensemble.needs_own_forwards`) is prefilled in forwards of its own
+        solo = [b for b, r in enumerate(batch.rows) if r.solo]
+        groups = [[b] for b in solo] + [[b for b, r in enumerate(batch.rows) if not r.solo]]
+        for group in groups if solo else [list(range(len(batch.rows)))]:
+            if not group:
+                continue
+            states = [state.subset(group) for state in batch.states]
+            out = self.ensemble.prefill_chunk(states, self.prefill_chunk)
+            for model, (logits, finishing) in enumerate(out):
+                for b in finishing:
+                    self.prefilling.finished[batch.rows[group[b]]][model] = logits[b]
 
     def _take_done(self) -> tuple[list[Request], list[KVState], list[torch.Tensor]]:
         """Move the rows every model has read out of the prefilling batch (no cache is

@@ -535,6 +535,37 @@ def test_a_short_row_never_shares_a_forward_with_a_row_past_the_longrope_thresho
     assert_clean(decoder)
 
 
+def test_a_speculative_row_past_the_longrope_threshold_prefills_apart_from_plain_rows(
+    longrope_decoder,
+):
+    """Plain and speculative rows decode in batches of their own but prefill together: a
+    solo row's prompt is read in forwards of its own."""
+    decoder = longrope_decoder
+    short = dict(temperature=0, max_new_tokens=8)
+    long = dict(temperature=0, max_new_tokens=8, speculative_k=2)
+    long_prompt = decoder.encode("The capital of Veloria is Markan. The river runs north. " * 2)
+    assert len(long_prompt) > 32
+    solo = [
+        decoder.generate(PROMPTS[0], **short).token_ids,
+        decoder.generate(long_prompt, **long).token_ids,
+    ]
+    shared_past_threshold = []
+
+    def record(module, args, kwargs):
+        positions = kwargs["position_ids"]
+        if positions.shape[0] > 1 and int(positions.max()) + 1 > 32:
+            shared_past_threshold.append(tuple(positions.shape))
+
+    with hooked(decoder._models[decoder._ensemble.base], record, pre=True):
+        started = together(
+            decoder,
+            [(decoder.generate, (PROMPTS[0],), short), (decoder.generate, (long_prompt,), long)],
+        )
+        assert [c.result().token_ids for c in started] == solo
+    assert shared_past_threshold == []
+    assert_clean(decoder)
+
+
 def test_a_model_in_two_roles_refuses_a_second_prompt_view(tiny_paths):
     # chat's fine-tuned model is safe's reference: it would read one view for both roles
     decoder = EFTDecoder.from_pretrained(

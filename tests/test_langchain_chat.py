@@ -65,6 +65,14 @@ def test_lcel_chain_with_per_call_weights():
     assert bound.invoke({"question": "Hi"}) == texts[3.0]
 
 
+def test_a_next_turn_reports_prompt_tokens_read_from_the_cache():
+    history = [("user", "The capital of Veloria? Tell me about the river, too.")]
+    first = _chat().invoke(history)
+    history += [("assistant", first.content), ("user", "And the numbers?")]
+    second = _chat().invoke(history).usage_metadata
+    assert 0 < second["input_token_details"]["cache_read"] < second["input_tokens"]
+
+
 def test_invoke_reports_weights_usage_and_finish_reason():
     message = _chat(weights={"safe": 0.25}).invoke(HELLO, weights={"chat": 2.0})
     assert message.response_metadata["weights"] == {"chat": 2.0, "safe": 0.25}
