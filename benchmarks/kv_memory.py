@@ -98,7 +98,8 @@ def multi_turn(models, doc_tokens: int, repeats: int) -> list[str]:
             for question in questions:
                 messages.append({"role": "user", "content": question})
                 before = decoder.engine.stats.prompt_tokens_computed
-                out = decoder.generate(messages, temperature=0, max_new_tokens=12)
+                prompt = decoder.format_chat(messages)
+                out = decoder.generate(prompt, temperature=0, max_new_tokens=12)
                 times.append(out.stats.time_to_first_token)
                 tokens.append((decoder.engine.stats.prompt_tokens_computed - before) // 3)
                 messages.append({"role": "assistant", "content": out.text})
@@ -106,10 +107,10 @@ def multi_turn(models, doc_tokens: int, repeats: int) -> list[str]:
             computed[caching] = tokens
     med = {c: [statistics.median(r[t] for r in ttft[c]) for t in range(5)] for c in ttft}
     later = {c: statistics.mean(med[c][1:]) for c in med}
-    prompt = len(tokenizer.apply_chat_template(messages[:-1], tokenize=True))
+    prompt_tokens = len(decoder.encode(prompt))
     lines = [
         f"Multi-turn over a {doc_tokens}-token document (SmolLM2-135M x3, EFT), 5 turns of "
-        f"12 tokens, last prompt {prompt} tokens; median of {repeats}:",
+        f"12 tokens, last prompt {prompt_tokens} tokens; median of {repeats}:",
         "",
         "| turn | TTFT, cache (s) | TTFT, no cache (s) | ratio "
         "| prompt tokens computed per model, cache / no cache |",
@@ -272,11 +273,11 @@ def kv_bytes(models, lengths: list[int]) -> list[str]:
     model, tokenizer = models
     from eft_integrations.kv_memory import kv_bytes_per_token
 
-    decoder = composition(model, tokenizer)
+    decoder = composition(model, tokenizer, prefix_caching=False)  # layout only, no sharing
     prompts = [tokenizer(document(tokenizer, n)).input_ids[:n] for n in lengths]
     held: list[int] = []
     calls = [
-        threading.Thread(target=decoder.generate, args=(p,), kwargs={"max_new_tokens": 24})
+        threading.Thread(target=decoder.generate, args=(p,), kwargs={"max_new_tokens": 200})
         for p in prompts
     ]
     for t in calls:
