@@ -580,3 +580,19 @@ async def test_a_cancellation_storm_leaves_the_engine_clean(app, server, endless
     assert await asyncio.to_thread(_engine_clean, endless)
     admission = app.state.eft.admission
     assert await asyncio.to_thread(_wait_for, lambda: admission.requests == 0)
+
+
+def test_a_request_past_the_kv_budget_is_a_400_beside_live_ones():
+    decoder = EFTDecoder.from_pretrained(**from_pretrained_args(), kv_cache_tokens=200)
+    with BackgroundServer(build_app(decoder, served_model_name=MODEL)) as running:
+        url = f"{running.url}/v1/chat/completions"
+        live = [Stream(url, {**_chat(max_tokens=20), "stream": True}) for _ in range(2)]
+        refused = httpx.post(url, json=_chat(max_tokens=400), timeout=WAIT)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["code"] == "kv_cache_budget" and "kv_cache_tokens" in error["message"]
+        for stream in live:
+            stream.join()
+            assert stream.status == 200 and stream.events[-1] == "[DONE]"
+        assert httpx.post(url, json=_chat(), timeout=WAIT).status_code == 200
+    assert _engine_clean(decoder)
