@@ -8,7 +8,9 @@ realistic-shape random families.
 
 1. Multi-turn over a long document: a ~1,500-token document, then 4 follow-up questions,
    each turn carrying the conversation so far. Time to first token of turns 2-5 with the
-   prefix cache vs without it (target <= 0.3x), and prompt tokens computed per turn.
+   prefix cache vs without it (target <= 0.3x), and prompt tokens computed per turn. Then a
+   LangChain `create_agent` loop with 3 tools on Qwen2.5-Coder-0.5B-Instruct: prompt tokens
+   computed and wall time with and without the cache.
 2. Chunked prefill: 7 rows stream while a ~4,000-token prompt arrives. The largest gap
    between two tokens of the running rows, over their normal step (target <= 2x), per
    chunk size, whole-prompt prefill (the old stall) included, and the long prompt's TTFT.
@@ -125,6 +127,70 @@ def multi_turn(models, doc_tokens: int, repeats: int) -> list[str]:
     verdict = "met" if ratio <= 0.3 else "missed"
     lines += ["", f"Turns 2-5: **{ratio:.2f}x** the uncached TTFT (target <= 0.3x: {verdict})."]
     return lines
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+def population(city: str) -> int:
+    """The population of a city."""
+    return {"markan": 120_000, "zedrai": 45_000}.get(city.lower(), 10_000)
+
+
+def agent_loop(repeats: int) -> list[str]:
+    """LangChain `create_agent` with three tools on Qwen2.5-Coder-0.5B-Instruct: prompt
+    tokens computed and wall time, prefix cache on and off (the same loaded model)."""
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    from eft_integrations.langchain import ChatEFT
+    from tests.qwen_models import qwen_decoder
+
+    loaded = qwen_decoder()
+    model = loaded._models[0]
+    question = "What is 3 plus 4? Then multiply the result by 5."
+    figures: dict[bool, list[tuple[float, int, int, int]]] = {True: [], False: []}
+    for _ in range(repeats):
+        for caching in (True, False):
+            decoder = EFTDecoder(model, {}, loaded.tokenizer, prefix_caching=caching)
+            chat = ChatEFT(decoder=decoder, temperature=0.0, max_tokens=96)
+            agent = create_agent(chat, [tool(add), tool(multiply), tool(population)])
+            stats = decoder.engine.stats
+            start = time.perf_counter()
+            out = agent.invoke({"messages": [{"role": "user", "content": question}]})
+            calls = sum(1 for m in out["messages"] if m.type == "ai")
+            figures[caching].append(
+                (
+                    time.perf_counter() - start,
+                    stats.prompt_tokens_computed,
+                    stats.prompt_tokens_cached,
+                    calls,
+                )
+            )
+    rows = []
+    for caching in (True, False):
+        wall = statistics.median(f[0] for f in figures[caching])
+        computed, cached, calls = figures[caching][-1][1:]
+        rows.append((caching, wall, computed, cached, calls))
+    on, off = rows
+    return [
+        f"Agent loop: LangChain `create_agent`, 3 tools, Qwen2.5-Coder-0.5B-Instruct alone, "
+        f'"{question}"; median of {repeats}:',
+        "",
+        "| prefix cache | wall (s) | prompt tokens computed | read from cache | model calls |",
+        "|---|---|---|---|---|",
+        *(f"| {'on' if c else 'off'} | {w:.2f} | {p} | {h} | {n} |" for c, w, p, h, n in rows),
+        "",
+        f"Prompt tokens computed: **{on[2] / max(off[2], 1):.2f}x**; wall time "
+        f"**{on[1] / off[1]:.2f}x**.",
+    ]
 
 
 # ---------------------------------------------------------------------------- 2. chunked prefill
@@ -361,6 +427,7 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=1500)
     parser.add_argument("--long-tokens", type=int, default=4000)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--skip-agent", action="store_true", help="no Qwen agent loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = smollm2()
@@ -368,6 +435,8 @@ def main() -> None:
         "Command: `python benchmarks/kv_memory.py`. " + machine(args.threads),
         "",
         *multi_turn(models, args.doc_tokens, args.repeats),
+        "",
+        *(agent_loop(args.repeats) if not args.skip_agent else []),
         "",
         *chunked_prefill(models, args.long_tokens, [None, 512, 128, 32]),
         "",
