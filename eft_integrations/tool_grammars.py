@@ -61,9 +61,6 @@ _GAP = r"[ \t\r\n]*"
 
 # ------------------------------------------------------------------------------ schemas
 
-_ANY_OBJECT = {"type": "object", "additionalProperties": True}
-"""json_object without a schema: any keys (bounding would otherwise close it to `{}`)."""
-
 _NOT_SUBSCHEMAS = {"enum", "const", "default", "examples", "required", "description", "title"}
 
 
@@ -287,7 +284,7 @@ def tool_call_or_json_grammar(
     """Either tool calls (as `tool_call_grammar(forced=True)`) or one JSON value of `schema`
     (None: any JSON object): a turn with tools and a response format, which ends the tool
     loop with the structured answer."""
-    answer = bounded_schema(schema or _ANY_OBJECT, max_string_length)
+    answer = bounded_schema(schema or {"type": "object"}, max_string_length)
     lines = [
         "start: open calls | answer",
         f"answer: {_json_rule(answer)}",
@@ -301,5 +298,5 @@ def json_grammar(
     max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
 ) -> str:
     """Lark grammar for one JSON value of `schema` (None: any JSON object)."""
-    schema = bounded_schema(schema or _ANY_OBJECT, max_string_length)
+    schema = bounded_schema(schema or {"type": "object"}, max_string_length)
     return f"start: {_json_rule(schema)}\n"
