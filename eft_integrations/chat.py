@@ -66,7 +66,6 @@ from .tool_calls import (
     tool_call_grammar,
     tool_call_or_json_grammar,
 )
-from .tool_formats import MISTRAL_CALLS, PYTHON_TAG, ToolFormat, arming_pattern, tool_format
 
 __all__ = [
     "FALLBACK_TOOL_PROMPT",
@@ -164,8 +163,7 @@ class ChatRequest:
     grammar: str | None
     eos_token_ids: list[int]
     arm_after: str | None = None
-    """Closing mode waits for text that this regex matches (a call opening: free text
-    before a tool call is not cut short)."""
+    """Closing mode waits for this text (free text before a tool call is not cut short)."""
     bare_calls: bool = False
     """Calls written as bare JSON (no tags) are read too: in auto mode, and for forced calls
     whose tags a tokenizer decodes to nothing (markup that is a special token)."""
@@ -190,7 +188,7 @@ class ChatRequest:
             eos_token_ids=self.eos_token_ids,
             vocab_size=decoder.vocab_size,
             budget=budget,
-            arm_pattern=self.arm_after,
+            arm_after=self.arm_after,
         )
         if budget is not None:
             limit = max(budget, _PLANNING_LIMIT)
@@ -389,11 +387,8 @@ def prepare_chat(
         grammar = tool_call_or_json_grammar(tools, schema, parallel=parallel_tool_calls, **options)
         kind = "a tool call or the structured output"
     elif use_tools:
-        fmt = _tool_format(decoder)
-        grammar = tool_call_grammar(
-            tools, forced=False, parallel=parallel_tool_calls, tool_format=fmt, **options
-        )
-        arm_after, kind = arming_pattern(fmt), "a tool call"
+        grammar = tool_call_grammar(tools, forced=False, parallel=parallel_tool_calls, **options)
+        arm_after, kind = TOOL_CALL_OPEN, "a tool call"
     elif response_format is not None:
         grammar, kind = json_grammar(schema, max_string_length), "the structured output"
     return ChatRequest(
@@ -473,18 +468,12 @@ def _markup_tokens(decoder: Any) -> dict[str, Any]:
     added = getattr(tokenizer, "get_added_vocab", dict)()
     tokens = {
         tag: added[tag]
-        for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, PYTHON_TAG, MISTRAL_CALLS)
+        for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
         if added.get(tag, decoder.vocab_size) < decoder.vocab_size
     }
     decoders = getattr(tokenizer, "added_tokens_decoder", {})
     special = any(getattr(decoders.get(i), "special", False) for i in tokens.values())
     return {"markup_tokens": tokens, "spelled_markup": not special}
-
-
-def _tool_format(decoder: Any) -> ToolFormat:
-    """The call syntaxes of the decoder's chat template (its own, else the tokenizer's)."""
-    template = getattr(decoder, "_chat_template", None)
-    return tool_format(decoder.tokenizer, template)
 
 
 def _text(content: Any) -> str:
