@@ -70,8 +70,6 @@ class BlockPool:
         self._serials = 0
         self._layers: dict[int, _Layer] = {}
         self._top = 0  # the highest block handed out so far (free blocks are reused first)
-        self.hits = 0
-        """Prompt tokens read from the prefix cache so far."""
 
     # ------------------------------------------------------------------ accounting
 
@@ -146,7 +144,6 @@ class BlockPool:
         for block in blocks:
             self._refs[block] += 1
             self._evictable.pop(block, None)
-        self.hits += len(blocks) * size
         return blocks
 
     def register(self, blocks: Sequence[int], tokens: Sequence[int], done: int) -> int:

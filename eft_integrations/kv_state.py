@@ -213,10 +213,6 @@ class KVState:
                 self.pool.release(row.blocks[keep:])
                 del row.blocks[keep:]
 
-    def rewind(self, n: int) -> None:
-        """Forget the last n tokens of every row."""
-        self.rewind_rows([n] * len(self.rows))
-
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the rows at `keep` (in that order); the others let go of their blocks."""
         kept = set(keep)

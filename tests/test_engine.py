@@ -385,14 +385,21 @@ def sliding_paths(tiny_paths, tmp_path_factory):
     return {**tiny_paths, "sliding": path}
 
 
-def test_sliding_window_base_plain_batched_and_speculative_match_the_reference(sliding_paths):
-    p = sliding_paths
-    decoder = EFTDecoder.from_pretrained(
-        base=p["sliding"],
-        behaviors={"chat": (p["chat"], p["ref"])},
+def sliding_decoder(paths, **options) -> EFTDecoder:
+    """The sliding-window base + chat(chat - ref), no end-of-turn token; `options` go to
+    `EFTDecoder.from_pretrained`."""
+    return EFTDecoder.from_pretrained(
+        base=paths["sliding"],
+        behaviors={"chat": (paths["chat"], paths["ref"])},
         dtype=torch.float32,
         eos_token_ids=[],
+        **options,
     )
+
+
+def test_sliding_window_base_plain_batched_and_speculative_match_the_reference(sliding_paths):
+    p = sliding_paths
+    decoder = sliding_decoder(p)
     assert AutoModelForCausalLM.from_pretrained(p["sliding"]).config.sliding_window == 8
     reference = BruteForceEFT(p["sliding"], {"chat": (p["chat"], p["ref"])}, decoder.vocab_size)
     expected = [reference.greedy(decoder.encode(q), {}, 20) for q in PROMPTS[:2]]

@@ -501,6 +501,23 @@ def longrope_decoder(tmp_path_factory) -> EFTDecoder:
     )
 
 
+@contextlib.contextmanager
+def forwards_past_the_threshold(decoder: EFTDecoder) -> Iterator[list[tuple[int, ...]]]:
+    """The shapes of the base's forwards that hold several rows and reach past the longrope
+    threshold (32): transformers picks the RoPE factors from the largest position id of the
+    whole forward, so such a forward must hold no other row (the tiny model's greedy tokens
+    are too robust to show the changed factors, so the forwards are checked)."""
+    shared: list[tuple[int, ...]] = []
+
+    def record(module, args, kwargs):
+        positions = kwargs["position_ids"]
+        if positions.shape[0] > 1 and int(positions.max()) + 1 > 32:
+            shared.append(tuple(positions.shape))
+
+    with hooked(decoder._models[decoder._ensemble.base], record, pre=True):
+        yield shared
+
+
 def test_a_short_row_never_shares_a_forward_with_a_row_past_the_longrope_threshold(
     longrope_decoder,
 ):
@@ -513,17 +530,7 @@ def test_a_short_row_never_shares_a_forward_with_a_row_past_the_longrope_thresho
         decoder.generate(PROMPTS[0], **short).token_ids,
         decoder.generate(long_prompt, **long).token_ids,
     ]
-    # transformers picks the RoPE factors from the largest position id of the whole forward:
-    # a forward that reaches past the threshold must hold no other row (the tiny model's
-    # greedy tokens are too robust to show the changed factors, so the forwards are checked)
-    shared_past_threshold = []
-
-    def record(module, args, kwargs):
-        positions = kwargs["position_ids"]
-        if positions.shape[0] > 1 and int(positions.max()) + 1 > 32:
-            shared_past_threshold.append(tuple(positions.shape))
-
-    with hooked(decoder._models[decoder._ensemble.base], record, pre=True):
+    with forwards_past_the_threshold(decoder) as shared_past_threshold:
         started = together(
             decoder,
             [(decoder.generate, (PROMPTS[0],), short), (decoder.generate, (long_prompt,), long)],
@@ -549,14 +556,7 @@ def test_a_speculative_row_past_the_longrope_threshold_prefills_apart_from_plain
         decoder.generate(PROMPTS[0], **short).token_ids,
         decoder.generate(long_prompt, **long).token_ids,
     ]
-    shared_past_threshold = []
-
-    def record(module, args, kwargs):
-        positions = kwargs["position_ids"]
-        if positions.shape[0] > 1 and int(positions.max()) + 1 > 32:
-            shared_past_threshold.append(tuple(positions.shape))
-
-    with hooked(decoder._models[decoder._ensemble.base], record, pre=True):
+    with forwards_past_the_threshold(decoder) as shared_past_threshold:
         started = together(
             decoder,
             [(decoder.generate, (PROMPTS[0],), short), (decoder.generate, (long_prompt,), long)],

@@ -17,7 +17,7 @@ from eft_integrations import EFTDecoder, EFTRequestError
 
 from .conftest import tiny_family
 from .reference import BruteForceEFT
-from .test_engine import sliding_paths  # noqa: F401  (a fixture)
+from .test_engine import sliding_decoder, sliding_paths  # noqa: F401  (a fixture)
 from .test_isolation import Call, base_model, engine_held, hooked, raises_on, together
 
 WAIT = 60
@@ -139,14 +139,7 @@ def test_speculative_rows_with_a_cache_hit_equal_the_reference(cached, reference
 
 def test_sliding_window_models_read_cached_prefixes_exactly(sliding_paths):  # noqa: F811
     p = sliding_paths
-    decoder = EFTDecoder.from_pretrained(
-        base=p["sliding"],
-        behaviors={"chat": (p["chat"], p["ref"])},
-        dtype=torch.float32,
-        eos_token_ids=[],
-        kv_block_size=4,
-        prefill_chunk=7,
-    )
+    decoder = sliding_decoder(p, kv_block_size=4, prefill_chunk=7)
     reference = BruteForceEFT(p["sliding"], {"chat": (p["chat"], p["ref"])}, decoder.vocab_size)
     decoder.generate(TURN_1, **GREEDY)
     out = decoder.generate(TURN_2, **GREEDY)
