@@ -66,6 +66,7 @@ from .tool_calls import (
     tool_call_grammar,
     tool_call_or_json_grammar,
 )
+from .tool_formats import MISTRAL_CALLS, PYTHON_TAG, ToolFormat, arming_pattern, tool_format
 
 __all__ = [
     "FALLBACK_TOOL_PROMPT",
@@ -163,7 +164,8 @@ class ChatRequest:
     grammar: str | None
     eos_token_ids: list[int]
     arm_after: str | None = None
-    """Closing mode waits for this text (free text before a tool call is not cut short)."""
+    """Closing mode waits for text that this regex matches (a call opening: free text
+    before a tool call is not cut short)."""
     bare_calls: bool = False
     """Calls written as bare JSON (no tags) are read too: in auto mode, and for forced calls
     whose tags a tokenizer decodes to nothing (markup that is a special token)."""
@@ -188,7 +190,7 @@ class ChatRequest:
             eos_token_ids=self.eos_token_ids,
             vocab_size=decoder.vocab_size,
             budget=budget,
-            arm_after=self.arm_after,
+            arm_pattern=self.arm_after,
         )
         if budget is not None:
             limit = max(budget, _PLANNING_LIMIT)
@@ -381,14 +383,19 @@ def prepare_chat(
     options = {"max_string_length": max_string_length, **_markup_tokens(decoder)}
     grammar, arm_after, kind = None, None, "the answer"
     if forced:
-        grammar = tool_call_grammar(called, forced=True, parallel=parallel_tool_calls, **options)
+        # a named tool is one call of it (as OpenAI and vLLM answer); "required" may be several
+        parallel = parallel_tool_calls and tool_choice not in names
+        grammar = tool_call_grammar(called, forced=True, parallel=parallel, **options)
         kind = "a forced tool call"
     elif use_tools and response_format is not None:
         grammar = tool_call_or_json_grammar(tools, schema, parallel=parallel_tool_calls, **options)
         kind = "a tool call or the structured output"
     elif use_tools:
-        grammar = tool_call_grammar(tools, forced=False, parallel=parallel_tool_calls, **options)
-        arm_after, kind = TOOL_CALL_OPEN, "a tool call"
+        fmt = _tool_format(decoder)
+        grammar = tool_call_grammar(
+            tools, forced=False, parallel=parallel_tool_calls, tool_format=fmt, **options
+        )
+        arm_after, kind = arming_pattern(fmt), "a tool call"
     elif response_format is not None:
         grammar, kind = json_grammar(schema, max_string_length), "the structured output"
     return ChatRequest(
@@ -468,12 +475,18 @@ def _markup_tokens(decoder: Any) -> dict[str, Any]:
     added = getattr(tokenizer, "get_added_vocab", dict)()
     tokens = {
         tag: added[tag]
-        for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+        for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, PYTHON_TAG, MISTRAL_CALLS)
         if added.get(tag, decoder.vocab_size) < decoder.vocab_size
     }
     decoders = getattr(tokenizer, "added_tokens_decoder", {})
     special = any(getattr(decoders.get(i), "special", False) for i in tokens.values())
     return {"markup_tokens": tokens, "spelled_markup": not special}
+
+
+def _tool_format(decoder: Any) -> ToolFormat:
+    """The call syntaxes of the decoder's chat template (its own, else the tokenizer's)."""
+    template = getattr(decoder, "_chat_template", None)
+    return tool_format(decoder.tokenizer, template)
 
 
 def _text(content: Any) -> str:

@@ -77,12 +77,13 @@ def closing_tokens(tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, ...]:
         per_tokenizer = _CLOSING.setdefault(tokenizer, {})
         if vocab_size not in per_tokenizer:
             texts = _token_texts(tokenizer, vocab_size)
-            # closing a string first, then brackets, then punctuation and digits
+            # closing a string first, then brackets, then punctuation and digits; no blanks:
+            # the JSON grammars allow optional whitespace, which only lengthens a closing
             tiers = [
                 torch.tensor([t.startswith('"') and set(t) <= set('"}]') for t in texts]),
                 torch.tensor([bool(t) and set(t) <= set("}]") for t in texts]),
-                torch.tensor([bool(t) and set(t) <= set(",: ") for t in texts]),
-                torch.tensor([bool(t) and set(t) <= set('"}],: 0123456789') for t in texts]),
+                torch.tensor([bool(t) and set(t) <= set(",:") for t in texts]),
+                torch.tensor([bool(t) and set(t) <= set('"}],:0123456789') for t in texts]),
                 torch.tensor([len(t.encode()) for t in texts]),  # byte lengths
             ]
             per_tokenizer[vocab_size] = tuple(tiers)

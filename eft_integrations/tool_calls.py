@@ -15,7 +15,6 @@ arguments to the schema's types, and never raises on bad output (it reports an i
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import re
@@ -25,6 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import EFTRequestError
+from .tool_formats import MISTRAL_CALLS, PYTHON_TAG
+from .tool_grammars import (
+    DEFAULT_MAX_STRING_LENGTH,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    bounded_schema,
+    json_grammar,
+    tool_call_grammar,
+    tool_call_or_json_grammar,
+)
 
 __all__ = [
     "DEFAULT_MAX_STRING_LENGTH",
@@ -48,18 +57,8 @@ __all__ = [
     "tool_call_or_json_grammar",
 ]
 
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
 TOOL_RESPONSE_OPEN = "<tool_response>"
 TOOL_RESPONSE_CLOSE = "</tool_response>"
-
-DEFAULT_MAX_STRING_LENGTH = 256
-"""Strings a schema leaves unbounded are capped at this many characters in constrained output,
-so a forced call or JSON answer always closes within a finite token budget."""
-
-# compact, Python-json-like layout: one space after ':' and ',', no other whitespace. Flexible
-# whitespace would let a weak model emit blanks forever inside a forced object.
-_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -116,186 +115,6 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
     if len(set(names)) != len(names):
         raise EFTRequestError(f"tool names must be unique, got {names}", param="tools")
     return normalized
-
-
-# ------------------------------------------------------------------------------ grammars
-
-_NOT_SUBSCHEMAS = {"enum", "const", "default", "examples", "required", "description", "title"}
-
-
-def bounded_schema(
-    schema: Mapping[str, Any], max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH
-) -> dict[str, Any]:
-    """A copy of `schema` that a sampler can always finish: objects without
-    `additionalProperties` get `false` (no invented keys), and free strings get
-    `maxLength` (and `minLength: 1`: a forced argument is never left empty).
-    Every instance of the result is an instance of the original schema."""
-    schema = copy.deepcopy(dict(schema))
-
-    def visit(node: Any) -> None:
-        if isinstance(node, list):
-            for item in node:
-                visit(item)
-            return
-        if not isinstance(node, dict):
-            return
-        types = node.get("type")
-        types = types if isinstance(types, list) else [types]
-        if ("object" in types or "properties" in node) and "additionalProperties" not in node:
-            node["additionalProperties"] = False
-        free_string = not ({"maxLength", "enum", "const", "pattern", "format"} & node.keys())
-        if "string" in types and free_string and max_string_length is not None:
-            # never below the schema's own minLength: the cap must not leave no instance
-            minimum = node.get("minLength")
-            node["maxLength"] = max(max_string_length, minimum if _is_count(minimum) else 0)
-            # closing mode would otherwise answer "" whenever the budget runs short
-            node.setdefault("minLength", 1)
-        for key, value in node.items():
-            if key in _NOT_SUBSCHEMAS:
-                continue
-            if key in {"properties", "$defs", "definitions", "patternProperties"} and isinstance(
-                value, dict
-            ):
-                for sub in value.values():
-                    visit(sub)
-            else:
-                visit(value)
-
-    visit(schema)
-    return schema
-
-
-def _is_count(value: Any) -> bool:
-    """Whether `value` is a non-negative integer (a JSON schema length), not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _call_schema(tool: Mapping[str, Any], max_string_length: int | None) -> dict[str, Any]:
-    """JSON schema of one call `{"name": <const>, "arguments": <parameters>}`."""
-    function = tool["function"]
-    parameters = bounded_schema(function["parameters"], max_string_length)
-    # `#/$defs/...` references resolve from the root, so definitions move up with them
-    defs = {key: parameters.pop(key) for key in ("$defs", "definitions") if key in parameters}
-    return {
-        "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": parameters},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-        **defs,
-    }
-
-
-def _json_rule(schema: Mapping[str, Any]) -> str:
-    return "%json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT})
-
-
-def _literal(text: str, markup_tokens: Mapping[str, int] | None, spelled: bool = True) -> str:
-    """Lark for markup `text`: the tokenizer's added token for it (the way a model trained on
-    the markup writes it) or, when `spelled`, the text itself. llguidance treats every added
-    token as a special token, which a quoted literal never matches, hence `<[id]>`."""
-    quoted = json.dumps(text)
-    token = (markup_tokens or {}).get(text)
-    if token is None:
-        return quoted
-    return f"(<[{token}]> | {quoted})" if spelled else f"<[{token}]>"
-
-
-def _call_rules(
-    tools: Sequence[Mapping[str, Any]],
-    parallel: bool,
-    max_string_length: int | None,
-    markup_tokens: Mapping[str, int] | None,
-    spelled: bool = True,
-) -> list[str]:
-    """Rules `calls` (after an opening tag: a call, its closing tag, and when `parallel` more
-    tagged calls), `call` (the JSON), `open` and `close` (the tags). The last call's closing
-    tag is optional, as for the parser: a call is complete when its JSON is."""
-    if not tools:
-        raise EFTRequestError("a tool-call grammar needs at least one tool", param="tools")
-    call_schemas = [_call_schema(t, max_string_length) for t in tools]
-    defs: dict[str, Any] = {}
-    for schema in call_schemas:
-        for key in ("$defs", "definitions"):
-            defs.setdefault(key, {}).update(schema.pop(key, {}))
-    one_call = call_schemas[0] if len(call_schemas) == 1 else {"anyOf": call_schemas}
-    call = _json_rule({**one_call, **{k: v for k, v in defs.items() if v}})
-    more = ' ("\\n" open calls)?' if parallel else ""
-    return [
-        f'calls: "\\n" call ("\\n" close{more})?',
-        f"call: {call}",
-        f"open: {_literal(TOOL_CALL_OPEN, markup_tokens, spelled)}",
-        f"close: {_literal(TOOL_CALL_CLOSE, markup_tokens, spelled)}",
-    ]
-
-
-def tool_call_grammar(
-    tools: Sequence[Mapping[str, Any]],
-    *,
-    forced: bool,
-    parallel: bool = True,
-    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
-    markup_tokens: Mapping[str, int] | None = None,
-    spelled_markup: bool = True,
-) -> str:
-    """llguidance Lark grammar for tool calls over normalized `tools`.
-
-    forced=True: the answer is one call (several when `parallel`), nothing else.
-    forced=False: free text without `<tool_call>`, or free text, `<tool_call>`, and from there
-    a valid call (then more calls when `parallel`).
-    `markup_tokens` maps markup (`<tool_call>`, `</tool_call>`) to the tokenizer's added token
-    for it, when it has one: the grammar then takes that token, or the text spelled out unless
-    `spelled_markup=False` (special tokens: their text is not part of the decoded answer).
-    """
-    lines = _call_rules(tools, parallel, max_string_length, markup_tokens, spelled_markup)
-    if forced:
-        return "\n".join(["start: open calls", *lines]) + "\n"
-    tag = re.escape(TOOL_CALL_OPEN)
-    token = (markup_tokens or {}).get(TOOL_CALL_OPEN)
-    text_then_tag = f"[lazy]: /(.|\\n)*{tag}/"  # text up to the first tag, spelled out
-    if token is None:
-        opening = [f"opening{text_then_tag}"]
-    elif spelled_markup:
-        opening = [f"opening: TEXT? <[{token}]> | spelled", f"spelled{text_then_tag}"]
-    else:
-        opening = [f"opening: TEXT? <[{token}]>"]
-    lines = [
-        # free text that never contains the opening tag, or text up to the first tag
-        "start: TEXT | opening calls",
-        f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{tag}(.|\\n)*/",
-        *opening,
-        *lines,
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def tool_call_or_json_grammar(
-    tools: Sequence[Mapping[str, Any]],
-    schema: Mapping[str, Any] | None,
-    *,
-    parallel: bool = True,
-    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
-    markup_tokens: Mapping[str, int] | None = None,
-    spelled_markup: bool = True,
-) -> str:
-    """Either tool calls (as `tool_call_grammar(forced=True)`) or one JSON value of `schema`
-    (None: any JSON object): a turn with tools and a response format, which ends the tool
-    loop with the structured answer."""
-    answer = bounded_schema(schema or {"type": "object"}, max_string_length)
-    lines = [
-        "start: open calls | answer",
-        f"answer: {_json_rule(answer)}",
-        *_call_rules(tools, parallel, max_string_length, markup_tokens, spelled_markup),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def json_grammar(
-    schema: Mapping[str, Any] | None,
-    max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
-) -> str:
-    """Lark grammar for one JSON value of `schema` (None: any JSON object)."""
-    schema = bounded_schema(schema or {"type": "object"}, max_string_length)
-    return f"start: {_json_rule(schema)}\n"
 
 
 # ------------------------------------------------------------------------------ casting
@@ -492,11 +311,17 @@ def parse_bare_calls(text: str, tools: Mapping[str, Mapping[str, Any]]) -> list[
     values = _json_values(fenced.group(1) if fenced else text)
     if not values:
         return None
+    return _calls_of(values, tools)
+
+
+def _calls_of(values: list[Any], tools: Mapping[str, Mapping[str, Any]]) -> list[ToolCall] | None:
+    """The calls that decoded JSON `values` are, each naming a bound tool with arguments that
+    validate against its schema; None when any is not such a call."""
     calls = []
     for value in values:
         if not isinstance(value, dict) or not {"name"} < set(value) <= _BARE_KEYS:
             return None
-        call = _payload_call(value, tools, text)
+        call = _payload_call(value, tools, json.dumps(value))
         if not isinstance(call, ToolCall):
             return None
         if not schema_accepts(tools[call.name]["function"]["parameters"], call.arguments):
@@ -507,21 +332,15 @@ def parse_bare_calls(text: str, tools: Mapping[str, Mapping[str, Any]]) -> list[
 
 _BARE_KEYS = {"name", "arguments", "parameters"}
 _FENCED = re.compile(r"\s*```(?:json)?[ \t]*\n(.*?)(?:```\s*)?", re.DOTALL | re.IGNORECASE)
-_FENCE_OPENING = re.compile(r"```(?:json)?[ \t]*\n\s*", re.IGNORECASE)
-
-
-def _may_be_bare(text: str) -> bool:
-    """Whether `text`, the start of an answer, may still turn out to be bare JSON calls: it
-    starts with `{` or `[`, or with a code fence (```json) whose content does or may."""
-    text = text.lstrip()
-    if not text or text[0] in "{[":
-        return True
-    opening = _FENCE_OPENING.match(text)
-    if opening:
-        return opening.end() == len(text) or text[opening.end()] in "{["
-    return "```json".startswith(text.lower()) or bool(
-        re.fullmatch(r"```(?:json)?[ \t]*", text, re.IGNORECASE)
-    )
+# a bare call where a line starts (`^` stands for a line start the parser tracks): `{` (or
+# `[{`) and the key "name"; group `json` is where its JSON starts, `fence` a ```json line
+_BARE_OPENING = re.compile(
+    r'(?:^|\n)(?P<fence>[ \t]*```(?:json)?[ \t]*\r?\n)?[ \t]*(?P<json>(?:\[\s*)?\{\s*"name")',
+    re.IGNORECASE,
+)
+# what may still become one: `regex` (a dependency of transformers) matches partially
+_BARE_PREFIX = r'[ \t]*(?:```(?:json)?[ \t]*\r?\n)?[ \t]*(?:\[\s*)?\{\s*"name"'
+_FENCE_LINE = re.compile(r"\n?[ \t]*```(?:json)?[ \t]*\r?\n?[ \t]*\Z", re.IGNORECASE)
 
 
 def _json_values(text: str) -> list[Any] | None:
@@ -545,6 +364,8 @@ def _json_values(text: str) -> list[Any] | None:
 _BLOCKS = {TOOL_CALL_OPEN: TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN: TOOL_RESPONSE_CLOSE}
 _MARKUP = (TOOL_CALL_OPEN, TOOL_RESPONSE_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_CLOSE)
 """The package's own markup (the Hermes format): never part of an answer's content."""
+_PREFIXES = (PYTHON_TAG, MISTRAL_CALLS)
+"""Markers after which calls follow as JSON, with no closing tag (Llama, Mistral)."""
 
 
 class ToolCallParser:
@@ -553,12 +374,17 @@ class ToolCallParser:
 
     - a `<tool_call>` block becomes a call (`read_calls=False`: it is dropped, for turns
       where no call may be made);
+    - JSON after `<|python_tag|>` or `[TOOL_CALLS]` (Llama's and Mistral's markers) is read
+      as calls (a call or a list of them);
     - a `<tool_response>` block the model writes keeps its text without the tags, unless it
       repeats a tool result of `echoes`: then it is dropped, or, where the answer has no
       words of its own (nor calls), it is the answer; stray closing tags are dropped;
-    - `bare_calls=True`: an answer that is only JSON naming bound tools with schema-valid
-      arguments (`parse_bare_calls`) is read as calls; content that starts like JSON (`{`,
-      `[`, or a ```json fence) is then held back until the end.
+    - `bare_calls=True`: a JSON object (or list of them) that starts the answer or a line
+      (after a ```json fence line, if any) and names a bound tool with schema-valid arguments
+      is read as calls; text that may still become one is held back until it is decided.
+    A call identical to one read before in the turn (name and arguments) is merged into it.
+    JSON left unreadable after a call (the model ran on into the budget) is dropped: the
+    call stands.
 
     `feed(piece)` and `finish()` return (content increment, completed calls). Content never
     includes a partial tag, and whitespace right before or after a block is dropped, so feeding
@@ -579,10 +405,14 @@ class ToolCallParser:
         self._echoes = {e.strip() for e in echoes if e.strip()}
         self._buffer = ""
         self._block: str | None = None  # the opening tag of the block being read
+        self._json = False  # the buffer starts with JSON calls (bare or after a marker)
+        self._fence_after = False  # a ``` may follow the calls just read
         self._after_block = False
+        self._line_start = True  # the buffer starts a line (or the answer)
         self._emitted = False  # some content was returned already
         self._worded = False  # some of it was more than blanks
         self._echo: str | None = None  # a repeated tool result, the answer if nothing else is
+        self._read: set[str] = set()  # the calls read so far (merging repeats)
         self.calls: list[ToolCall | InvalidToolCall] = []
 
     def feed(self, piece: str) -> tuple[str, list[ToolCall | InvalidToolCall]]:
@@ -600,40 +430,146 @@ class ToolCallParser:
                 if not self._read_block(final, calls):
                     break
                 continue
+            if self._json:
+                if not self._read_json(final, calls, content):
+                    break
+                continue
             if self._after_block:
                 stripped = self._buffer.lstrip()
                 if not stripped and not final:
                     break  # only whitespace so far: it may still precede another block
+                if self._fence_after:  # the ``` that closes a fenced bare call: dropped
+                    if "```".startswith(stripped) and not final:
+                        break
+                    self._fence_after = False
+                    if stripped.startswith("```"):
+                        stripped = stripped[3:].lstrip()
+                        if not stripped and not final:
+                            self._buffer = ""
+                            break
                 self._buffer, self._after_block = stripped, bool(not stripped)
+                self._line_start = True
                 if stripped and (self._emitted or any(content)):  # text on both sides: a space
                     self._buffer = " " + stripped
-            if self._bare and not self._read_bare(final, calls):
-                break
             start, tag = _first_tag(self._buffer)
+            bare = self._bare_opening()
+            if bare is not None and (tag is None or bare[1] <= start):
+                self._emit(content, self._buffer[: bare[0]].rstrip())
+                self._buffer, self._json = self._buffer[bare[1] :], True
+                continue
             if tag is not None:
-                content.append(self._buffer[:start].rstrip())
+                self._emit(content, self._buffer[:start].rstrip())
                 self._buffer = self._buffer[start + len(tag) :]
-                self._bare = False
                 if tag in _BLOCKS:
                     self._block = tag
+                elif tag in _PREFIXES:
+                    self._json = True
                 else:  # a closing tag with no block open: dropped
                     self._after_block = True
                 continue
             if final:
-                content.append(self._buffer)
+                if not self._cut_call_after_calls(self._buffer):
+                    self._emit(content, self._buffer)
                 self._buffer = ""
                 break
-            safe = _safe_length(self._buffer)
-            content.append(self._buffer[:safe])
+            held = self._buffer[: self._undecided()]
+            safe = min(_safe_length(self._buffer), len(held.rstrip()))
+            self._emit(content, self._buffer[:safe])
             self._buffer = self._buffer[safe:]
             break
-        self.calls += calls
         text = "".join(content)
         self._worded = self._worded or bool(text.strip())
         if final and self._echo and not (self._worded or self.calls):
             text, self._worded = self._echo, True
         self._emitted = self._emitted or bool(text)
         return text, calls
+
+    def _emit(self, content: list[str], text: str) -> None:
+        """Add `text` to the content; remember whether the buffer now starts a line."""
+        if text:
+            content.append(text)
+            self._line_start = text.endswith("\n")
+
+    def _cut_call_after_calls(self, text: str) -> bool:
+        """Whether `text`, the answer's last, is the start of one more call cut by the budget
+        after calls were read (dropped: the calls stand)."""
+        if not (self._bare and any(isinstance(c, ToolCall) for c in self.calls)):
+            return False
+        import regex
+
+        return bool(text.strip()) and bool(
+            regex.fullmatch(_BARE_PREFIX, text.lstrip(), partial=True)
+        )
+
+    def _bare_opening(self) -> tuple[int, int] | None:
+        """Where the first bare call in the buffer starts: (end of the content before it, with
+        a ```json fence line left out; start of its JSON); None when there is none."""
+        if not (self._bare and self._read_calls):
+            return None
+        # a sentinel line start stands for the buffer's own, where it starts a line
+        text = ("\n" if self._line_start else "x") + self._buffer
+        match = _BARE_OPENING.search(text)
+        if match is None:
+            return None
+        return max(match.start() - 1 + (text[match.start()] == "\n"), 0), match.start("json") - 1
+
+    def _undecided(self) -> int:
+        """Where the text that may still become a bare call (or its ```json fence) starts:
+        it is held back until more text decides it."""
+        if not (self._bare and self._read_calls):
+            return len(self._buffer)
+        import regex
+
+        starts = [i + 1 for i, c in enumerate(self._buffer) if c == "\n"]
+        starts = ([0] if self._line_start else []) + starts
+        for start in starts[-4:]:  # a fence line, `[`, `{` and the key's line at most
+            if regex.fullmatch(_BARE_PREFIX, self._buffer[start:], partial=True):
+                return start
+        return len(self._buffer)
+
+    def _read_json(
+        self, final: bool, calls: list[ToolCall | InvalidToolCall], content: list[str]
+    ) -> bool:
+        """Read the JSON calls at the start of the buffer once complete (False: wait).
+        JSON that is not calls stays content; a closing ``` fence after calls is dropped."""
+        text = self._buffer.lstrip()
+        try:
+            value, end = json.JSONDecoder().raw_decode(text)
+        except json.JSONDecodeError:
+            if not final:
+                return False
+            self._buffer, self._json = "", False
+            if any(isinstance(c, ToolCall) for c in self.calls):
+                return True  # the model ran on after its call: the call stands
+            name = _guess_name(text)
+            if name in self._tools:  # a call cut short or broken: reported, not content
+                self._add(calls, InvalidToolCall(None, name, text, "not valid JSON"))
+            else:
+                self._emit(content, text)
+            return True
+        self._json = False
+        found = _calls_of(value if isinstance(value, list) else [value], self._tools)
+        if found is None:  # JSON, but not calls: the model's content
+            self._emit(content, text[:end])
+            self._buffer = text[end:]
+            return True
+        for call in found:
+            self._add(calls, call)
+        self._buffer = text[end:]
+        self._after_block = self._fence_after = True
+        return True
+
+    def _add(
+        self, calls: list[ToolCall | InvalidToolCall], call: ToolCall | InvalidToolCall
+    ) -> None:
+        """Add a call unless an identical one was read before in this turn."""
+        if isinstance(call, ToolCall):
+            key = json.dumps([call.name, call.arguments], sort_keys=True)
+            if key in self._read:
+                return
+            self._read.add(key)
+        calls.append(call)
+        self.calls.append(call)
 
     def _read_block(self, final: bool, calls: list[ToolCall | InvalidToolCall]) -> bool:
         """Consume the open block once it is closed (or the text ends); False: wait."""
@@ -646,7 +582,7 @@ class ToolCallParser:
         self._buffer = "" if end < 0 else self._buffer[end + len(close) :]
         if self._block == TOOL_CALL_OPEN:
             if self._read_calls:
-                calls.append(parse_call(body, self._tools))
+                self._add(calls, parse_call(body, self._tools))
         elif body.strip() in self._echoes:
             self._echo = body.strip()
         else:
@@ -654,26 +590,11 @@ class ToolCallParser:
         self._block, self._after_block = None, True
         return bool(self._buffer) or end >= 0
 
-    def _read_bare(self, final: bool, calls: list[ToolCall | InvalidToolCall]) -> bool:
-        """While the answer may still be bare JSON calls, hold it back; at the end read it.
-        False: wait for more text."""
-        stripped = self._buffer.lstrip()
-        if not _may_be_bare(stripped):
-            self._bare = False
-            return True
-        if not final:
-            return False
-        self._bare = False
-        found = parse_bare_calls(stripped, self._tools) if stripped else None
-        if found:
-            calls += found
-            self._buffer = ""
-        return True
-
 
 def _first_tag(text: str) -> tuple[int, str | None]:
-    """Position and text of the first markup tag in `text` ((-1, None) if none)."""
-    found = [(text.find(tag), tag) for tag in _MARKUP if tag in text]
+    """Position and text of the first markup tag or call marker in `text` ((-1, None) if
+    none)."""
+    found = [(text.find(tag), tag) for tag in (*_MARKUP, *_PREFIXES) if tag in text]
     return min(found) if found else (-1, None)
 
 
@@ -681,9 +602,10 @@ def _safe_length(text: str) -> int:
     """Length of the prefix of `text` that can be emitted as content now: it holds back a
     tail that could still become a markup tag and the whitespace before such a tail."""
     end = len(text)
-    longest = max(len(tag) for tag in _MARKUP)
+    tags = (*_MARKUP, *_PREFIXES)
+    longest = max(len(tag) for tag in tags)
     for n in range(min(longest - 1, len(text)), 0, -1):
-        if any(tag.startswith(text[-n:]) for tag in _MARKUP):
+        if any(tag.startswith(text[-n:]) for tag in tags):
             end -= n
             break
     return len(text[:end].rstrip())

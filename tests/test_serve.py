@@ -299,7 +299,8 @@ def test_forced_tool_call_validates(client, chat_dec):
     )
     assert arguments == core.tool_calls[0].arguments
 
-    # streamed: one tool-call delta with the whole call, then finish_reason tool_calls
+    # streamed: a tool-call delta with each whole call (the in-process calls, in order; "required"
+    # allows parallel calls), then finish_reason tool_calls
     chunks = list(
         client.chat.completions.create(
             model=MODEL,
@@ -315,9 +316,12 @@ def test_forced_tool_call_validates(client, chat_dec):
     required = _core(
         chat_dec, messages, tools=[ADD, WEATHER], tool_choice="required", max_new_tokens=200
     )
-    assert [d.function.name for d in deltas] == [required.tool_calls[0].name]
-    assert json.loads(deltas[0].function.arguments) == required.tool_calls[0].arguments
-    assert deltas[0].index == 0 and deltas[0].id and deltas[0].type == "function"
+    assert [d.function.name for d in deltas] == [c.name for c in required.tool_calls]
+    assert [json.loads(d.function.arguments) for d in deltas] == [
+        c.arguments for c in required.tool_calls
+    ]
+    assert [d.index for d in deltas] == list(range(len(deltas)))
+    assert all(d.id and d.type == "function" for d in deltas)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
     # the call goes back as history with its result, and the model answers
