@@ -340,7 +340,6 @@ _BARE_OPENING = re.compile(
 )
 # what may still become one: `regex` (a dependency of transformers) matches partially
 _BARE_PREFIX = r'[ \t]*(?:```(?:json)?[ \t]*\r?\n)?[ \t]*(?:\[\s*)?\{\s*"name"'
-_FENCE_LINE = re.compile(r"\n?[ \t]*```(?:json)?[ \t]*\r?\n?[ \t]*\Z", re.IGNORECASE)
 
 
 def _json_values(text: str) -> list[Any] | None:
@@ -542,6 +541,8 @@ class ToolCallParser:
             if any(isinstance(c, ToolCall) for c in self.calls):
                 return True  # the model ran on after its call: the call stands
             name = _guess_name(text)
+            if name in self._tools and not self._read_calls:
+                return True  # markup of a call where none may be read: dropped, as a block's
             if name in self._tools:  # a call cut short or broken: reported, not content
                 self._add(calls, InvalidToolCall(None, name, text, "not valid JSON"))
             else:
@@ -553,7 +554,7 @@ class ToolCallParser:
             self._emit(content, text[:end])
             self._buffer = text[end:]
             return True
-        for call in found:
+        for call in found if self._read_calls else ():  # else dropped, as a block's body
             self._add(calls, call)
         self._buffer = text[end:]
         self._after_block = self._fence_after = True

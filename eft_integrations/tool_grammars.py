@@ -256,7 +256,10 @@ def tool_call_grammar(
             starts.append(f"spelled_{i} {after}")
             forbidden.append(text)
         if token is not None:
-            starts.append(f"TEXT? <[{token}]> {after}")
+            # a special marker decodes to nothing: after free text it would leave the call's
+            # JSON in the content, so it opens a call only where the answer starts (as the
+            # families that have one, Llama's python_tag and Mistral's, write it)
+            starts.append(f"TEXT? <[{token}]> {after}" if spelled_markup else f"<[{token}]> {after}")
     lines.append(f"bare_object[lazy]: /{line}{bare_object}/")
     starts.append("bare_object call_rest")
     if parallel:

@@ -117,6 +117,36 @@ def test_a_marker_that_is_a_special_token_opens_a_call():
     assert generated.finish_reason == "stop"
 
 
+def test_a_special_marker_opens_a_call_only_where_the_answer_starts():
+    # the marker decodes to nothing: after free text it would leave the call's JSON in the
+    # content, so the grammar takes it first or not at all
+    decoder = _decoder(MISTRAL_TEMPLATE, special="[TOOL_CALLS]")
+    (marker,) = decoder.tokenizer("[TOOL_CALLS]", add_special_tokens=False)["input_ids"]
+    request = prepare_chat(decoder, USER, tools=TOOLS)
+    first = request.constraint(decoder, budget=200)
+    assert bool(first.allowed_mask(decoder.vocab_size)[marker])
+    after_text = request.constraint(decoder, budget=200)
+    for token in decoder.tokenizer("Sure.", add_special_tokens=False)["input_ids"]:
+        after_text.advance(token)
+    assert not bool(after_text.allowed_mask(decoder.vocab_size)[marker])
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]',
+        '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}',
+        '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>',
+    ],
+)
+def test_where_calls_may_not_be_read_no_syntax_yields_one(written):
+    # tool_choice="none" in a conversation with tool markup: the markup is dropped, no call
+    parser = ToolCallParser(TOOLS, read_calls=False, bare_calls=True)
+    text, found = parser.feed(written)
+    tail, more = parser.finish()
+    assert found + more == [] and "name" not in text + tail
+
+
 def test_the_format_is_read_from_the_template():
     assert tool_format(chat_decoder().tokenizer, TOOLS_TEMPLATE) == ToolFormat()
     assert tool_format(chat_decoder().tokenizer, PYTHON_TAG_TEMPLATE).python_tag
