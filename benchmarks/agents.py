@@ -413,7 +413,12 @@ def main() -> None:
                 "the expected value and the needed tools were called. Calls lost: turns whose "
                 "text holds a call that came back as content. Schema-invalid: returned calls "
                 "whose arguments fail the tool's schema. Goals: 0 lost, 0 invalid, >= 70% on "
-                "0.5B and >= 90% on 1.5B.",
+                "0.5B and >= 90% on 1.5B. Success counts the models' own greedy choices (a "
+                "model that calls again after a tool's result, or answers without the tool, "
+                "fails the task whatever the engine does); calls lost and schema-invalid calls "
+                "are the engine's part. The before column is the engine before tool calls were "
+                "constrained from their first characters (its successes may be lost calls whose "
+                "text held the expected value).",
                 "",
                 *lines,
             ],
