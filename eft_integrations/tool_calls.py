@@ -405,6 +405,7 @@ class ToolCallParser:
         self._buffer = ""
         self._block: str | None = None  # the opening tag of the block being read
         self._json = False  # the buffer starts with JSON calls (bare or after a marker)
+        self._skipped = ""  # the text between the content and a bare call's JSON
         self._fence_after = False  # a ``` may follow the calls just read
         self._after_block = False
         self._line_start = True  # the buffer starts a line (or the answer)
@@ -453,7 +454,10 @@ class ToolCallParser:
             start, tag = _first_tag(self._buffer)
             bare = self._bare_opening()
             if bare is not None and (tag is None or bare[1] <= start):
-                self._emit(content, self._buffer[: bare[0]].rstrip())
+                before = self._buffer[: bare[0]].rstrip()
+                self._emit(content, before)
+                # the line break (and fence line) before it: content again if it is no call
+                self._skipped = self._buffer[len(before) : bare[1]]
                 self._buffer, self._json = self._buffer[bare[1] :], True
                 continue
             if tag is not None:
@@ -462,7 +466,7 @@ class ToolCallParser:
                 if tag in _BLOCKS:
                     self._block = tag
                 elif tag in _PREFIXES:
-                    self._json = True
+                    self._json, self._skipped = True, ""
                 else:  # a closing tag with no block open: dropped
                     self._after_block = True
                 continue
@@ -546,12 +550,12 @@ class ToolCallParser:
             if name in self._tools:  # a call cut short or broken: reported, not content
                 self._add(calls, InvalidToolCall(None, name, text, "not valid JSON"))
             else:
-                self._emit(content, text)
+                self._emit(content, self._skipped + text)
             return True
         self._json = False
         found = _calls_of(value if isinstance(value, list) else [value], self._tools)
-        if found is None:  # JSON, but not calls: the model's content
-            self._emit(content, text[:end])
+        if found is None:  # JSON, but not calls: the model's content, as it was written
+            self._emit(content, self._skipped + text[:end])
             self._buffer = text[end:]
             return True
         for call in found if self._read_calls else ():  # else dropped, as a block's body

@@ -255,6 +255,8 @@ def test_different_parallel_calls_stay_apart():
             1,
         ),
         ("Braces {in text} and\n{a set}\nstay.", "Braces {in text} and\n{a set}\nstay.", 0),
+        ('Here:\n{"name": "Ada", "born": 1815}', 'Here:\n{"name": "Ada", "born": 1815}', 0),
+        ('Here:\n```json\n{"name": "Ada"}\n```', 'Here:\n```json\n{"name": "Ada"}\n```', 0),
         ('[TOOL_CALLS][{"name": "ping", "arguments": {}}]', "", 1),
         ('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}', "", 1),
     ],
