@@ -272,9 +272,9 @@ def tool_call_grammar(
     text_rule = (
         f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*({anywhere})(.|\\n)*/"
         f" & ~/({bare_object}|{bare_list})(.|\\n)*/"
+        # a list of calls at a line start: calls (parallel) or not allowed at all
+        f" & ~/(.|\\n)*\\n{bare_list}(.|\\n)*/"
     )
-    if parallel:
-        text_rule += f" & ~/(.|\\n)*\\n{bare_list}(.|\\n)*/"
     return "\n".join([f"start: TEXT | {' | '.join(starts)}", text_rule, *lines]) + "\n"
 
 

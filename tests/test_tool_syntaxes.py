@@ -294,6 +294,20 @@ def _accepts(decoder, constraint: GrammarConstraint, text: str) -> bool:
 
 
 @pytest.mark.parametrize(
+    ("parallel", "written", "accepted"),
+    [
+        (False, 'Sure.\n{"name": "add", "arguments": {"a": 1, "b": 2}}', True),
+        (False, 'Sure.\n[{"name": "add", "arguments": {"a": 1, "b": 2}}]', False),
+        (True, 'Sure.\n[{"name": "add", "arguments": {"a": 1, "b": 2}}]', True),
+    ],
+)
+def test_without_parallel_calls_no_list_of_calls_gets_through(parallel, written, accepted):
+    decoder = chat_decoder()
+    request = prepare_chat(decoder, USER, tools=TOOLS, parallel_tool_calls=parallel)
+    assert _accepts(decoder, request.constraint(decoder, budget=400), written) is accepted
+
+
+@pytest.mark.parametrize(
     ("text", "accepted"),
     [
         ('{"a": 1, "b": [1, 2]}', True),
