@@ -259,7 +259,8 @@ def tool_call_grammar(
             # a special marker decodes to nothing: after free text it would leave the call's
             # JSON in the content, so it opens a call only where the answer starts (as the
             # families that have one, Llama's python_tag and Mistral's, write it)
-            starts.append(f"TEXT? <[{token}]> {after}" if spelled_markup else f"<[{token}]> {after}")
+            marker = f"<[{token}]> {after}"
+            starts.append(f"TEXT? {marker}" if spelled_markup else marker)
     lines.append(f"bare_object[lazy]: /{line}{bare_object}/")
     starts.append("bare_object call_rest")
     if parallel:
