@@ -17,10 +17,18 @@ from .decoder import EFTDecoder
 from .errors import EFTRequestError, EngineUnavailableError
 from .lazy import LazyDecoder
 from .loading import Behavior, ModelSpec
-from .options import GenerationOptions, GenerationResult, StreamChunk, Usage
+from .options import (
+    ContinuationScore,
+    GenerationOptions,
+    GenerationResult,
+    StreamChunk,
+    TokenLogprob,
+    Usage,
+)
 
 __all__ = [
     "Behavior",
+    "ContinuationScore",
     "EFTDecoder",
     "EFTRequestError",
     "EngineUnavailableError",
@@ -30,6 +38,7 @@ __all__ = [
     "ModelSpec",
     "StreamChunk",
     "TokenConstraint",
+    "TokenLogprob",
     "Usage",
     "compose_logprobs",
 ]

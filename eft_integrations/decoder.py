@@ -23,9 +23,11 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .composition import finite_rows
 from .constraints import TokenConstraint
 from .engine import DEFAULT_PREFILL_CHUNK, Engine
 from .ensemble import Ensemble
+from .errors import EFTRequestError
 from .loading import (
     Behavior,
     ModelRef,
@@ -35,7 +37,9 @@ from .loading import (
     model_label,
     smallest_context_window,
 )
+from .logprobs import continuation_score
 from .options import (
+    ContinuationScore,
     GenerationKwargs,
     GenerationOptions,
     GenerationResult,
@@ -49,6 +53,7 @@ from .prompts import (
     Prompt,
     PromptEncoder,
     RequestBuilder,
+    as_batch,
     end_of_turn_tokens,
     one_prompt,
     render_chat,
@@ -380,6 +385,66 @@ class EFTDecoder:
         )
         self.engine.submit(*requests)
         return requests, is_batch
+
+    def score(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        continuation: Prompt | Sequence[Prompt],
+        weights: WeightsArg = None,
+        *,
+        base_prompt: Prompt | Sequence[Prompt] | None = None,
+        top_logprobs: int = 0,
+        conservative_top_p: float | None = None,
+    ) -> ContinuationScore | list[ContinuationScore]:
+        """How likely `continuation` is after `prompt` under the composed EFT distribution at
+        `weights`: its per-token log-probs, whether each token is the greedy choice, and
+        with `top_logprobs=k` the k most likely tokens at each position (a list of prompts
+        takes a list of continuations, and gives a list of scores).
+
+        Teacher forcing: every model reads each prompt view plus its continuation in one
+        forward, batched, and nothing stays in the cache. A string continuation is tokenized
+        on its own, without special tokens; give token ids to choose how a prompt and its
+        continuation split (as lm-evaluation-harness does). The log-probs are those decoding
+        would report (`GenerationOptions.logprobs`): before logit_bias, penalties,
+        temperature, top-k and top-p.
+        """
+        GenerationOptions(logprobs=top_logprobs, conservative_top_p=conservative_top_p)
+        views = self._builder.views(prompt, base_prompt, weights, self.default_weights)
+        continuations, is_batch = as_batch(continuation)
+        if is_batch != views.is_batch or len(continuations) != len(views.chat_ids):
+            raise EFTRequestError(
+                f"{len(continuations)} continuation(s) for {len(views.chat_ids)} prompt(s): "
+                "give one continuation per prompt (a list of continuations for a list of "
+                "prompts)",
+                param="continuation",
+            )
+        encoder = self._builder.encoder
+        conts = [
+            encoder.encode_continuation(c, max(len(chat), len(base)), b)
+            for b, (c, chat, base) in enumerate(
+                zip(continuations, views.chat_ids, views.base_ids, strict=True)
+            )
+        ]
+
+        def run() -> list[ContinuationScore]:
+            composed = self._ensemble.score_continuations(
+                views.chat_ids, views.base_ids, conts, views.weight_tensor, conservative_top_p
+            )
+            for b, logprobs in enumerate(composed):
+                if not bool(finite_rows(logprobs).all()):
+                    raise EFTRequestError(
+                        f"the EFT distribution is not finite along continuation {b} (weights "
+                        f"{views.weight_rows[b]}): the weights overflow float32 when multiplied "
+                        "by the models' log-prob deltas; use smaller weights",
+                        param="weights",
+                    )
+            return [
+                continuation_score(logprobs, ids, top_logprobs)
+                for logprobs, ids in zip(composed, conts, strict=True)
+            ]
+
+        scores = self.engine.call(run)
+        return scores if is_batch else scores[0]
 
     def next_token_logprobs(
         self,

@@ -274,7 +274,7 @@ class Engine:
         self.stats.batch_sizes.append(len(rows))
         sampled = self.sampler.sample(self.runner.plain.logits, rows)
         tokens = {r: [t] for r, t in zip(rows, sampled.token_ids, strict=True)}
-        done = self.outputs.process(tokens, sampled.failed)
+        done = self.outputs.process(tokens, sampled.failed, sampled.logprobs)
         # the next step's grammar masks are computed while the models run
         self.sampler.prefetch_masks([r for r in rows if r not in done], whole_batch=True)
         self.runner.decode(sampled.tokens, done, sampled.token_ids)
@@ -284,13 +284,13 @@ class Engine:
         sampled = self.sampler.sample(logits, rows)
         self.runner.start_speculative(rows, sampled.token_ids, self.adaptive_speculation)
         tokens = {r: [t] for r, t in zip(rows, sampled.token_ids, strict=True)}
-        self.runner.drop(self.outputs.process(tokens, sampled.failed))
+        self.runner.drop(self.outputs.process(tokens, sampled.failed, sampled.logprobs))
 
     def _speculative_step(self) -> None:
         """One draft-and-verify round for every speculative row."""
         self.stats.speculative_rounds += 1
         round_ = self.runner.round()
-        self.runner.drop(self.outputs.process(round_.tokens, round_.failed))
+        self.runner.drop(self.outputs.process(round_.tokens, round_.failed, round_.logprobs))
 
     def _recover(self, error: Exception) -> None:
         """A step failed outside any row's own phase: fail the rows in flight (their state is

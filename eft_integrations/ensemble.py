@@ -250,6 +250,74 @@ class Ensemble:
         rows = [conservative_top_p] * len(chat_ids)
         return self.compose(logits, weights.to(self.device), rows)
 
+    def score_continuations(
+        self,
+        chat_ids: Sequence[Sequence[int]],
+        base_ids: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        weights: torch.Tensor,
+        conservative_top_p: float | None = None,
+    ) -> list[torch.Tensor]:
+        """Teacher forcing: composed log-probs [n_b, V] at each of continuation b's n_b
+        positions, after its view of prompt b and the continuation tokens before it. Every
+        model reads the whole sequences in one forward (no cache, nothing kept);
+        `weights` is [B, n_behaviors]."""
+        per_model = []
+        for i, chat_view in enumerate(self.reads_chat_view):
+            prompts = chat_ids if chat_view else base_ids
+            per_model.append(self._teacher_forced(i, prompts, continuations))
+        lengths = [len(c) for c in continuations]
+        logits = [torch.cat(rows) for rows in per_model]  # each [sum n_b, V]
+        rows_weights = weights.to(self.device).repeat_interleave(
+            torch.tensor(lengths, device=self.device), dim=0
+        )
+        composed = self.compose(logits, rows_weights, [conservative_top_p] * sum(lengths))
+        return list(composed.split(lengths))
+
+    def _teacher_forced(
+        self, i: int, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """Model i's float logits [n_b, V] predicting each continuation token after its
+        prompt, from forwards over right-padded sequences (positions count from 0 in every
+        row, as in decoding). Rows are batched so one forward's logits stay within
+        `_TEACHER_FORCING_LOGITS` floats; a model whose RoPE depends on the forward's length
+        reads each row alone, so no row changes another's scores."""
+        sequences = [[*p, *c] for p, c in zip(prompts, continuations, strict=True)]
+        out: list[torch.Tensor] = []
+        start = 0
+        while start < len(sequences):
+            width = len(sequences[start])
+            stop = start + 1
+            while stop < len(sequences) and self._rope_thresholds[i] is None:
+                wider = max(width, len(sequences[stop]))
+                if (stop + 1 - start) * wider * self.vocab_size > _TEACHER_FORCING_LOGITS:
+                    break
+                width, stop = wider, stop + 1
+            out.extend(self._teacher_forced_batch(i, sequences[start:stop], prompts[start:stop]))
+            start = stop
+        return out
+
+    def _teacher_forced_batch(
+        self, i: int, sequences: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, sequence in enumerate(sequences):
+            ids[b, : len(sequence)] = torch.tensor(sequence)
+            mask[b, : len(sequence)] = 1
+        device = self.devices[i]
+        self.forward_calls += 1
+        logits = self.models[i](
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+        ).logits
+        return [
+            logits[b, len(prompt) - 1 : len(sequence) - 1, : self.vocab_size]
+            .float()
+            .to(self.device)
+            for b, (sequence, prompt) in enumerate(zip(sequences, prompts, strict=True))
+        ]
+
     def _compose_rows(
         self,
         logits: Sequence[torch.Tensor],
@@ -264,6 +332,10 @@ class Ensemble:
             conservative_top_p,
         )
 
+
+_TEACHER_FORCING_LOGITS = 2**26
+"""Most logits one teacher-forcing forward returns (float32: 256 MiB); more rows, more
+forwards."""
 
 _POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
 

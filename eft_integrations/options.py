@@ -20,14 +20,17 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "GREEDY_TEMPERATURE",
     "MAX_ABS_WEIGHT",
+    "MAX_TOP_LOGPROBS",
     "OPTION_NAMES",
     "SEED_RANGE",
+    "ContinuationScore",
     "GenerationKwargs",
     "GenerationOptions",
     "GenerationResult",
     "RequestStats",
     "ResolvedWeights",
     "StreamChunk",
+    "TokenLogprob",
     "Usage",
     "merge_call_options",
     "merge_call_weights",
@@ -51,6 +54,8 @@ MAX_ABS_WEIGHT = 1e6
 """The largest behavior weight magnitude accepted. A weight times a log-prob delta must stay
 finite in float32, where composition runs (1e38 is finite in Python, inf once multiplied);
 beyond 1e6 the delta alone decides the token anyway."""
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a request may ask log-probs for per token (OpenAI's limit)."""
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """Seeds torch's generators accept (a seed of 2**64 is an overflow inside torch)."""
 
@@ -94,6 +99,13 @@ class GenerationOptions:
     logit_bias: Mapping[int, float] | None = None
     """Token id -> bias added to its composed score before sampling (OpenAI's logit_bias,
     each in [-100, 100]; -100 in effect bans a token, 100 forces it)."""
+    logprobs: int | None = None
+    """Return each generated token's log-prob and those of the `logprobs` most likely
+    alternatives (0: the chosen token only; at most `MAX_TOP_LOGPROBS`) in
+    `GenerationResult.logprobs` / `StreamChunk.logprobs`; None returns none. They are
+    log-probs of the composed EFT distribution at the request's weights (with
+    conservative_top_p), before logit_bias, penalties, constraints, temperature, top-k and
+    top-p: what vLLM returns by default and `EFTDecoder.next_token_logprobs` gives."""
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> GenerationOptions:
@@ -179,6 +191,15 @@ class GenerationOptions:
             )
 
     def _check_sampling_extras(self) -> None:
+        n = self.logprobs
+        if n is not None and (
+            isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS
+        ):
+            raise EFTRequestError(
+                f"logprobs must be None or an int in [0, {MAX_TOP_LOGPROBS}] (the alternatives "
+                f"returned per token; 0: the chosen token only), got {n!r}",
+                param="logprobs",
+            )
         k = self.speculative_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise EFTRequestError(
@@ -251,6 +272,7 @@ class GenerationKwargs(TypedDict, total=False):
     presence_penalty: float
     frequency_penalty: float
     logit_bias: Mapping[int, float] | None
+    logprobs: int | None
 
 
 def _check_real(name: str, value: object) -> None:
@@ -307,6 +329,40 @@ class RequestStats:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-prob under the composed EFT distribution, and its alternatives'."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] = field(default_factory=dict)
+    """The most likely tokens at this position (token id -> log-prob), most likely first."""
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """How likely a given continuation is under the composed EFT distribution
+    (`EFTDecoder.score`): one entry per continuation token."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """log p_eft(token | prompt, the continuation before it), per token."""
+    is_greedy: list[bool]
+    """Whether each token is the composed distribution's most likely one there."""
+    top_logprobs: list[dict[int, float]] | None = None
+    """With `top_logprobs=k`: the k most likely tokens at each position (id -> log-prob)."""
+
+    @property
+    def total(self) -> float:
+        """The continuation's log-likelihood: the sum of its tokens' log-probs."""
+        return float(sum(self.logprobs))
+
+    @property
+    def greedy(self) -> bool:
+        """Whether greedy decoding would produce exactly this continuation."""
+        return all(self.is_greedy)
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """The completion of one prompt."""
 
@@ -321,6 +377,8 @@ class GenerationResult:
     """The behavior weights this completion was decoded with."""
     stats: RequestStats | None = None
     """Queue time, time to first token, speed (and speculative drafting figures)."""
+    logprobs: list[TokenLogprob] | None = None
+    """With the `logprobs` option: one entry per token of `token_ids`."""
 
 
 @dataclass(frozen=True)
@@ -333,6 +391,8 @@ class StreamChunk:
     usage: Usage | None = None
     stats: RequestStats | None = None
     """On the last chunk: how the request went (see `GenerationResult.stats`)."""
+    logprobs: list[TokenLogprob] | None = None
+    """With the `logprobs` option: one entry per token of `token_ids`."""
 
 
 WeightsArg = Mapping[str, float] | Sequence[Mapping[str, float]] | None

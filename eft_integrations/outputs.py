@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .options import GenerationResult, StreamChunk, Usage
+from .options import GenerationResult, StreamChunk, TokenLogprob, Usage
 from .request import Request
 
 __all__ = ["EngineStats", "OutputProcessor"]
@@ -53,19 +53,24 @@ class OutputProcessor:
         self.stats = stats
 
     def process(
-        self, tokens: Mapping[Request, list[int]], failed: Mapping[Request, Exception]
+        self,
+        tokens: Mapping[Request, list[int]],
+        failed: Mapping[Request, Exception],
+        logprobs: Mapping[Request, list[TokenLogprob]] | None = None,
     ) -> set[Request]:
-        """Record each row's new tokens, stream what is safe to show, finish the rows that
-        are done and fail the rows in `failed` (or whose recording raised). Returns the rows
-        that left (finished or failed)."""
+        """Record each row's new tokens (and their `logprobs`, for the rows that asked),
+        stream what is safe to show, finish the rows that are done and fail the rows in
+        `failed` (or whose recording raised). Returns the rows that left (finished or
+        failed)."""
         now = time.monotonic()
         failures = dict(failed)
         for request, new in tokens.items():
             if request in failures:
                 continue
+            entries = (logprobs or {}).get(request) or [None] * len(new)
             try:
-                for token in new:
-                    request.row.record(token)
+                for token, entry in zip(new, entries, strict=True):
+                    request.row.record(token, entry)
                     if request.row.finished:
                         break
             except Exception as error:  # this row's constraint or stop handling failed
@@ -95,7 +100,14 @@ class OutputProcessor:
             return
         piece = request.row.text.delta()
         if piece:
-            _send(request, StreamChunk(text=piece, token_ids=request.row.take_unsent()))
+            _send(
+                request,
+                StreamChunk(
+                    text=piece,
+                    token_ids=request.row.take_unsent(),
+                    logprobs=request.row.take_unsent_logprobs(),
+                ),
+            )
 
     def finish(self, request: Request, reason: str) -> None:
         """Send the final chunk (streams) and the result."""
@@ -111,6 +123,7 @@ class OutputProcessor:
                 StreamChunk(
                     text=row.text.delta(final=True),
                     token_ids=row.take_unsent(),
+                    logprobs=row.take_unsent_logprobs(),
                     finish_reason=row.finish_reason,
                     usage=usage,
                     stats=stats,
@@ -125,6 +138,7 @@ class OutputProcessor:
                 usage=usage,
                 weights=dict(request.weights),
                 stats=stats,
+                logprobs=None if row.logprobs is None else list(row.logprobs),
             ),
         )
 

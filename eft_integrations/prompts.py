@@ -112,17 +112,7 @@ class PromptEncoder:
                 else []
             )
         else:
-            ids = list(prompt)
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
-                raise EFTRequestError(
-                    "a prompt is a string or a list of int token ids", param="prompt"
-                )
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise EFTRequestError(
-                    f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                    param="prompt",
-                )
+            ids = self._checked_ids(prompt, "prompt")
         if not ids:
             raise EFTRequestError("prompt is empty: give some text or token ids", param="prompt")
         if self.context_window is not None and len(ids) > self.context_window:
@@ -131,6 +121,43 @@ class PromptEncoder:
                 f"{self.context_window}; shorten the prompt",
                 param="prompt",
                 code="context_length_exceeded",
+            )
+        return ids
+
+    def encode_continuation(
+        self, continuation: Prompt, prompt_tokens: int, index: int = 0
+    ) -> list[int]:
+        """Token ids of a continuation to score after a prompt of `prompt_tokens` tokens:
+        strings are tokenized on their own, without special tokens (give token ids to choose
+        how a prompt and its continuation split)."""
+        if isinstance(continuation, str):
+            ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self._checked_ids(continuation, "continuation")
+        if not ids:
+            raise EFTRequestError(
+                f"continuation {index} is empty: give some text or token ids to score",
+                param="continuation",
+            )
+        total = prompt_tokens + len(ids)
+        if self.context_window is not None and total > self.context_window:
+            raise EFTRequestError(
+                f"prompt {index} and its continuation have {total} tokens but the smallest "
+                f"context window is {self.context_window}; shorten them",
+                param="continuation",
+                code="context_length_exceeded",
+            )
+        return ids
+
+    def _checked_ids(self, ids: Sequence[int], param: str) -> list[int]:
+        ids = list(ids)
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise EFTRequestError(f"a {param} is a string or a list of int token ids", param=param)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EFTRequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                param=param,
             )
         return ids
 
@@ -253,6 +280,7 @@ class RequestBuilder:
                 len(chat),
                 budget,
                 constraint,
+                logprobs=options.logprobs is not None,
             )
             requests.append(
                 Request(

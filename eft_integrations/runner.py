@@ -33,6 +33,7 @@ import torch
 from .ensemble import Ensemble
 from .kv_memory import KVMemory
 from .kv_state import KVState
+from .options import TokenLogprob
 from .outputs import EngineStats
 from .request import Request
 from .sampler import Sampler, not_finite
@@ -137,6 +138,8 @@ class RoundOutput:
 
     tokens: dict[Request, list[int]] = field(default_factory=dict)
     failed: dict[Request, Exception] = field(default_factory=dict)
+    logprobs: dict[Request, list[TokenLogprob]] = field(default_factory=dict)
+    """The emitted tokens' log-probs, for the rows whose request asked for them."""
 
 
 class ModelRunner:
@@ -404,6 +407,7 @@ class ModelRunner:
                 continue
             out.tokens.update(result.tokens)
             out.failed.update(result.failed)
+            out.logprobs.update(result.logprobs)
             batch.add(alone.rows, alone.states, [])
         return out
 
@@ -418,6 +422,7 @@ class ModelRunner:
                     k=request.speculative.plan(request.row.tokens_left),
                     weights=request.weight_row,
                     conservative_top_p=request.options.conservative_top_p,
+                    logprobs=request.options.logprobs,
                 )
             )
         meta = self.sampler.metadata(batch.rows)
@@ -432,6 +437,8 @@ class ModelRunner:
             read.append((b, [plan.pending, *plan.emitted[:-1]]))
             request.pending = plan.emitted[-1]
             out.tokens[request] = plan.emitted
+            if plan.logprobs is not None:
+                out.logprobs[request] = plan.emitted_logprobs
         known = {b: ids for b, ids in read}
         for state in batch.states:  # a failed row's tokens stay unknown: never registered
             state.record([known.get(b, []) for b in range(len(batch.rows))])

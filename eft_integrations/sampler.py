@@ -24,7 +24,7 @@ finiteness flags together.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,8 @@ import torch
 from .composition import finite_rows, where_finite
 from .ensemble import Ensemble
 from .errors import EFTRequestError
+from .logprobs import token_logprobs
+from .options import TokenLogprob
 from .request import Request
 from .sampling import SamplingMetadata, sampling_transform, score_processors
 
@@ -47,6 +49,8 @@ class SamplerOutput:
     tokens: torch.Tensor  # [B] on the composing device
     token_ids: list[int]  # the same on the host
     failed: dict[Request, Exception] = field(default_factory=dict)
+    logprobs: dict[Request, list[TokenLogprob]] = field(default_factory=dict)
+    """The chosen token's log-probs, for the rows whose request asked for them."""
 
 
 class Sampler:
@@ -98,9 +102,10 @@ class Sampler:
     def sample(self, logits: list[torch.Tensor], rows: Sequence[Request]) -> SamplerOutput:
         """One token per row from every model's next-token logits [B, V]."""
         weights = torch.cat([r.weight_row for r in rows]).to(self.device)  # [B, W]
-        logprobs = self.ensemble.compose(
+        composed = self.ensemble.compose(
             logits, weights, [r.options.conservative_top_p for r in rows]
         )  # [B, V]
+        logprobs = composed
         meta = self.metadata(rows)
         if meta.bias is not None or meta.uses_penalties:
             history = (
@@ -118,7 +123,9 @@ class Sampler:
         for b, request in enumerate(rows):
             if not ok_[b] and b not in failed:
                 failed[b] = not_finite(request, composed=bool(composed_ok_[b]))
-        return SamplerOutput(tokens, token_ids, {rows[b]: e for b, e in failed.items()})
+        out = SamplerOutput(tokens, token_ids, {rows[b]: e for b, e in failed.items()})
+        out.logprobs = _chosen_logprobs(composed, tokens, rows, out.failed)
+        return out
 
     def draw(
         self, logprobs: torch.Tensor, meta: SamplingMetadata, failed: dict[int, Exception]
@@ -145,6 +152,26 @@ class Sampler:
             except Exception as error:
                 failed[b] = error
         return tokens
+
+
+def _chosen_logprobs(
+    composed: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: Sequence[Request],
+    failed: Mapping[Request, Exception],
+) -> dict[Request, list[TokenLogprob]]:
+    """The composed log-probs [B, V] of each chosen token [B] and its alternatives, for the
+    rows that asked for them (one more host transfer, only when a row did)."""
+    wanted = [b for b, r in enumerate(rows) if r.options.logprobs is not None and r not in failed]
+    if not wanted:
+        return {}
+    index = torch.tensor(wanted, device=composed.device)
+    entries = token_logprobs(
+        composed.index_select(0, index),
+        tokens.index_select(0, index),
+        [rows[b].options.logprobs or 0 for b in wanted],
+    )
+    return {rows[b]: [entry] for b, entry in zip(wanted, entries, strict=True)}
 
 
 def _history(

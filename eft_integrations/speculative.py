@@ -44,6 +44,8 @@ import torch
 from .composition import draft_logprobs, finite_rows, where_finite
 from .ensemble import Ensemble
 from .kv_state import KVState
+from .logprobs import token_logprobs
+from .options import TokenLogprob
 from .sampling import SamplingMetadata, sampling_transform, score_processors
 
 __all__ = ["DraftPlan", "SpeculativeRow", "speculative_round", "verify_drafts"]
@@ -92,6 +94,8 @@ class DraftPlan:
     emitted: list[int] = field(default_factory=list)  # filled by the round
     accepted: int = 0  # drafts the round accepted (filled by the round)
     failed: bool = False  # its q or p was not finite: it emits nothing (filled by the round)
+    logprobs: int | None = None  # the request's `logprobs` option
+    emitted_logprobs: list[TokenLogprob] = field(default_factory=list)  # with `logprobs`
 
 
 def _transform(lp: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -198,6 +202,27 @@ def verify_drafts(
     return accepted, next_token
 
 
+def _emitted_logprobs(composed: torch.Tensor, plans: Sequence[DraftPlan]) -> None:
+    """Fill `emitted_logprobs` of the rows that ask for log-probs: token j of a round was
+    emitted from the EFT distribution at position j, composed[b, j] [B, K + 1, V] (an
+    accepted draft and a residual sample alike: p is the distribution they follow)."""
+    places = [
+        (b, j, token)
+        for b, plan in enumerate(plans)
+        if plan.logprobs is not None and not plan.failed
+        for j, token in enumerate(plan.emitted)
+    ]
+    if not places:
+        return
+    columns = zip(*places, strict=True)
+    rows, positions, tokens = (torch.tensor(x, device=composed.device) for x in columns)
+    entries = token_logprobs(
+        composed[rows, positions], tokens, [plans[b].logprobs or 0 for b, _, _ in places]
+    )
+    for (b, _, _), entry in zip(places, entries, strict=True):
+        plans[b].emitted_logprobs.append(entry)
+
+
 def speculative_round(
     ensemble: Ensemble,
     states: list[KVState],
@@ -247,6 +272,7 @@ def speculative_round(
         weights.repeat_interleave(k_max + 1, dim=0),
         [plan.conservative_top_p for plan in plans for _ in range(k_max + 1)],
     ).reshape(batch, k_max + 1, vocab)
+    composed = p  # what the rows that ask for log-probs are told
     p = _transform(p, meta)
     read = torch.arange(k_max + 1, device=p.device) <= limit[:, None]  # [B, K + 1]
     ok &= (finite_rows(p) | ~read).all(-1)
@@ -264,5 +290,6 @@ def speculative_round(
         n = plan.accepted = 0 if plan.failed else accepted_[b]
         plan.emitted = [] if plan.failed else [*drafted_[b][:n], next_[b]]
         forget.append(k_max - n)  # the models read pending + K drafts; they keep pending + n
+    _emitted_logprobs(composed, plans)
     for i in range(len(ensemble.models)):
         states[i].rewind_rows(forget)

@@ -7,6 +7,7 @@ from collections.abc import Set
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .constraints import TokenConstraint
+from .options import TokenLogprob
 from .text import CompletionText
 
 __all__ = ["RowText"]
@@ -28,6 +29,7 @@ class RowText:
         prompt_tokens: int,
         token_budget: int,
         constraint: TokenConstraint | None = None,
+        logprobs: bool = False,
     ) -> None:
         self.text = CompletionText(tokenizer, stop)
         self.eos_token_ids = eos_token_ids
@@ -36,6 +38,9 @@ class RowText:
         self.constraint = constraint
         self.finish_reason: str | None = None
         self.unsent_token_ids: list[int] = []  # recorded since the last stream chunk
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+        """One entry per token of `token_ids`, where the request asked for log-probs."""
+        self.unsent_logprobs: list[TokenLogprob] = []
 
     @property
     def finished(self) -> bool:
@@ -49,9 +54,13 @@ class RowText:
     def tokens_left(self) -> int:
         return self.token_budget - len(self.text.token_ids)
 
-    def record(self, token: int) -> None:
-        """Add one sampled token; may finish the row. Raises what the constraint raises."""
+    def record(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Add one sampled token (with its log-probs, where the request asked for them); may
+        finish the row. Raises what the constraint raises."""
         self.unsent_token_ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+            self.unsent_logprobs.append(logprob)
         if token in self.eos_token_ids:
             self.text.append_end_token(token)
             self.finish_reason = "stop"
@@ -69,3 +78,10 @@ class RowText:
     def take_unsent(self) -> list[int]:
         ids, self.unsent_token_ids = self.unsent_token_ids, []
         return ids
+
+    def take_unsent_logprobs(self) -> list[TokenLogprob] | None:
+        """The log-probs of the tokens `take_unsent` hands out (None without the option)."""
+        if self.logprobs is None:
+            return None
+        entries, self.unsent_logprobs = self.unsent_logprobs, []
+        return entries
