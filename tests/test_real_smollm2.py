@@ -51,8 +51,11 @@ def test_same_model_eft_is_the_model_and_is_loaded_once(smollm2_decoder):
     torch.testing.assert_close(
         same.next_token_logprobs(prompt, weights={"chat": 3.0}),
         smollm2_decoder.next_token_logprobs(prompt),
+        # relative too: the session decoder may read the prompt's prefix from its cache
+        # (an earlier test asked the same), and a shorter forward rounds differently
+        # (3e-5 at log-probs near -18 seen)
         atol=1e-5,
-        rtol=0,
+        rtol=1e-5,
     )
     before = same.forward_calls
     same.generate(prompt, temperature=0, max_new_tokens=3)
