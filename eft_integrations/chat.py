@@ -49,7 +49,7 @@ from typing import Any
 
 from .constraints import GrammarConstraint, TokenConstraint
 from .errors import EFTRequestError
-from .options import DEFAULT_MAX_NEW_TOKENS, RequestStats, Usage, merge_weights
+from .options import DEFAULT_MAX_NEW_TOKENS, RequestStats, TokenLogprob, Usage, merge_weights
 from .tool_calls import (
     DEFAULT_MAX_STRING_LENGTH,
     TOOL_CALL_CLOSE,
@@ -136,6 +136,8 @@ class ChatResult:
     weights: dict[str, float] = field(default_factory=dict)
     stats: RequestStats | None = None
     """How the request went through the engine (see `GenerationResult.stats`)."""
+    logprobs: list[TokenLogprob] | None = None
+    """With the `logprobs` option: one entry per generated token."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ class ChatDelta:
     finish_reason: str | None = None
     usage: Usage | None = None
     stats: RequestStats | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """With the `logprobs` option: the tokens decoded since the previous delta."""
 
 
 @dataclass
@@ -609,6 +613,7 @@ def _result(decoder: Any, request: ChatRequest, generated: Any) -> ChatResult:
         usage=generated.usage,
         weights=dict(generated.weights),
         stats=generated.stats,
+        logprobs=generated.logprobs,
     )
 
 
@@ -699,9 +704,12 @@ class _DeltaBuilder:
         self._text: list[str] = []
         self._index = 0
         self._valid = 0
+        self._logprobs: list[TokenLogprob] | None = None  # decoded, not yet in a delta
 
     def push(self, chunk: Any) -> list[ChatDelta]:
         final = chunk.finish_reason is not None
+        if chunk.logprobs is not None:
+            self._logprobs = [*(self._logprobs or []), *chunk.logprobs]
         if self._whole:
             self._text.append(chunk.text)
             if not final:
@@ -726,6 +734,9 @@ class _DeltaBuilder:
                 invalid.append(dataclasses.replace(call, id=piece.id))
         self._valid += len(valid)
         delta = ChatDelta(content, pieces, valid, invalid)
+        if final or content or pieces:
+            delta = dataclasses.replace(delta, logprobs=self._logprobs)
+            self._logprobs = None
         if final:
             reason = chunk.finish_reason
             if self._valid and reason != "length":

@@ -63,10 +63,12 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from . import chat as core
 from .decoder import EFTDecoder
 from .lazy import LazyDecoder, aget_decoder, get_decoder
+from .logprobs import openai_logprobs
 from .options import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_CHAT_TEMPERATURE,
     GenerationOptions,
+    logprobs_option,
     merge_call_options,
 )
 from .tool_calls import DEFAULT_MAX_STRING_LENGTH
@@ -150,6 +152,12 @@ class ChatEFT(BaseChatModel):
     max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH
     """Cap on free strings inside constrained tool calls and structured output, so that
     forced JSON always closes within `max_tokens` (None: no cap)."""
+    logprobs: bool | None = None
+    """Return each generated token's log-prob (and `top_logprobs` alternatives) under the
+    composed EFT distribution, in `response_metadata["logprobs"]["content"]` as ChatOpenAI
+    does (before temperature, top-k and top-p, as vLLM reports them)."""
+    top_logprobs: int | None = None
+    """With `logprobs`: the most likely alternatives returned per token (0 to 20)."""
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -264,6 +272,9 @@ class ChatEFT(BaseChatModel):
             )
         fields = {name: getattr(self, name) for name in _CALL_FIELDS}
         fields.update(max_new_tokens=self.max_tokens, stop=self._stops(stop) or None)
+        fields["logprobs"] = logprobs_option(
+            kwargs.pop("logprobs", self.logprobs), kwargs.pop("top_logprobs", self.top_logprobs)
+        )
         return merge_call_options(
             fields,
             {k: v for k, v in kwargs.items() if not k.startswith("ls_")},
@@ -289,7 +300,7 @@ class ChatEFT(BaseChatModel):
         deltas = core.stream_chat(decoder, _to_core_messages(messages), cancel=cancel, **options)
         try:
             for delta in deltas:
-                chunk = _chunk(delta, metadata)
+                chunk = _chunk(delta, metadata, decoder.tokenizer)
                 if run_manager is not None:
                     run_manager.on_llm_new_token(delta.content, chunk=chunk)
                 yield chunk
@@ -311,7 +322,7 @@ class ChatEFT(BaseChatModel):
         deltas = core.astream_chat(decoder, _to_core_messages(messages), **options)
         try:
             async for delta in deltas:
-                chunk = _chunk(delta, metadata)
+                chunk = _chunk(delta, metadata, decoder.tokenizer)
                 if run_manager is not None:
                     await run_manager.on_llm_new_token(delta.content, chunk=chunk)
                 yield chunk
@@ -508,18 +519,26 @@ _SUPPORTED = dict.fromkeys(
 _UNSUPPORTED = dict.fromkeys(("image_inputs", "audio_inputs", "video_inputs", "pdf_inputs"), False)
 
 
-def _chunk(delta: core.ChatDelta, metadata: Mapping[str, Any]) -> ChatGenerationChunk:
+def _chunk(
+    delta: core.ChatDelta, metadata: Mapping[str, Any], tokenizer: Any
+) -> ChatGenerationChunk:
     """A core `ChatDelta` as a LangChain chunk; the last one carries the call's metadata,
-    usage and the engine's stats."""
+    usage and the engine's stats. Log-probs go where ChatOpenAI puts them:
+    `response_metadata["logprobs"]["content"]`, which LangChain concatenates over chunks."""
     chunks = [
         tool_call_chunk(name=c.name, args=c.arguments, id=c.id, index=c.index)
         for c in delta.tool_call_chunks
     ]
     message = AIMessageChunk(content=delta.content, tool_call_chunks=chunks)
     info: dict[str, Any] = {}
+    if delta.logprobs is not None:
+        logprobs = {"content": openai_logprobs(delta.logprobs, tokenizer)}
+        message.response_metadata = {"logprobs": logprobs}
+        info["logprobs"] = logprobs
     if delta.finish_reason is not None:
         stats = delta.stats.as_dict() if delta.stats is not None else None
         message.response_metadata = {
+            **message.response_metadata,
             **metadata,
             "finish_reason": delta.finish_reason,
             "stats": stats,

@@ -71,6 +71,7 @@ from .options import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_CHAT_TEMPERATURE,
     GenerationOptions,
+    logprobs_option,
     merge_call_options,
     merge_call_weights,
 )
@@ -261,6 +262,18 @@ class EFTLLM(_JSONStructuredOutput):
         description="EFT paper 4.4: re-weight only tokens in the top-p set of the "
         "fine-tuning-scale distribution; None re-weights every token.",
     )
+    logprobs: bool | None = Field(
+        default=None,
+        description="Return each generated token's log-prob under the composed EFT "
+        "distribution (before temperature, top-k and top-p, as vLLM reports them) in the "
+        "response's `logprobs`, as LlamaIndex's OpenAI LLM does.",
+    )
+    top_logprobs: int = Field(
+        default=0,
+        ge=0,
+        le=20,
+        description="With logprobs: the most likely alternatives returned per token.",
+    )
     speculative_k: int | None = Field(
         default=None,
         ge=1,
@@ -380,8 +393,13 @@ class EFTLLM(_JSONStructuredOutput):
         """This LLM's options with a call's overrides, for the decoder (or, with `chat`, the
         core's chat functions); per-call weights merge over `weights`."""
         names = (*_GENERATION_FIELDS, *_CHAT_FIELDS) if chat else _GENERATION_FIELDS
+        call = dict(call)
+        fields = {name: getattr(self, name) for name in names}
+        fields["logprobs"] = logprobs_option(
+            call.pop("logprobs", self.logprobs), call.pop("top_logprobs", self.top_logprobs)
+        )
         return merge_call_options(
-            {name: getattr(self, name) for name in names},
+            fields,
             call,
             owner="EFTLLM",
             passthrough=_CHAT_KWARGS if chat else (),

@@ -21,6 +21,7 @@ from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
     CompletionResponse,
+    LogProb,
     MessageRole,
     TextBlock,
     ToolCallBlock,
@@ -32,7 +33,8 @@ from llama_index.core.program.utils import create_flexible_model
 
 from . import chat as core_chat
 from .lazy import aget_decoder, get_decoder
-from .options import GenerationResult, StreamChunk, Usage
+from .logprobs import openai_logprobs
+from .options import GenerationResult, StreamChunk, TokenLogprob, Usage
 
 __all__ = [
     "CHAT",
@@ -80,10 +82,27 @@ def raw_fields(
     return raw
 
 
+def index_logprobs(
+    entries: Sequence[TokenLogprob] | None, tokenizer: Any
+) -> list[list[LogProb]] | None:
+    """Log-probs as LlamaIndex's OpenAI LLM gives them: per token, its `top_logprobs`
+    alternatives (most likely first), or the chosen token alone when none were asked for."""
+    if entries is None:
+        return None
+    out = []
+    for token in openai_logprobs(entries, tokenizer):
+        choices = token["top_logprobs"] or [token]
+        out.append(
+            [LogProb(token=c["token"], logprob=c["logprob"], bytes=c["bytes"]) for c in choices]
+        )
+    return out
+
+
 def completion_response(
     text: str,
     source: Any,
     weights: Mapping[str, float],
+    tokenizer: Any,
     token_ids: Sequence[int] | None = None,
     delta: str | None = None,
 ) -> CompletionResponse:
@@ -92,11 +111,12 @@ def completion_response(
         delta=delta,
         raw=raw_fields(source, weights, token_ids),
         additional_kwargs=usage_fields(source.usage),
+        logprobs=index_logprobs(source.logprobs, tokenizer),
     )
 
 
-def text_response(result: GenerationResult) -> CompletionResponse:
-    return completion_response(result.text, result, result.weights, result.token_ids)
+def text_response(result: GenerationResult, tokenizer: Any) -> CompletionResponse:
+    return completion_response(result.text, result, result.weights, tokenizer, result.token_ids)
 
 
 def chat_reply(
@@ -105,6 +125,7 @@ def chat_reply(
     invalid_tool_calls: Sequence[core_chat.InvalidToolCall],
     source: Any,
     weights: Mapping[str, float],
+    tokenizer: Any,
     delta: str | None = None,
 ) -> ChatResponse:
     """A LlamaIndex reply: text and tool-call blocks; calls the core could not read go to
@@ -125,12 +146,18 @@ def chat_reply(
         delta=delta,
         raw=raw_fields(source, weights),
         additional_kwargs=usage_fields(source.usage),
+        logprobs=index_logprobs(source.logprobs, tokenizer),
     )
 
 
-def chat_response(result: core_chat.ChatResult) -> ChatResponse:
+def chat_response(result: core_chat.ChatResult, tokenizer: Any) -> ChatResponse:
     return chat_reply(
-        result.content, result.tool_calls, result.invalid_tool_calls, result, result.weights
+        result.content,
+        result.tool_calls,
+        result.invalid_tool_calls,
+        result,
+        result.weights,
+        tokenizer,
     )
 
 
@@ -140,21 +167,23 @@ def chat_response(result: core_chat.ChatResult) -> ChatResponse:
 class StreamedText:
     """The decoder's `StreamChunk`s as cumulative `CompletionResponse`s."""
 
-    def __init__(self, weights: Mapping[str, float]) -> None:
+    def __init__(self, weights: Mapping[str, float], tokenizer: Any) -> None:
         self.weights = weights
+        self.tokenizer = tokenizer
         self.text = ""
 
     def add(self, chunk: StreamChunk) -> CompletionResponse:
         self.text += chunk.text
-        return completion_response(self.text, chunk, self.weights, delta=chunk.text)
+        return completion_response(self.text, chunk, self.weights, self.tokenizer, delta=chunk.text)
 
 
 class StreamedReply:
     """The core's `ChatDelta`s as cumulative `ChatResponse`s. Each tool call arrives whole in
     one delta, read by the core (`tool_calls`) or not readable (`invalid_tool_calls`)."""
 
-    def __init__(self, weights: Mapping[str, float]) -> None:
+    def __init__(self, weights: Mapping[str, float], tokenizer: Any) -> None:
         self.weights = weights
+        self.tokenizer = tokenizer
         self.content = ""
         self.tool_calls: list[core_chat.ToolCall] = []
         self.invalid_tool_calls: list[core_chat.InvalidToolCall] = []
@@ -169,6 +198,7 @@ class StreamedReply:
             self.invalid_tool_calls,
             delta,
             self.weights,
+            self.tokenizer,
             delta=delta.content,
         )
 
@@ -207,24 +237,27 @@ class Route:
     stream: Callable[..., Iterator[Any]]
     arun: Callable[..., Any]  # a coroutine function
     astream: Callable[..., AsyncIterator[Any]]
-    response: Callable[[Any], Any]
+    response: Callable[[Any, Any], Any]  # (result, tokenizer)
     streamed: type[StreamedText] | type[StreamedReply]
 
     def call(self, holder: Any, request: Mapping[str, Any]) -> Any:
-        return self.response(self.run(get_decoder(holder), **request))
+        decoder = get_decoder(holder)
+        return self.response(self.run(decoder, **request), decoder.tokenizer)
 
     def stream_call(self, holder: Any, request: Mapping[str, Any]) -> Iterator[Any]:
         decoder = get_decoder(holder)
-        reply = self.streamed(core_chat.resolved_weights(decoder, request["weights"]))
+        weights = core_chat.resolved_weights(decoder, request["weights"])
+        reply = self.streamed(weights, decoder.tokenizer)
         return responses(self.stream(decoder, **request), reply)
 
     async def acall(self, holder: Any, request: Mapping[str, Any]) -> Any:
         decoder = await aget_decoder(holder)
-        return self.response(await self.arun(decoder, **request))
+        return self.response(await self.arun(decoder, **request), decoder.tokenizer)
 
     async def astream_call(self, holder: Any, request: Mapping[str, Any]) -> AsyncIterator[Any]:
         decoder = await aget_decoder(holder)
-        reply = self.streamed(core_chat.resolved_weights(decoder, request["weights"]))
+        weights = core_chat.resolved_weights(decoder, request["weights"])
+        reply = self.streamed(weights, decoder.tokenizer)
         return aresponses(self.astream(decoder, **request), reply)
 
 

@@ -7,12 +7,16 @@ those positions, and makes one host transfer for all of them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .options import ContinuationScore, TokenLogprob
 
-__all__ = ["continuation_score", "token_logprobs", "top_alternatives"]
+MIN_REPORTED_LOGPROB = -9999.0
+"""The log-prob reported for a token of probability 0 (JSON has no -inf; vLLM's value)."""
+
+__all__ = ["continuation_score", "openai_logprobs", "token_logprobs", "top_alternatives"]
 
 
 def top_alternatives(logprobs: torch.Tensor, tops: Sequence[int]) -> list[dict[int, float]]:
@@ -53,3 +57,23 @@ def continuation_score(logprobs: torch.Tensor, token_ids: list[int], top: int) -
         is_greedy=greedy.tolist(),
         top_logprobs=alternatives,
     )
+
+
+def openai_logprobs(entries: Sequence[TokenLogprob], tokenizer: Any) -> list[dict[str, Any]]:
+    """Entries in OpenAI's chat shape (`choices[].logprobs.content`): per token its text,
+    UTF-8 bytes and log-prob, and its `top_logprobs` alike. A token that is part of a
+    multi-byte character decodes to U+FFFD, as vLLM reports it."""
+
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        # JSON has no -inf: a token the distribution excludes is reported as vLLM does
+        logprob = max(logprob, MIN_REPORTED_LOGPROB)
+        return {"token": text, "bytes": list(text.encode("utf-8")), "logprob": logprob}
+
+    return [
+        {
+            **one(entry.token_id, entry.logprob),
+            "top_logprobs": [one(t, lp) for t, lp in entry.top_logprobs.items()],
+        }
+        for entry in entries
+    ]

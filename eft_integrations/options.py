@@ -32,6 +32,7 @@ __all__ = [
     "StreamChunk",
     "TokenLogprob",
     "Usage",
+    "logprobs_option",
     "merge_call_options",
     "merge_call_weights",
     "merge_weights",
@@ -526,3 +527,16 @@ def merge_call_options(
     if "max_new_tokens" in options and options["max_new_tokens"] is None:
         del options["max_new_tokens"]  # the decoder's default
     return options
+
+
+def logprobs_option(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    """OpenAI's `logprobs` (a bool) and `top_logprobs` (alternatives per token) as the core's
+    one `logprobs` option (None: none returned)."""
+    if not logprobs:
+        if top_logprobs:
+            raise EFTRequestError(
+                f"top_logprobs={top_logprobs} needs logprobs=True (as in OpenAI's API); set both",
+                param="top_logprobs",
+            )
+        return None
+    return top_logprobs or 0

@@ -267,7 +267,9 @@ def test_calls_the_core_found_invalid_stay_invalid_in_the_aggregated_message():
             usage=Usage(3, 4),
         ),
     ]
-    result = _mark_invalid(generate_from_stream(_chunk(d, {"weights": {}}) for d in deltas))
+    result = _mark_invalid(
+        generate_from_stream(_chunk(d, {"weights": {}}, tokenizer=None) for d in deltas)
+    )
     message = result.generations[0].message
     assert [(c["id"], c["args"]) for c in message.tool_calls] == [("call_1", {"a": 1, "b": 2})]
     assert [(c["id"], c["args"], c["error"]) for c in message.invalid_tool_calls] == [
@@ -454,3 +456,33 @@ def test_a_lazy_decoder_loads_once_for_concurrent_first_calls(monkeypatch):
     with ThreadPoolExecutor(max_workers=4) as pool:
         answers = list(pool.map(lambda _: chat.invoke("Hi").content, range(4)))
     assert len(loads) == 1 and len(set(answers)) == 1
+
+
+def test_logprobs_go_where_chat_openai_puts_them():
+    expected = core.chat(
+        chat_decoder(),
+        [{"role": "user", "content": "Hi"}],
+        temperature=0.0,
+        max_new_tokens=8,
+        logprobs=2,
+    )
+    model = _chat(logprobs=True, top_logprobs=2, max_tokens=8)
+    message = model.invoke("Hi")
+    content = message.response_metadata["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx(
+        [e.logprob for e in expected.logprobs], abs=1e-5
+    )
+    assert len(content) == message.usage_metadata["output_tokens"]
+    assert all(len(c["top_logprobs"]) == 2 for c in content)
+    # streamed, the chunks' log-probs concatenate to the same list
+    chunks = list(model.stream("Hi"))
+    joined = chunks[0]
+    for chunk in chunks[1:]:
+        joined += chunk
+    assert joined.response_metadata["logprobs"]["content"] == content
+    # per call, as ChatOpenAI takes them; off by default
+    bound = _chat(max_tokens=8).bind(logprobs=True)
+    assert len(bound.invoke("Hi").response_metadata["logprobs"]["content"]) == len(content)
+    assert "logprobs" not in _chat(max_tokens=4).invoke("Hi").response_metadata
+    with pytest.raises(ValueError, match="top_logprobs=3 needs logprobs=True"):
+        _chat().invoke("Hi", top_logprobs=3)

@@ -278,6 +278,80 @@ def test_completions_equal_the_decoder(client, chat_dec):
     assert chunks[-1].usage.completion_tokens == 8
 
 
+def test_chat_logprobs_equal_the_core_streamed_and_not(client, chat_dec):
+    expected = _core(chat_dec, USER, max_new_tokens=6, logprobs=2)
+    tokens = [chat_dec.tokenizer.decode([e.token_id]) for e in expected.logprobs]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=USER, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2
+    )
+    content = reply.choices[0].logprobs.content
+    assert [t.token for t in content] == tokens
+    assert [t.logprob for t in content] == pytest.approx(
+        [e.logprob for e in expected.logprobs], abs=1e-5
+    )
+    assert all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.bytes == list(t.token.encode()) for t in content)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        temperature=0,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    streamed = [
+        t
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=3)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completions_echo_logprobs_score_the_prompt_as_lm_eval_reads_them(client, chat_dec):
+    # lm-evaluation-harness's local-completions: token ids, echo, logprobs=1, max_tokens=1
+    ids = chat_dec.encode("The capital of France is Paris")
+    reply = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(ids) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    score = chat_dec.score(ids[:1], ids[1:], top_logprobs=1)
+    assert logprobs.token_logprobs[1:-1] == pytest.approx(score.logprobs, abs=1e-5)
+    greedy = [
+        lp >= max(top.values()) - 1e-6
+        for lp, top in zip(logprobs.token_logprobs[1:-1], logprobs.top_logprobs[1:-1], strict=True)
+    ]
+    assert greedy == score.is_greedy
+    generated = chat_dec.generate(ids, temperature=0, max_new_tokens=1, logprobs=1)
+    assert logprobs.token_logprobs[-1] == pytest.approx(generated.logprobs[0].logprob, abs=1e-5)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    # max_tokens 0 scores the prompt alone; two prompts score in one batch
+    other = chat_dec.encode("Once upon a time")
+    both = client.completions.create(
+        model=MODEL, prompt=[ids, other], max_tokens=0, echo=True, logprobs=0, temperature=0
+    )
+    assert [len(c.logprobs.tokens) for c in both.choices] == [len(ids), len(other)]
+    assert both.choices[0].logprobs.token_logprobs[1:] == pytest.approx(score.logprobs, abs=1e-5)
+    assert both.usage.completion_tokens == 0
+    # streamed: the echo chunk carries the prompt's, the rest the generated tokens'
+    stream = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=3, echo=True, logprobs=1, temperature=0, stream=True
+    )
+    tokens = [
+        t
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.token_logprobs
+    ]
+    assert tokens[1 : len(ids)] == pytest.approx(score.logprobs, abs=1e-5)
+    assert len(tokens) == len(ids) + 3
+
+
 def test_forced_tool_call_validates(client, chat_dec):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     reply = client.chat.completions.create(
@@ -600,11 +674,25 @@ ERRORS = [  # (id, request, status, words of the message, param)
     ),
     ("n-two", {"json": _chat_body(n=2)}, 400, "n must be 1", "n"),
     (
-        "logprobs",
-        {"json": _chat_body(logprobs=True)},
+        "top-logprobs-alone",
+        {"json": _chat_body(top_logprobs=2)},
         400,
-        "logprobs are not supported",
-        "logprobs",
+        "top_logprobs needs logprobs: true",
+        "top_logprobs",
+    ),
+    (
+        "top-logprobs-too-many",
+        {"json": _chat_body(logprobs=True, top_logprobs=21)},
+        400,
+        "less than or equal to 20",
+        "top_logprobs",
+    ),
+    (
+        "completion-zero-tokens-without-echo",
+        {"path": "/v1/completions", "json": {"model": MODEL, "prompt": "a", "max_tokens": 0}},
+        400,
+        "0 only with echo",
+        "max_tokens",
     ),
     (
         "image-part",

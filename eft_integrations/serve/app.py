@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException
 
 from ..chat import ChatDelta, ChatResult, astream_chat, resolved_weights
 from ..errors import EFTRequestError, EngineError, EngineUnavailableError
+from ..options import GenerationResult, TokenLogprob, Usage
 from ..tool_calls import InvalidToolCall, ToolCall
 from .admission import Admission, Reservation
 from .defaults import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
@@ -56,7 +57,9 @@ from .protocol import (
     ChatChunks,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChunk,
     CompletionChunks,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -245,12 +248,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     deltas = astream_chat(turn, messages, **body.chat_kwargs(state.max_tokens()))
     if body.stream:
         first = await _first(request, admitted, deltas, "messages")
-        chunks = ChatChunks(body.model, weights, body.include_usage)
+        chunks = ChatChunks(body.model, weights, body.include_usage, state.decoder.tokenizer)
         return _sse(_chat_events(request, admitted, chunks, first, deltas))
     with _core_errors(request):
         result = await _unless_disconnected(request, _whole_turn(deltas, weights))
     admitted.check()
-    return ChatCompletionResponse.of(body.model, result)
+    return ChatCompletionResponse.of(body.model, result, state.decoder.tokenizer)
 
 
 @_v1.post("/completions", response_model=CompletionResponse)
@@ -263,6 +266,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         raise APIError(
             400, f"a streamed completion takes one prompt, got {len(prompts)}", param="prompt"
         )
+    if body.stream and body.max_tokens == 0:
+        raise APIError(
+            400, "max_tokens 0 scores the prompt only; send it with stream: false", param="stream"
+        )
     admitted = state.admit(request, len(prompts), "prompt")  # before the first await
     weights = state.weights(body.eft_weights)
     decoder = state.decoder
@@ -272,18 +279,28 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         ids, echoes = await _unless_disconnected(
             request, asyncio.to_thread(_tokenized, decoder, prompts, body.echo)
         )
+        logprobs = await _unless_disconnected(
+            request, asyncio.to_thread(_prompt_logprobs, decoder, ids, body)
+        )
     if body.stream:
         stream = decoder.astream(ids[0], **options)
         first = await _first(request, admitted, stream, "prompt")
-        chunks = CompletionChunks(body.model, weights, body.include_usage)
-        return _sse(_completion_events(request, admitted, chunks, echoes[0], first, stream))
-    with _core_errors(request, "prompt"):
-        results = await _unless_disconnected(
-            request, decoder.agenerate(ids if len(ids) > 1 else ids[0], **options)
-        )
+        chunks = CompletionChunks(body.model, weights, body.include_usage, decoder.tokenizer)
+        echo = chunks.text(echoes[0], logprobs[0]) if body.echo else None
+        return _sse(_completion_events(request, admitted, chunks, echo, first, stream))
+    if body.max_tokens == 0:  # scoring only
+        results = [_nothing_generated(len(p), weights, body.logprobs) for p in ids]
+    else:
+        with _core_errors(request, "prompt"):
+            results = await _unless_disconnected(
+                request, decoder.agenerate(ids if len(ids) > 1 else ids[0], **options)
+            )
+        results = results if isinstance(results, list) else [results]
     admitted.check()
-    results = results if isinstance(results, list) else [results]
-    return CompletionResponse.of(body.model, results, echoes)
+    for lp, result in zip(logprobs, results, strict=True):
+        if lp is not None and result.logprobs is not None:
+            lp.add(decoder.tokenizer, result.logprobs)
+    return CompletionResponse.of(body.model, results, echoes, logprobs)
 
 
 # ------------------------------------------------------------------------------ off the loop
@@ -297,6 +314,48 @@ def _tokenized(
     ids = [decoder.encode(p) for p in prompts]
     echoes = [_echo(decoder, p) if echo else "" for p in prompts]
     return ids, echoes
+
+
+def _prompt_logprobs(
+    decoder: Any, ids: Sequence[list[int]], body: CompletionRequest
+) -> list[CompletionLogprobs | None]:
+    """Per prompt, the log-probs a choice starts with: with `echo`, the prompt's tokens
+    (each scored after the ones before it, in one teacher-forced batch); without, none yet.
+    None where the request asked for no log-probs. Runs on a worker thread."""
+    if body.logprobs is None:
+        return [None] * len(ids)
+    if not body.echo:
+        return [CompletionLogprobs() for _ in ids]
+    longer = [p for p in ids if len(p) > 1]
+    scores = iter(
+        decoder.score(
+            [p[:1] for p in longer],
+            [p[1:] for p in longer],
+            weights=body.eft_weights,
+            top_logprobs=body.logprobs,
+            conservative_top_p=body.conservative_top_p,
+        )
+        if longer
+        else []
+    )
+    return [
+        CompletionLogprobs().add_prompt(decoder.tokenizer, p, next(scores) if len(p) > 1 else None)
+        for p in ids
+    ]
+
+
+def _nothing_generated(
+    prompt_tokens: int, weights: Mapping[str, float], logprobs: int | None
+) -> GenerationResult:
+    """The result of a request that only scores its prompt (`max_tokens` 0)."""
+    return GenerationResult(
+        text="",
+        token_ids=[],
+        finish_reason="length",
+        usage=Usage(prompt_tokens, 0),
+        weights=dict(weights),
+        logprobs=None if logprobs is None else [],
+    )
 
 
 def _echo(decoder: Any, prompt: str | list[int]) -> str:
@@ -333,19 +392,29 @@ async def _whole_turn(deltas: AsyncIterator[ChatDelta], weights: Mapping[str, fl
     content: list[str] = []
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
+    logprobs: list[TokenLogprob] | None = None
     last: ChatDelta | None = None
     try:
         async for delta in deltas:
             content.append(delta.content)
             calls += delta.tool_calls
             invalid += delta.invalid_tool_calls
+            if delta.logprobs is not None:
+                logprobs = [*(logprobs or []), *delta.logprobs]
             last = delta
     finally:
         await deltas.aclose()
     if last is None or last.finish_reason is None or last.usage is None:
         raise RuntimeError("the engine ended the turn without its last delta")
     return ChatResult(
-        "".join(content), calls, invalid, last.finish_reason, last.usage, dict(weights), last.stats
+        "".join(content),
+        calls,
+        invalid,
+        last.finish_reason,
+        last.usage,
+        dict(weights),
+        last.stats,
+        logprobs,
     )
 
 
@@ -403,14 +472,15 @@ async def _completion_events(
     request: Request,
     admitted: Reservation,
     chunks: CompletionChunks,
-    echo: str,
+    echo: CompletionChunk | None,
     first: Any,
     stream: AsyncIterator[Any],
 ) -> AsyncIterator[str]:
-    """The SSE data of one streamed completion (see `_chat_events`)."""
+    """The SSE data of one streamed completion (see `_chat_events`); `echo` is the chunk of
+    the echoed prompt."""
     try:
-        if echo:
-            yield _json(chunks.text(echo))
+        if echo is not None:
+            yield _json(echo)
         for chunk in chunks.of(first):
             yield _json(chunk)
         async for item in stream:

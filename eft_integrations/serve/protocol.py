@@ -18,17 +18,35 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ..chat import ChatDelta, ChatResult, InvalidToolCall, ToolCall, ToolCallChunk
 from ..errors import EFTRequestError
-from ..options import GenerationResult, StreamChunk, Usage
+from ..logprobs import openai_logprobs
+from ..options import (
+    MAX_TOP_LOGPROBS,
+    ContinuationScore,
+    GenerationResult,
+    StreamChunk,
+    TokenLogprob,
+    Usage,
+    logprobs_option,
+)
 
 __all__ = [
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
+    "ChoiceLogprobs",
     "CompletionChunk",
+    "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
     "ErrorResponse",
@@ -269,13 +287,16 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    """Return each generated token's log-prob under the composed EFT distribution (before
+    temperature, top-k and top-p, as vLLM reports them)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With `logprobs`: the most likely alternatives returned per token."""
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported; leave logprobs unset or false")
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true (as in OpenAI's API)")
         return value
 
     def budget(self, default: int) -> int:
@@ -285,6 +306,9 @@ class ChatCompletionRequest(SamplingFields):
     def chat_kwargs(self, default_max_tokens: int) -> dict[str, Any]:
         """Keyword arguments of `chat.achat` / `chat.astream_chat` (messages apart)."""
         kwargs = self.generation_options(self.budget(default_max_tokens))
+        logprobs = logprobs_option(self.logprobs, self.top_logprobs)
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
         if self.tools:
             kwargs["tools"] = [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools]
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -305,10 +329,14 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions (the legacy text-completion API)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
+    """Return the prompt before the completion; with `logprobs`, the prompt tokens'
+    log-probs too (the first token has none)."""
+    max_tokens: int | None = Field(default=16, ge=0)
+    """0 (with `echo`) scores the prompt without generating (lm-evaluation-harness)."""
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Return each token's log-prob and those of its `logprobs` most likely alternatives."""
     best_of: int | None = None
 
     @field_validator("prompt")
@@ -318,7 +346,20 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt is empty: give some text or token ids")
         return prompt
 
-    @field_validator("suffix", "logprobs")
+    @field_validator("max_tokens")
+    @classmethod
+    def _generate_or_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens must be >= 1 (0 only with echo: true, to score)")
+        return value
+
+    def generation_options(self, max_new_tokens: int) -> dict[str, Any]:
+        options = super().generation_options(max_new_tokens)
+        if self.logprobs is not None:
+            options["logprobs"] = self.logprobs
+        return options
+
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         if value is not None:
@@ -400,11 +441,34 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ResponseToolCall] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    bytes: list[int] | None = None
+    logprob: float
+
+
+class TokenLogprobInfo(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """A chat choice's `logprobs`: one entry per generated token."""
+
+    content: list[TokenLogprobInfo] | None
+
+    @classmethod
+    def of(cls, entries: Sequence[TokenLogprob] | None, tokenizer: Any) -> ChoiceLogprobs | None:
+        if entries is None:
+            return None
+        tokens = openai_logprobs(entries, tokenizer)
+        return cls(content=[TokenLogprobInfo.model_validate(t) for t in tokens])
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -418,7 +482,7 @@ class ChatCompletionResponse(BaseModel):
     """The behavior weights the answer was decoded with (defaults filled in)."""
 
     @classmethod
-    def of(cls, model: str, result: ChatResult) -> ChatCompletionResponse:
+    def of(cls, model: str, result: ChatResult, tokenizer: Any) -> ChatCompletionResponse:
         calls = [ResponseToolCall.of(c) for c in [*result.tool_calls, *result.invalid_tool_calls]]
         message = AssistantMessage(
             content=result.content if result.content or not calls else None,
@@ -426,7 +490,13 @@ class ChatCompletionResponse(BaseModel):
         )
         return cls(
             model=model,
-            choices=[ChatChoice(message=message, finish_reason=result.finish_reason)],
+            choices=[
+                ChatChoice(
+                    message=message,
+                    finish_reason=result.finish_reason,
+                    logprobs=ChoiceLogprobs.of(result.logprobs, tokenizer),
+                )
+            ],
             usage=UsageInfo.of(result.usage),
             eft_weights=dict(result.weights),
         )
@@ -463,7 +533,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -482,12 +552,15 @@ class ChatChunks:
     role, one per content or tool-call delta, one with the finish_reason (and `eft_weights`),
     then, when `include_usage`, one with empty choices and the usage."""
 
-    def __init__(self, model: str, weights: Mapping[str, float], include_usage: bool) -> None:
+    def __init__(
+        self, model: str, weights: Mapping[str, float], include_usage: bool, tokenizer: Any
+    ) -> None:
         self.id = _id("chatcmpl")
         self.created = int(time.time())
         self.model = model
         self.weights = dict(weights)
         self.include_usage = include_usage
+        self.tokenizer = tokenizer
 
     def _chunk(self, choices: list[ChatChunkChoice], **fields: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -500,33 +573,82 @@ class ChatChunks:
     def of(self, delta: ChatDelta) -> list[ChatCompletionChunk]:
         """The chunks one core delta becomes."""
         chunks = []
+        logprobs = ChoiceLogprobs.of(delta.logprobs, self.tokenizer)
         if delta.content or delta.tool_call_chunks:
             message = DeltaMessage(
                 content=delta.content or None,
                 tool_calls=[DeltaToolCall.of(c) for c in delta.tool_call_chunks] or None,
             )
-            chunks.append(self._chunk([ChatChunkChoice(delta=message)]))
+            chunks.append(self._chunk([ChatChunkChoice(delta=message, logprobs=logprobs)]))
+            logprobs = None
         if delta.finish_reason is not None:
-            chunks += self.last(delta.finish_reason, delta.usage)
+            chunks += self.last(delta.finish_reason, delta.usage, logprobs)
         return chunks
 
-    def last(self, finish_reason: str, usage: Usage | None) -> list[ChatCompletionChunk]:
-        chunks = [
-            self._chunk(
-                [ChatChunkChoice(delta=DeltaMessage(), finish_reason=finish_reason)],
-                eft_weights=self.weights,
-            )
-        ]
+    def last(
+        self, finish_reason: str, usage: Usage | None, logprobs: ChoiceLogprobs | None = None
+    ) -> list[ChatCompletionChunk]:
+        """The chunk with the finish_reason (and the log-probs of tokens no content chunk
+        carried: a held-back end), then the usage chunk when asked for."""
+        choice = ChatChunkChoice(
+            delta=DeltaMessage(), finish_reason=finish_reason, logprobs=logprobs
+        )
+        chunks = [self._chunk([choice], eft_weights=self.weights)]
         if self.include_usage:
             chunks.append(self._chunk([], usage=UsageInfo.of(usage)))
         return chunks
+
+
+class CompletionLogprobs(BaseModel):
+    """A completion choice's `logprobs`, in the legacy completions shape: per token its text,
+    log-prob (None for the first prompt token, which nothing predicts), its most likely
+    alternatives (text -> log-prob) and its character offset in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+    def add(
+        self, tokenizer: Any, entries: Sequence[TokenLogprob], start: int = 0
+    ) -> CompletionLogprobs:
+        """Append `entries`; the first token of an empty one is at offset `start` (a
+        streamed chunk's: the text streamed before it)."""
+        if self.tokens:
+            start = self.text_offset[-1] + len(self.tokens[-1])
+        for token in openai_logprobs(entries, tokenizer):
+            self.text_offset.append(start)
+            self.tokens.append(token["token"])
+            self.token_logprobs.append(token["logprob"])
+            self.top_logprobs.append({t["token"]: t["logprob"] for t in token["top_logprobs"]})
+            start += len(token["token"])
+        return self
+
+    def add_prompt(
+        self, tokenizer: Any, prompt: Sequence[int], score: ContinuationScore | None
+    ) -> CompletionLogprobs:
+        """The echoed prompt's tokens: the first without a log-prob, then `score` (the rest
+        of the prompt scored after it; None for a one-token prompt)."""
+        first = tokenizer.decode([prompt[0]])
+        self.tokens.append(first)
+        self.token_logprobs.append(None)
+        self.top_logprobs.append(None)
+        self.text_offset.append(0)
+        if score is not None:
+            tops = score.top_logprobs or [{} for _ in score.token_ids]
+            entries = [
+                TokenLogprob(token_id=t, logprob=lp, top_logprobs=top)
+                for t, lp, top in zip(score.token_ids, score.logprobs, tops, strict=True)
+            ]
+            self.add(tokenizer, entries)
+        return self
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -540,11 +662,19 @@ class CompletionResponse(BaseModel):
 
     @classmethod
     def of(
-        cls, model: str, results: Sequence[GenerationResult], echoes: Sequence[str]
+        cls,
+        model: str,
+        results: Sequence[GenerationResult],
+        echoes: Sequence[str],
+        logprobs: Sequence[CompletionLogprobs | None] | None = None,
     ) -> CompletionResponse:
+        """`logprobs`: per choice, its log-probs (None where the request asked for none)."""
+        logprobs = logprobs or [None] * len(results)
         choices = [
-            CompletionChoice(index=i, text=echo + r.text, finish_reason=r.finish_reason)
-            for i, (r, echo) in enumerate(zip(results, echoes, strict=True))
+            CompletionChoice(
+                index=i, text=echo + r.text, finish_reason=r.finish_reason, logprobs=lp
+            )
+            for i, (r, echo, lp) in enumerate(zip(results, echoes, logprobs, strict=True))
         ]
         return cls(
             model=model,
@@ -565,31 +695,46 @@ class CompletionChunk(BaseModel):
 
 
 class CompletionChunks:
-    """Builds the chunks of one streamed completion (one prompt)."""
+    """Builds the chunks of one streamed completion (one prompt); with log-probs, each chunk
+    carries its tokens' (offsets continue over the stream)."""
 
-    def __init__(self, model: str, weights: Mapping[str, float], include_usage: bool) -> None:
+    def __init__(
+        self, model: str, weights: Mapping[str, float], include_usage: bool, tokenizer: Any
+    ) -> None:
         self.id = _id("cmpl")
         self.created = int(time.time())
         self.model = model
         self.weights = dict(weights)
         self.include_usage = include_usage
+        self.tokenizer = tokenizer
+        self._offset = 0  # text offset of the next token
 
     def _chunk(self, choices: list[CompletionChoice], **fields: Any) -> CompletionChunk:
         return CompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=choices, **fields
         )
 
-    def text(self, text: str) -> CompletionChunk:
-        return self._chunk([CompletionChoice(index=0, text=text, finish_reason=None)])
+    def text(
+        self,
+        text: str,
+        logprobs: CompletionLogprobs | None = None,
+        finish_reason: str | None = None,
+    ) -> CompletionChunk:
+        if logprobs is not None and logprobs.tokens:
+            self._offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+        choice = CompletionChoice(
+            index=0, text=text, finish_reason=finish_reason, logprobs=logprobs
+        )
+        return self._chunk([choice], eft_weights=self.weights if finish_reason else None)
 
     def of(self, chunk: StreamChunk) -> list[CompletionChunk]:
         """The chunks one decoder chunk becomes."""
+        logprobs = None
+        if chunk.logprobs is not None:
+            logprobs = CompletionLogprobs().add(self.tokenizer, chunk.logprobs, self._offset)
         if chunk.finish_reason is None:
-            return [self.text(chunk.text)] if chunk.text else []
-        last = self._chunk(
-            [CompletionChoice(index=0, text=chunk.text, finish_reason=chunk.finish_reason)],
-            eft_weights=self.weights,
-        )
+            return [self.text(chunk.text, logprobs)] if chunk.text or logprobs else []
+        last = self.text(chunk.text, logprobs, chunk.finish_reason)
         if not self.include_usage:
             return [last]
         return [last, self._chunk([], usage=UsageInfo.of(chunk.usage))]

@@ -253,7 +253,7 @@ def test_streamed_calls_the_core_could_not_read_are_reported_invalid():
     with its error): the adapter reports what the core decided and parses nothing."""
     from eft_integrations.llama_index_responses import StreamedReply
 
-    reply = StreamedReply({"chat": 1.0})
+    reply = StreamedReply({"chat": 1.0}, tokenizer=None)
     rome = '{"city": "Rome"}'
     reply.add(
         core_chat.ChatDelta(

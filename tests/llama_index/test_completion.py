@@ -281,3 +281,30 @@ async def test_lazy_loading_in_async_code_and_base_alone(rag_paths):
     assert response.raw["weights"] == {}
     alone = EFTDecoder.from_pretrained(base=rag_paths["base"], dtype=torch.float32)
     assert response.text == alone.generate(PROMPT, temperature=0.0, max_new_tokens=4).text
+
+
+def test_logprobs_come_as_llama_index_openai_gives_them(rag_decoder):
+    llm = EFTLLM(decoder=rag_decoder, temperature=0.0, max_new_tokens=6, logprobs=True)
+    expected = rag_decoder.generate("The capital", temperature=0, max_new_tokens=6, logprobs=0)
+    response = llm.complete("The capital")
+    assert [[lp.logprob for lp in token] for token in response.logprobs] == [
+        [pytest.approx(e.logprob, abs=1e-5)] for e in expected.logprobs
+    ]
+    top = llm.complete("The capital", top_logprobs=3)
+    assert [len(token) for token in top.logprobs] == [3] * len(expected.logprobs)
+    assert top.logprobs[0][0].token == rag_decoder.tokenizer.decode(
+        [
+            next(
+                iter(
+                    rag_decoder.generate("The capital", temperature=0, max_new_tokens=1, logprobs=3)
+                    .logprobs[0]
+                    .top_logprobs
+                )
+            )
+        ]
+    )
+    streamed = [t for r in llm.stream_complete("The capital") for t in (r.logprobs or [])]
+    assert [t[0].logprob for t in streamed] == [t[0].logprob for t in response.logprobs]
+    chat = llm.chat([ChatMessage(role=MessageRole.USER, content="Hello")])
+    assert chat.logprobs and len(chat.logprobs) == chat.raw["usage"]["completion_tokens"]
+    assert EFTLLM(decoder=rag_decoder, max_new_tokens=2).complete("x").logprobs is None
