@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -127,3 +128,12 @@ class BruteForceEFT:
             chat.append(token)
             base.append(token)
         return out
+
+
+def tiny_family_reference(paths: Mapping[str, Any], vocab_size: int) -> BruteForceEFT:
+    """The reference of `conftest.tiny_family`: base + chat and safe over one reference."""
+    return BruteForceEFT(
+        paths["base"],
+        {"chat": (paths["chat"], paths["ref"]), "safe": (paths["safe"], paths["ref"])},
+        vocab_size,
+    )

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from eft_integrations import EFTDecoder
 from eft_integrations.composition import sampling_logprobs
 
-from .reference import BruteForceEFT
+from .reference import BruteForceEFT, tiny_family_reference
 
 PROMPTS = ["The capital of Veloria", "Héllo wörld, café crème — naïve", "Stop"]
 WEIGHTS = [{"chat": 1.0, "safe": 0.0}, {"chat": 0.4, "safe": 0.6}, {"chat": 2.0, "safe": -0.5}]
@@ -19,14 +19,7 @@ WEIGHTS = [{"chat": 1.0, "safe": 0.0}, {"chat": 0.4, "safe": 0.6}, {"chat": 2.0,
 
 @pytest.fixture(scope="module")
 def reference(tiny_paths, decoder) -> BruteForceEFT:
-    return BruteForceEFT(
-        tiny_paths["base"],
-        {
-            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
-            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
-        },
-        decoder.vocab_size,
-    )
+    return tiny_family_reference(tiny_paths, decoder.vocab_size)
 
 
 def test_next_token_logprobs_match_reference_one_prompt(decoder, reference):

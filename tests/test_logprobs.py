@@ -10,7 +10,7 @@ import torch
 from eft_integrations import ContinuationScore, EFTDecoder, EFTRequestError
 
 from .conftest import tiny_family
-from .reference import BruteForceEFT
+from .reference import BruteForceEFT, tiny_family_reference
 from .test_isolation import (
     assert_clean,
     base_model,
@@ -34,14 +34,7 @@ def endless(tiny_paths) -> EFTDecoder:
 
 @pytest.fixture(scope="module")
 def reference(tiny_paths, endless) -> BruteForceEFT:
-    return BruteForceEFT(
-        tiny_paths["base"],
-        {
-            "chat": (tiny_paths["chat"], tiny_paths["ref"]),
-            "safe": (tiny_paths["safe"], tiny_paths["ref"]),
-        },
-        endless.vocab_size,
-    )
+    return tiny_family_reference(tiny_paths, endless.vocab_size)
 
 
 def expected_steps(
