@@ -399,8 +399,9 @@ async def _whole_turn(deltas: AsyncIterator[ChatDelta], weights: Mapping[str, fl
             content.append(delta.content)
             calls += delta.tool_calls
             invalid += delta.invalid_tool_calls
-            if delta.logprobs is not None:
-                logprobs = [*(logprobs or []), *delta.logprobs]
+            if delta.logprobs is not None:  # extended in place: a long turn stays linear
+                logprobs = [] if logprobs is None else logprobs
+                logprobs.extend(delta.logprobs)
             last = delta
     finally:
         await deltas.aclose()
