@@ -44,13 +44,20 @@ import torch
 from .ensemble import Ensemble
 from .errors import EFTRequestError, EngineError, EngineUnavailableError
 from .kv_memory import KVMemory, default_kv_cache_tokens
-from .outputs import EngineStats, OutputProcessor
+from .outputs import EngineObserver, EngineStats, OutputProcessor
 from .request import Request
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
 
-__all__ = ["DEFAULT_PREFILL_CHUNK", "MAX_CONSECUTIVE_CRASHES", "Engine", "EngineStats", "Request"]
+__all__ = [
+    "DEFAULT_PREFILL_CHUNK",
+    "MAX_CONSECUTIVE_CRASHES",
+    "Engine",
+    "EngineObserver",
+    "EngineStats",
+    "Request",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +199,16 @@ class Engine:
             self._tasks.append(task)
             self._wake()
         return task.wait()
+
+    def add_observer(self, observer: EngineObserver) -> None:
+        """Tell `observer` each row's token timing and each request's end, on the engine
+        thread (see `EngineObserver`); a server's metrics listen this way. The engine holds
+        it weakly: it listens while its owner keeps a reference to it."""
+        self.outputs.observers.add(observer)
+
+    def remove_observer(self, observer: EngineObserver) -> None:
+        """Stop telling `observer` (no error when it was not listening)."""
+        self.outputs.observers.discard(observer)
 
     @property
     def queued(self) -> int:

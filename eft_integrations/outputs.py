@@ -4,20 +4,26 @@ For every row of a step it records the new tokens (incremental text, stop string
 constraint, end of turn: `RowText`), streams the text that is safe to show, and finishes or
 fails the rows that are done. A caller that cannot take its output (a closed event loop, a
 broken sink) loses its own request, never the engine.
+
+Observers (`EngineObserver`, added with `Engine.add_observer`) hear each row's token timing
+and each request's end on the engine thread, as vLLM's stat loggers do: the server's
+Prometheus metrics are one. An observer that raises is logged and left out of that event;
+the rows never see it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .options import GenerationResult, StreamChunk, TokenLogprob, Usage
+from .options import GenerationResult, RequestStats, StreamChunk, TokenLogprob, Usage
 from .request import Request
 
-__all__ = ["EngineStats", "OutputProcessor"]
+__all__ = ["EngineObserver", "EngineStats", "OutputProcessor"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +52,39 @@ class EngineStats:
         return max(self.batch_sizes, default=0)
 
 
+class EngineObserver:
+    """Hears what the engine does, on the engine thread (keep each call short: the step
+    waits for it). Override what you need; every method does nothing by default."""
+
+    def on_first_token(self, time_to_first_token: float) -> None:
+        """A request's first tokens arrived, this long after it was submitted."""
+
+    def on_tokens(self, gap: float, tokens: int) -> None:
+        """A running request got `tokens` more (one, or a speculative round's), `gap` seconds
+        after its previous ones (one inter-token latency per step, as vLLM counts it)."""
+
+    def on_finish(self, stats: RequestStats, usage: Usage, finish_reason: str) -> None:
+        """A request ended with a result (finished, stopped or cancelled)."""
+
+    def on_failure(self, error: BaseException) -> None:
+        """A request ended with `error` instead of a result."""
+
+
 class OutputProcessor:
     """Turns a step's tokens into text, stream chunks, results and errors."""
 
     def __init__(self, stats: EngineStats) -> None:
         self.stats = stats
+        self.observers: weakref.WeakSet[EngineObserver] = weakref.WeakSet()
+        """Held weakly: an app's metrics go when the app goes, not with the engine."""
+
+    def _tell(self, event: str, *args: object) -> None:
+        """Call `event` on every observer; one that raises is logged, never the rows' loss."""
+        for observer in tuple(self.observers):  # added or removed from other threads
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                logger.warning("engine observer %r failed on %s", observer, event, exc_info=True)
 
     def process(
         self,
@@ -78,6 +112,10 @@ class OutputProcessor:
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
+                self._tell("on_first_token", now - request.submitted_at)
+            else:
+                self._tell("on_tokens", now - request.last_token_at, len(new))
+            request.last_token_at = now
             self._emit(request)
         done = set(failures)
         for request, error in failures.items():
@@ -117,6 +155,7 @@ class OutputProcessor:
         usage = Usage(row.prompt_tokens, len(row.token_ids), request.cached_prompt_tokens)
         stats = request.stats(now)
         self.stats.finished += 1
+        self._tell("on_finish", stats, usage, row.finish_reason)
         if request.streaming:
             _send(
                 request,
@@ -146,6 +185,7 @@ class OutputProcessor:
         """Answer the request with its error."""
         self.stats.failed += 1
         request.row.finish_reason = request.row.finish_reason or "error"
+        self._tell("on_failure", error)
         _send(request, error)
 
 

@@ -43,6 +43,8 @@ class Request:
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float = 0.0
+    """When its latest tokens were recorded (inter-token latency)."""
     generator: torch.Generator | None = None
     """Its own random source when it has a seed (None: the sampler's shared one)."""
     speculative: SpeculativeRow | None = None

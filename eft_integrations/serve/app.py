@@ -6,7 +6,8 @@ stream the engine's output as server-sent events (sse-starlette).
     app = build_app(decoder, served_model_name="eft", api_key="secret")
     # uvicorn.run(app, host="127.0.0.1", port=8000), or `eft serve`
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health.
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health,
+GET /metrics (Prometheus, `metrics.py`; behind the API key when there is one).
 Every request goes through the async core path, so it joins the engine's running batch; a
 client that disconnects (mid-stream or while waiting) cancels its request, which leaves the
 batch at the next step. Errors are OpenAI's error JSON with the matching status; a request
@@ -19,7 +20,8 @@ What keeps one client from hurting the others:
   threads, after the cheap checks (body size, model, capacity);
 - middleware (`middleware.py`): the API key is checked before the body is read, a body that
   does not arrive in time gets 408, every response carries an `x-request-id`, and a 500 names
-  that id instead of the error (the log has the traceback);
+  that id instead of the error (the log has the traceback); every request ends with an access
+  log line (status, latency, tokens, request id);
 - shutdown (`ServingState.drain`, run by `server.Server` on SIGTERM): 503 for new requests,
   a grace period for the running ones, then each open stream ends with an error event and
   `[DONE]` and its engine rows are cancelled.
@@ -40,7 +42,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
@@ -52,7 +54,17 @@ from ..tool_calls import InvalidToolCall, ToolCall
 from .admission import Admission, Reservation
 from .defaults import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
 from .errors import APIError, ClientDisconnected, internal_error
-from .middleware import BodySizeLimit, BodyTimeout, RequestContext, RequireKey, on_end, request_id
+from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .middleware import (
+    AccessLog,
+    BodySizeLimit,
+    BodyTimeout,
+    RequestContext,
+    RequireKey,
+    note_usage,
+    on_end,
+    request_id,
+)
 from .protocol import (
     ChatChunks,
     ChatCompletionRequest,
@@ -83,6 +95,7 @@ class ServingState:
     decoder: Any
     model_names: tuple[str, ...]
     admission: Admission
+    metrics: ServerMetrics
     default_max_tokens: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -175,13 +188,15 @@ def build_app(
         openapi_url=None,
     )
     admission = Admission(decoder.engine, max_queue)
-    app.state.eft = ServingState(decoder, names, admission, default_max_tokens)
+    metrics = ServerMetrics(decoder, admission)
+    metrics.attach()
+    app.state.eft = ServingState(decoder, names, admission, metrics, default_max_tokens)
     app.include_router(_v1, prefix="/v1")
     app.include_router(_plain)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    # added innermost first: RequestContext ends up outermost
+    # added innermost first: AccessLog ends up outermost
     if max_body_bytes is not None:
         app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if body_timeout is not None:
@@ -189,6 +204,7 @@ def build_app(
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
     app.add_middleware(RequestContext)
+    app.add_middleware(AccessLog, metrics=metrics)
     return app
 
 
@@ -222,6 +238,13 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
+@_plain.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of the server and its engine (see `metrics.py`)."""
+    body = await asyncio.to_thread(_state(request).metrics.render)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 @_v1.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = _state(request)
@@ -253,6 +276,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     with _core_errors(request):
         result = await _unless_disconnected(request, _whole_turn(deltas, weights))
     admitted.check()
+    note_usage(request.scope, result.usage.prompt_tokens, result.usage.completion_tokens)
     return ChatCompletionResponse.of(body.model, result, state.decoder.tokenizer)
 
 
@@ -297,6 +321,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
             )
         results = results if isinstance(results, list) else [results]
     admitted.check()
+    for result in results:
+        note_usage(request.scope, result.usage.prompt_tokens, result.usage.completion_tokens)
     for lp, result in zip(logprobs, results, strict=True):
         if lp is not None and result.logprobs is not None:
             lp.add(decoder.tokenizer, result.logprobs)
@@ -456,11 +482,11 @@ async def _chat_events(
     cutting the request short, goes out as an error event; `[DONE]` always ends it."""
     try:
         yield _json(chunks.first())
-        for chunk in chunks.of(first):
+        for chunk in chunks.of(_noted(request, first)):
             yield _json(chunk)
         async for delta in deltas:
             admitted.check()  # cut short: its last delta is the engine's cancellation
-            for chunk in chunks.of(delta):
+            for chunk in chunks.of(_noted(request, delta)):
                 yield _json(chunk)
     except Exception as error:
         yield _json(_error_of(error, request).body())
@@ -482,17 +508,25 @@ async def _completion_events(
     try:
         if echo is not None:
             yield _json(echo)
-        for chunk in chunks.of(first):
+        for chunk in chunks.of(_noted(request, first)):
             yield _json(chunk)
         async for item in stream:
             admitted.check()
-            for chunk in chunks.of(item):
+            for chunk in chunks.of(_noted(request, item)):
                 yield _json(chunk)
     except Exception as error:
         yield _json(_error_of(error, request).body())
     finally:
         await stream.aclose()
     yield "[DONE]"
+
+
+def _noted(request: Request, item: T) -> T:
+    """`item`, its usage (a stream's last item has it) noted for the access log."""
+    usage = getattr(item, "usage", None)
+    if usage is not None:
+        note_usage(request.scope, usage.prompt_tokens, usage.completion_tokens)
+    return item
 
 
 def _json(model: BaseModel) -> str:

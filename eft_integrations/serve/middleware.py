@@ -1,5 +1,7 @@
 """The app's ASGI middleware, outermost first:
 
+- `AccessLog`: one log line per request (client, route, status, latency, tokens, request id)
+  and the HTTP metrics.
 - `RequestContext`: every response carries an `x-request-id`; an error no handler answered
   becomes a 500 naming that id (the log has the traceback); the request's end callbacks run
   however it ends (they release its admission).
@@ -17,8 +19,10 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -28,15 +32,19 @@ from .errors import APIError, internal_error
 
 __all__ = [
     "OPEN_PATHS",
+    "AccessLog",
     "BodySizeLimit",
     "BodyTimeout",
     "RequestContext",
     "RequireKey",
+    "note_usage",
     "on_end",
     "request_id",
 ]
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("eft_integrations.access")
+"""One INFO line per request (`eft serve` prints it; uvicorn's own access log is off)."""
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -47,11 +55,21 @@ OPEN_PATHS = frozenset({"/health"})
 
 _ID_KEY = "eft.request_id"
 _END_KEY = "eft.on_end"
+_USAGE_KEY = "eft.usage"
+
+CLIENT_CLOSED = 499
+"""The status logged for a request whose client left before any response (nginx's)."""
 
 
 def request_id(scope: Scope) -> str:
     """The id of the request (set by `RequestContext`)."""
     return scope.get(_ID_KEY, "-")
+
+
+def note_usage(scope: Scope, prompt_tokens: int, completion_tokens: int) -> None:
+    """Add tokens to what the request's access log line reports."""
+    prompt, completion = scope.get(_USAGE_KEY, (0, 0))
+    scope[_USAGE_KEY] = (prompt + prompt_tokens, completion + completion_tokens)
 
 
 def on_end(scope: Scope, callback: Callable[[], object]) -> None:
@@ -99,6 +117,54 @@ def _request_id(given: str | None) -> str:
     if given is not None and _SANE_REQUEST_ID.fullmatch(given):
         return given
     return uuid.uuid4().hex
+
+
+class AccessLog:
+    """The outermost layer: when a request has ended (a stream: after its last event), log
+    one line with its client, route, status, latency, tokens and request id, and count it
+    in the HTTP metrics (`metrics.observe_http`, when given). A client that left before any
+    response is logged with status 499."""
+
+    def __init__(self, app: ASGIApp, metrics: Any = None) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = CLIENT_CLOSED
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            self._log(scope, status, time.monotonic() - started)
+
+    def _log(self, scope: Scope, status: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_http(scope["path"], status, seconds)
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
+        client = scope.get("client")
+        prompt, completion = scope.get(_USAGE_KEY, (0, 0))
+        access_logger.info(
+            '%s "%s %s" %d %.1f ms prompt_tokens=%d completion_tokens=%d request_id=%s',
+            f"{client[0]}:{client[1]}" if client else "-",
+            scope["method"],
+            scope["path"],
+            status,
+            seconds * 1000,
+            prompt,
+            completion,
+            request_id(scope),
+        )
 
 
 class RequireKey:

@@ -18,6 +18,7 @@ Both run `Server`, uvicorn's server with what a server facing unknown clients ne
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import socket
 import threading
@@ -26,6 +27,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from .admission import ABORT_WAIT
@@ -119,6 +121,7 @@ def _config(
     return uvicorn.Config(
         app,
         log_level=log_level,
+        access_log=False,  # the app's own access log has the request id, latency and tokens
         http=_http_protocol(header_timeout),
         timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]
         limit_concurrency=limit_concurrency,
@@ -175,6 +178,18 @@ class Server(uvicorn.Server):
             self.should_exit = True
 
 
+def _log_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's logging, plus the package's loggers (the access log, errors with request
+    ids) on uvicorn's console handler at `log_level`."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["eft_integrations"] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
 def run_server(
     app: Any,
     host: str = "127.0.0.1",
@@ -195,6 +210,7 @@ def run_server(
         timeout_keep_alive=timeout_keep_alive,
         header_timeout=header_timeout,
         limit_concurrency=limit_concurrency,
+        log_config=_log_config(log_level),
     )
     Server(config, shutdown_grace).run()
 
