@@ -7,8 +7,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .engine import DEFAULT_PREFILL_CHUNK
+
+if TYPE_CHECKING:
+    from .serve.config import ServeConfig
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -40,27 +44,36 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _serve_parser(commands: argparse._SubParsersAction) -> None:
+    # Every flag defaults to "not given" (SUPPRESS), so a flag left out neither overrides the
+    # config file nor ServeConfig's default; the defaults in the help are ServeConfig's.
     serve = commands.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (needs the `serve` extra)",
         description="Serve /v1/chat/completions, /v1/completions and /v1/models over one EFT "
         "engine; EFT fields (eft_weights, top_k, conservative_top_p, speculative_k) ride in "
-        "the request body.",
+        "the request body. Options come from --config FILE and the flags; a flag given "
+        "replaces the file's value of the same name.",
+        argument_default=argparse.SUPPRESS,
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a YAML (or .json) file of ServeConfig fields: models with their own loading "
+        "options (gguf_file, revision, dtype, ...) and any option below",
     )
     models = serve.add_argument_group("models")
     models.add_argument("--toy", action="store_true", help="the shipped toy-world family")
     models.add_argument("--base", help="base model (hub id or path)")
     models.add_argument(
         "--behavior",
+        dest="behaviors",
         action="append",
-        default=[],
         metavar="NAME=FT,REF",
         help="a behavior: fine-tuned model and its reference (repeatable)",
     )
     models.add_argument(
         "--weights",
         action="append",
-        default=[],
         metavar="NAME=W",
         help="default weight of a behavior (repeatable; others 1.0)",
     )
@@ -73,8 +86,8 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
     models.add_argument(
         "--prefill-chunk",
         type=int,
-        default=DEFAULT_PREFILL_CHUNK,
-        help="prompt tokens per model prefilled per step (0: whole prompts at once)",
+        help="prompt tokens per model prefilled per step (0: whole prompts at once; "
+        f"default {DEFAULT_PREFILL_CHUNK})",
     )
     models.add_argument(
         "--no-prefix-caching",
@@ -82,13 +95,12 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
         help="do not reuse the cached KV of prompt prefixes across requests",
     )
     server = serve.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--served-model-name", default="eft", help="the `model` clients send")
+    server.add_argument("--host", help="listen address (default 127.0.0.1)")
+    server.add_argument("--port", type=int, help="listen port (default 8000)")
+    server.add_argument("--served-model-name", help="the `model` clients send (default eft)")
     server.add_argument(
         "--api-key",
-        default=os.environ.get("EFT_API_KEY"),
-        help="require `Authorization: Bearer KEY` (default: $EFT_API_KEY)",
+        help="require `Authorization: Bearer KEY` (default: the file's, else $EFT_API_KEY)",
     )
     server.add_argument(
         "--max-queue",
@@ -96,20 +108,20 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
         help="admit at most max-batch-size + N prompts at once (503 with Retry-After beyond)",
     )
     server.add_argument(
-        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"
+        "--max-body-bytes", type=int, help="larger request bodies get 413 (default 4 MiB)"
     )
     server.add_argument(
         "--default-max-tokens",
         type=int,
         help="budget of chat requests naming none (default: context window)",
     )
-    server.add_argument("--log-level", default="info")
+    server.add_argument("--log-level", help="uvicorn's log level (default info)")
     _limits_parser(serve)
 
 
 def _limits_parser(serve: argparse.ArgumentParser) -> None:
     """Timeouts and limits: what keeps slow or many clients from holding the server. Left
-    out, they take `ServeConfig`'s defaults (given in the help)."""
+    out, they take the config file's values, else `ServeConfig`'s defaults (in the help)."""
     limits = serve.add_argument_group("timeouts and limits")
     limits.add_argument(
         "--timeout-keep-alive",
@@ -144,58 +156,64 @@ def _limits_parser(serve: argparse.ArgumentParser) -> None:
     )
 
 
-_LIMITS = (
-    "timeout_keep_alive",
-    "header_timeout",
-    "body_timeout",
-    "limit_concurrency",
-    "shutdown_grace",
-)
-"""The `ServeConfig` fields of `_limits_parser`'s flags."""
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `ServeConfig` fields the `eft serve` flags give: only the flags on the command
+    line (each flag's dest is its field's name, but for the two below)."""
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if "no_prefix_caching" in fields:
+        fields["prefix_caching"] = not fields.pop("no_prefix_caching")
+    if "prefill_chunk" in fields:
+        fields["prefill_chunk"] = fields["prefill_chunk"] or None  # 0: whole prompts at once
+    return fields
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The config of `eft serve`: the `--config` file's fields, replaced by the flags given;
+    the API key falls back to $EFT_API_KEY. ConfigError says what is wrong and where."""
+    from pydantic import ValidationError
+
+    from .serve.config import ConfigError, ServeConfig, describe_errors
+
+    overrides = serve_overrides(args)
+    path = getattr(args, "config", None)
+    if path is not None:
+        config = ServeConfig.from_file(path, **overrides)
+    else:
+        try:
+            config = ServeConfig(**overrides)
+        except ValidationError as error:
+            raise ConfigError(describe_errors(error)) from error
+    env_key = os.environ.get("EFT_API_KEY")
+    if config.api_key is None and env_key:
+        config = config.model_copy(update={"api_key": env_key})
+    return config
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
-        from .serve.config import ServeConfig
+        from .serve.config import ConfigError
         from .serve.server import run_server
     except ImportError as error:
         raise SystemExit(
             f"eft serve needs the serve extra: pip install 'eft-integrations[serve]' ({error})"
         ) from error
-    from pydantic import ValidationError
 
     try:
-        config = ServeConfig(
-            toy=args.toy,
-            base=args.base,
-            behaviors=args.behavior,
-            weights=args.weights,
-            dtype=args.dtype,
-            device_map=args.device_map,
-            max_batch_size=args.max_batch_size,
-            kv_cache_tokens=args.kv_cache_tokens,
-            prefill_chunk=args.prefill_chunk or None,
-            prefix_caching=not args.no_prefix_caching,
-            served_model_name=args.served_model_name,
-            api_key=args.api_key,
-            max_queue=args.max_queue,
-            max_body_bytes=args.max_body_bytes,
-            default_max_tokens=args.default_max_tokens,
-            **{name: getattr(args, name) for name in _LIMITS if getattr(args, name) is not None},
-        )
-    except ValidationError as error:
-        parser.error("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors()))
+        config = serve_config(args)
+    except ConfigError as error:
+        parser.error(str(error))
     app = config.build_app()
     decoder = app.state.eft.decoder
     print(
         f"serving {decoder.model_name} as {config.served_model_name!r} on "
-        f"http://{args.host}:{args.port}/v1",
+        f"http://{config.host}:{config.port}/v1",
         flush=True,
     )
-    run_server(app, args.host, args.port, log_level=args.log_level, **config.server_kwargs())
+    run_server(app, config.host, config.port, log_level=config.log_level, **config.server_kwargs())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `eft` and its commands (`eft demo` parses its own flags)."""
     parser = argparse.ArgumentParser(prog="eft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
@@ -219,7 +237,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device-map", default=None, help='e.g. "auto" with accelerate')
     _serve_parser(commands)
+    return parser
 
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of command `name` (its errors print that command's usage)."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo parses its own flags
         from .toyworld.demo import main as demo_main
@@ -227,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(demo_main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "serve":
-        _serve(args, commands.choices["serve"])
+        _serve(args, _subparser(parser, "serve"))
     else:
         _generate(args)
 

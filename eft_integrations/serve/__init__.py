@@ -8,7 +8,15 @@ the `ray` extra. Importing `eft_integrations` imports none of them.
 """
 
 from .app import APIError, build_app
-from .config import ServeConfig
+from .config import ConfigError, ModelOptions, ServeConfig
 from .server import BackgroundServer, run_server
 
-__all__ = ["APIError", "BackgroundServer", "ServeConfig", "build_app", "run_server"]
+__all__ = [
+    "APIError",
+    "BackgroundServer",
+    "ConfigError",
+    "ModelOptions",
+    "ServeConfig",
+    "build_app",
+    "run_server",
+]

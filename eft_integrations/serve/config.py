@@ -1,12 +1,17 @@
 """What a server serves and how: the models to load and the server's options, in one pydantic
-model shared by `eft serve` and the Ray Serve builder (so both read the same names).
+model shared by `eft serve` (flags or `--config FILE.yaml`) and the Ray Serve builder (so all
+read the same names).
 
     config = ServeConfig(base="meta-llama/Llama-2-70b-hf",
                          behaviors={"chat": ("meta-llama/Llama-2-7b-chat-hf",
                                              "meta-llama/Llama-2-7b-hf")},
                          dtype="bfloat16", device_map="auto")
+    config = ServeConfig.from_file("eft.yaml", port=8080)   # the file's fields, then overrides
     app = config.build_app()           # loads the models, returns the FastAPI app
 
+A model is a hub id or path, or `ModelOptions` (a mapping in YAML) with its own loading
+options: `gguf_file`, `revision`, `dtype`, `device_map`, `trust_remote_code`, `quantization`.
+A behavior is a (fine-tuned, reference) pair, or a mapping with `finetuned` and `reference`.
 Behaviors and weights also read the command line's forms, `NAME=FT_PATH,REF_PATH` and
 `NAME=W` (a list of them, or one string with `;` between them), as `serve run ... key=value`
 passes strings.
@@ -14,9 +19,22 @@ passes strings.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..engine import DEFAULT_PREFILL_CHUNK
 from .app import build_app
@@ -29,7 +47,24 @@ from .defaults import (
     DEFAULT_SHUTDOWN_GRACE,
 )
 
-__all__ = ["ServeConfig", "parse_behavior", "parse_weight"]
+if TYPE_CHECKING:
+    from ..loading import Behavior, ModelSpec
+
+__all__ = [
+    "BehaviorModels",
+    "ConfigError",
+    "ModelOptions",
+    "ServeConfig",
+    "describe_errors",
+    "parse_behavior",
+    "parse_weight",
+    "read_config_file",
+]
+
+
+class ConfigError(ValueError):
+    """A server config that cannot be read or does not validate; the message says where (the
+    file, the key) and what is wrong."""
 
 
 def parse_behavior(text: str) -> tuple[str, tuple[str, str]]:
@@ -60,6 +95,145 @@ def _pieces(value: Any) -> list[str]:
     return list(value)
 
 
+def torch_dtype(name: str | None) -> Any:
+    """A dtype name ("bfloat16", "auto") as `from_pretrained` takes it; None stays None."""
+    if name is None or name == "auto":
+        return name
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; e.g. float32, bfloat16, auto")
+    return dtype
+
+
+class ModelOptions(BaseModel):
+    """One model and how to load it; the options left out take the server's `dtype` and
+    `device_map` (transformers' defaults beyond them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    """Hub id or local path (a folder, or the folder holding `gguf_file`)."""
+    gguf_file: str | None = None
+    """A GGUF file in `path`, dequantized by transformers on load (needs `gguf`)."""
+    revision: str | None = None
+    """A branch, tag or commit of a hub repository."""
+    dtype: str | None = None
+    """torch dtype name or "auto"; None takes the server's `dtype`."""
+    device_map: str | dict[str, Any] | None = None
+    """accelerate device map ("auto", "cuda:1", a dict); None takes the server's."""
+    trust_remote_code: bool = False
+    """Run the model's own modelling code from its repository."""
+    quantization: dict[str, Any] | None = None
+    """Keyword arguments of transformers' `BitsAndBytesConfig` (e.g. `load_in_4bit: true`);
+    loading needs `bitsandbytes`."""
+
+    def spec(self) -> ModelSpec:
+        """The `ModelSpec` that loads this model. Only options that are set become keyword
+        arguments, so a model given here by path alone is the same model (loaded once) as
+        the same path given as a plain string elsewhere."""
+        from ..loading import ModelSpec
+
+        kwargs: dict[str, Any] = {}
+        if self.gguf_file is not None:
+            kwargs["gguf_file"] = self.gguf_file
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        if self.quantization is not None:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(**self.quantization)
+        return ModelSpec(
+            self.path, dtype=torch_dtype(self.dtype), device_map=self.device_map, **kwargs
+        )
+
+
+def _model_kind(value: Any) -> str | None:
+    """Which form a model is written in: a path, or a mapping of `ModelOptions`."""
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (Mapping, ModelOptions)):
+        return "ModelOptions"
+    return None
+
+
+# Tagged by the value's own type, so a wrong mapping reports only ModelOptions' errors (not
+# also "should be a valid string"), and a number or list one line saying what a model is.
+ModelSource = Annotated[
+    Annotated[str, Tag("str")] | Annotated[ModelOptions, Tag("ModelOptions")],
+    Discriminator(
+        _model_kind,
+        custom_error_type="model_source",
+        custom_error_message="a model is a hub id or path, or a mapping with path and its "
+        "loading options (gguf_file, revision, dtype, device_map, trust_remote_code, "
+        "quantization)",
+    ),
+]
+"""A model: its hub id or path, or `ModelOptions`."""
+_UNION_TAGS = ("str", "ModelOptions")
+
+
+class BehaviorModels(NamedTuple):
+    """A behavior's two models; validated from a pair or a `{finetuned, reference}` mapping,
+    and equal to the plain `(finetuned, reference)` tuple."""
+
+    finetuned: ModelSource
+    reference: ModelSource
+
+
+def _spec(model: str | ModelOptions) -> ModelSpec:
+    from ..loading import ModelSpec
+
+    return model.spec() if isinstance(model, ModelOptions) else ModelSpec(model)
+
+
+def describe_errors(
+    error: ValidationError, source: str | None = None, overrides: Collection[str] = ()
+) -> str:
+    """A `ServeConfig` validation error as one line per problem, `; ` between them:
+    `SOURCE: KEY.PATH: what is wrong`. `source` (a file name) prefixes the problems of the
+    keys it gave, not those of `overrides`."""
+    lines = []
+    for problem in error.errors():
+        loc = [str(part) for part in problem["loc"] if part not in _UNION_TAGS]
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden" and loc:
+            message = f"unknown key {loc.pop()!r} ({message})"
+        from_file = source is not None and not (loc and loc[0] in overrides)
+        where = [source] if from_file else []
+        if loc:
+            where.append(".".join(loc))
+        lines.append(": ".join([*where, message]))
+    return "; ".join(lines)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping of a YAML (or `.json`) config file; ConfigError if it cannot be read or
+    is not a mapping."""
+    import yaml
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {str(file)!r}: {error.strerror}") from error
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"config file {str(file)!r} is not valid: {error}") from error
+    if data is None:  # an empty file sets nothing
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(file)!r} must be a mapping of ServeConfig fields "
+            f"(base, behaviors, port, ...), got a {type(data).__name__}"
+        )
+    return data
+
+
 class ServeConfig(BaseModel):
     """The models of one engine and the options of the server in front of it."""
 
@@ -67,16 +241,18 @@ class ServeConfig(BaseModel):
 
     toy: bool = False
     """Serve the shipped toy-world family (large base + helpful and harmless deltas)."""
-    base: str | None = None
-    """The base model (hub id or path) for real models."""
-    behaviors: dict[str, tuple[str, str]] = Field(default_factory=dict)
-    """Behavior name -> (fine-tuned model, its reference base)."""
+    base: ModelSource | None = None
+    """The base model for real models: hub id or path, or `ModelOptions`."""
+    behaviors: dict[str, BehaviorModels] = Field(default_factory=dict)
+    """Behavior name -> (fine-tuned model, its reference base), each a path or
+    `ModelOptions`."""
     weights: dict[str, float] = Field(default_factory=dict)
     """Default behavior weights of requests that name none (others take 1.0)."""
     dtype: str | None = None
-    """torch dtype name, or "auto" (default: float32 for the toy family, "auto" otherwise)."""
+    """torch dtype name, or "auto", for models that name none (default: float32 for the toy
+    family, "auto" otherwise)."""
     device_map: str | None = None
-    """Passed to transformers, e.g. "auto" (with accelerate)."""
+    """Passed to transformers for models that name none, e.g. "auto" (with accelerate)."""
     max_batch_size: int | None = Field(default=None, ge=1)
     """Most rows the engine decodes at once (the decoder's default otherwise)."""
     kv_cache_tokens: int | None = Field(default=None, ge=1)
@@ -101,6 +277,12 @@ class ServeConfig(BaseModel):
     """Seconds a request body may take to arrive after its headers (408 beyond)."""
 
     # uvicorn's options: `eft serve` reads them; a Ray Serve deployment has its own proxy
+    host: str = "127.0.0.1"
+    """The address `eft serve` listens on."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """The port `eft serve` listens on."""
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    """uvicorn's log level."""
     timeout_keep_alive: float = Field(default=DEFAULT_KEEP_ALIVE, gt=0)
     """Seconds an idle connection is kept open between requests."""
     header_timeout: float = Field(default=DEFAULT_HEADER_TIMEOUT, gt=0)
@@ -109,6 +291,18 @@ class ServeConfig(BaseModel):
     """Most connections and tasks at once (uvicorn answers 503 beyond; None: no limit)."""
     shutdown_grace: float = Field(default=DEFAULT_SHUTDOWN_GRACE, ge=0)
     """Seconds running requests get to finish on SIGTERM before they are cut short."""
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> ServeConfig:
+        """The config a YAML (or `.json`) file gives, every field at its top level; each of
+        `overrides` (from the command line) replaces the file's value of that field. A
+        ConfigError names the file and the key when the file cannot be read or a value (or
+        an unknown key) does not validate."""
+        fields = {**read_config_file(path), **overrides}
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as error:
+            raise ConfigError(describe_errors(error, os.fspath(path), overrides)) from error
 
     @field_validator("behaviors", mode="before")
     @classmethod
@@ -142,15 +336,23 @@ class ServeConfig(BaseModel):
             )
         return self
 
+    def base_spec(self) -> ModelSpec | None:
+        """How the base model loads (None for the toy family); options it leaves out take
+        the config's `dtype` and `device_map` when `load_decoder` loads it."""
+        return None if self.base is None else _spec(self.base)
+
+    def behavior_specs(self) -> dict[str, Behavior]:
+        """Each behavior's fine-tuned and reference models as `ModelSpec`s."""
+        from ..loading import Behavior
+
+        return {
+            name: Behavior(finetuned=_spec(pair.finetuned), reference=_spec(pair.reference))
+            for name, pair in self.behaviors.items()
+        }
+
     def load_decoder(self) -> Any:
         """Load the models into one EFTDecoder (an engine)."""
-        import torch
-
-        dtype: Any = self.dtype or ("float32" if self.toy else "auto")
-        if dtype != "auto":
-            dtype = getattr(torch, dtype, None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"unknown dtype {self.dtype!r}; e.g. float32, bfloat16, auto")
+        dtype = torch_dtype(self.dtype or ("float32" if self.toy else "auto"))
         if self.toy:
             from ..toyworld.paths import load_decoder
 
@@ -161,22 +363,21 @@ class ServeConfig(BaseModel):
             }
             if self.weights:
                 kwargs["default_weights"] = self.weights
-            decoder = load_decoder(**kwargs)
-        else:
-            from ..decoder import EFTDecoder
-            from ..loading import Behavior
+            return load_decoder(**kwargs)
+        from ..decoder import EFTDecoder
 
-            decoder = EFTDecoder.from_pretrained(
-                base=self.base,
-                behaviors={
-                    n: Behavior(finetuned=f, reference=r) for n, (f, r) in self.behaviors.items()
-                },
-                default_weights=self.weights or None,
-                dtype=dtype,
-                device_map=self.device_map,
-                **self.engine_kwargs(),
-            )
-        return decoder
+        base, behaviors = self.base_spec(), self.behavior_specs()
+        _check_quantization(
+            [base, *(m for b in behaviors.values() for m in (b.finetuned, b.reference))]
+        )
+        return EFTDecoder.from_pretrained(
+            base=base,
+            behaviors=behaviors,
+            default_weights=self.weights or None,
+            dtype=dtype,
+            device_map=self.device_map,
+            **self.engine_kwargs(),
+        )
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The engine's keyword arguments of the decoder (batch size, KV memory)."""
@@ -213,4 +414,17 @@ class ServeConfig(BaseModel):
         """The FastAPI app over `decoder` (loaded from this config when not given)."""
         return build_app(
             decoder if decoder is not None else self.load_decoder(), **self.app_kwargs()
+        )
+
+
+def _check_quantization(specs: list[ModelSpec]) -> None:
+    """Fail before any model loads when one asks for quantization without bitsandbytes (else
+    transformers fails later, after the models before it have loaded)."""
+    import importlib.util
+
+    wanting = [s.name_or_path for s in specs if "quantization_config" in s.kwargs]
+    if wanting and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"quantization of {', '.join(sorted(set(wanting)))} needs bitsandbytes: "
+            "pip install bitsandbytes"
         )
