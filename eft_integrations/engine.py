@@ -109,6 +109,8 @@ class Engine:
         self.scheduler: Scheduler[Request] = Scheduler(
             max_batch_size, min(max_tokens_in_flight, kv_cache_tokens)
         )
+        # an equal prompt still prefilling is waited for, then read from the prefix cache
+        self.scheduler.share_prefills_from = block_size if prefix_caching else None
         self.sampler = Sampler(ensemble)
         self.stats = EngineStats()
         self.outputs = OutputProcessor(self.stats)

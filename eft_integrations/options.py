@@ -37,6 +37,7 @@ __all__ = [
     "merge_call_weights",
     "merge_weights",
     "resolve_weights",
+    "sample_seed",
 ]
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -59,6 +60,17 @@ MAX_TOP_LOGPROBS = 20
 """The most alternatives a request may ask log-probs for per token (OpenAI's limit)."""
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """Seeds torch's generators accept (a seed of 2**64 is an overflow inside torch)."""
+
+
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample `index` of a request asking for several (`n`) with `seed`, as
+    vLLM derives them: `seed + index`, wrapped into `SEED_RANGE`; sample 0 keeps the seed,
+    so `n=1` equals a single call. No seed stays none (each sample draws from the shared
+    generator)."""
+    if seed is None or index == 0:
+        return seed
+    low, high = SEED_RANGE
+    return (seed + index - low) % (high - low + 1) + low
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -61,6 +62,21 @@ class Request:
         return self._cancelled.is_set() or (
             self.caller_cancel is not None and self.caller_cancel.is_set()
         )
+
+    @functools.cached_property
+    def prompt_key(self) -> tuple[int, int, int]:
+        """Equal for requests whose models read the same prompt (a hash collision only
+        makes the scheduler wait one prefill longer)."""
+        return (len(self.chat_ids), hash(tuple(self.chat_ids)), hash(tuple(self.base_ids)))
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.chat_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        """Its prompt is in the models' caches (its first token is out)."""
+        return self.first_token_at is not None
 
     @property
     def token_footprint(self) -> int:

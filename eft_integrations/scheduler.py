@@ -11,7 +11,12 @@ read and tested on its own, as nano-vllm's and vLLM's schedulers are:
   forward, see `Ensemble.needs_own_forwards`) joins only an empty batch of its kind, and
   nothing joins a batch it is in;
 - a cancelled request leaves: from the queue before it ever runs, from the batch at the
-  next step.
+  next step;
+- with prefix caching (`share_prefills_from`), a request whose prompt equals that of a
+  request still prefilling waits until that prefill is done, then reads the prompt from the
+  prefix cache: the n samples of one prompt, or a burst of equal prompts, compute it once.
+  Such a request steps aside while it waits (the requests behind it may pass it), so a long
+  prefill holds only its own followers.
 
 Plain and speculative requests form two batches (see `engine.py`); limits count both.
 """
@@ -19,7 +24,7 @@ Plain and speculative requests form two batches (see `engine.py`); limits count 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -40,6 +45,19 @@ class Schedulable(Protocol):
 
     @property
     def speculative_k(self) -> int | None: ...
+
+    @property
+    def prompt_key(self) -> Hashable:
+        """Equal for requests whose models read the same prompt tokens."""
+        ...
+
+    @property
+    def prompt_length(self) -> int: ...
+
+    @property
+    def prefilled(self) -> bool:
+        """Its prompt is in the cache (its first token is out)."""
+        ...
 
 
 R = TypeVar("R", bound=Schedulable)
@@ -66,6 +84,9 @@ class Scheduler(Generic[R]):
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight
         self.waiting: deque[R] = deque()
+        self.share_prefills_from: int | None = None
+        """Prompts of at least this many tokens wait for an equal one still prefilling (the
+        engine sets it to the KV block size with prefix caching; None: never wait)."""
 
     def add(self, request: R) -> None:
         """Queue a request at the back."""
@@ -92,10 +113,16 @@ class Scheduler(Generic[R]):
         }
         rows = len(running[False]) + len(running[True])
         in_flight = sum(r.token_footprint for batch in running.values() for r in batch)
+        prefilling = {r.prompt_key for batch in running.values() for r in batch if self._shares(r)}
+        cached = {r.prompt_key for batch in running.values() for r in batch if r.prefilled}
+        aside: deque[R] = deque()  # waiting for an equal prompt's prefill, in order
         while self.waiting:
             request = self.waiting[0]
             if request.cancelled:
                 out.cancelled_waiting.append(self.waiting.popleft())
+                continue
+            if self._shares(request) and request.prompt_key in prefilling:
+                aside.append(self.waiting.popleft())  # it reads the cache once that is done
                 continue
             mates = running[request.speculative_k is not None]
             if mates and (request.solo or any(r.solo for r in mates)):
@@ -111,4 +138,12 @@ class Scheduler(Generic[R]):
             mates.append(request)
             rows += 1
             in_flight += request.token_footprint
+            if self._shares(request) and request.prompt_key not in cached:
+                prefilling.add(request.prompt_key)  # the first of its prompt computes it
+        self.waiting.extendleft(reversed(aside))
         return out
+
+    def _shares(self, request: R) -> bool:
+        """Whether `request`'s prompt is long enough to share, and not yet in the cache."""
+        least = self.share_prefills_from
+        return least is not None and request.prompt_length >= least and not request.prefilled

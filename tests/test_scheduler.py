@@ -16,6 +16,9 @@ class Job:
     solo: bool = False
     speculative_k: int | None = None
     cancelled: bool = False
+    prompt_key: str = ""
+    prompt_length: int = 32
+    prefilled: bool = False
 
 
 def names(jobs) -> list[str]:
@@ -86,6 +89,43 @@ def test_a_solo_request_joins_only_an_empty_batch_of_its_kind_and_nothing_joins_
     # the other kind's batch is a separate forward
     scheduler.add(Job("solo-spec", solo=True, speculative_k=2))
     assert names(scheduler.schedule([Job("plain")], []).admitted) == ["solo-spec"]
+
+
+def test_an_equal_prompt_waits_for_the_one_prefilling_and_steps_aside_meanwhile():
+    scheduler = Scheduler(max_batch_size=8)
+    scheduler.share_prefills_from = 16
+    first, second, third = (Job(f"a{i}", prompt_key="p") for i in (1, 2, 3))
+    other = Job("b", prompt_key="q")
+    for job in (first, second, third, other):
+        scheduler.add(job)
+    assert names(scheduler.schedule([], []).admitted) == ["a1", "b"]  # b passes a2, a3
+    assert names(scheduler.waiting) == ["a2", "a3"]
+    assert scheduler.schedule([first, other], []).admitted == []  # still prefilling
+    first.prefilled = True
+    assert names(scheduler.schedule([first, other], []).admitted) == ["a2", "a3"]
+
+
+def test_short_prompts_and_a_scheduler_without_prefix_caching_never_wait():
+    scheduler = Scheduler(max_batch_size=8)
+    jobs = [Job("a1", prompt_key="p"), Job("a2", prompt_key="p")]
+    for job in jobs:
+        scheduler.add(job)
+    assert names(scheduler.schedule([], []).admitted) == ["a1", "a2"]  # no prefix caching
+    scheduler.share_prefills_from = 64
+    for job in (Job("b1", prompt_key="s"), Job("b2", prompt_key="s")):
+        scheduler.add(job)
+    assert names(scheduler.schedule([], []).admitted) == ["b1", "b2"]  # under a block
+
+
+def test_a_leader_that_leaves_unblocks_its_followers():
+    scheduler = Scheduler(max_batch_size=8)
+    scheduler.share_prefills_from = 16
+    leader, follower = Job("a1", prompt_key="p"), Job("a2", prompt_key="p")
+    scheduler.add(follower)
+    assert scheduler.schedule([leader], []).admitted == []
+    leader.cancelled = True
+    out = scheduler.schedule([leader], [])
+    assert names(out.cancelled_running) == ["a1"] and names(out.admitted) == ["a2"]
 
 
 def test_limits_are_checked():

@@ -672,7 +672,8 @@ ERRORS = [  # (id, request, status, words of the message, param)
         "greater than or equal to 1",
         "max_tokens",
     ),
-    ("n-two", {"json": _chat_body(n=2)}, 400, "n must be 1", "n"),
+    ("n-zero", {"json": _chat_body(n=0)}, 400, "n must be between 1 and 128", "n"),
+    ("n-too-many", {"json": _chat_body(n=129)}, 400, "n must be between 1 and 128", "n"),
     (
         "top-logprobs-alone",
         {"json": _chat_body(top_logprobs=2)},

@@ -54,6 +54,7 @@ from ..tool_calls import InvalidToolCall, ToolCall
 from .admission import Admission, Reservation
 from .defaults import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
 from .errors import APIError, ClientDisconnected, internal_error
+from .fanout import all_or_none, firsts, merged
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .middleware import (
     AccessLog,
@@ -260,29 +261,35 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
 
 @_v1.post("/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
-    """One assistant turn; `stream: true` answers with server-sent events."""
+    """One assistant turn (`n` sampled turns); `stream: true` answers with server-sent
+    events."""
     state = _state(request)
     state.check_model(body.model)
-    admitted = state.admit(request, 1, "messages")  # before the first await
+    admitted = state.admit(request, body.n, "messages")  # before the first await
     weights = state.weights(body.eft_weights)
     with _core_errors(request):
         messages = body.core_messages()
     turn = _TurnDecoder(state.decoder, admitted.cancel)
-    deltas = astream_chat(turn, messages, **body.chat_kwargs(state.max_tokens()))
+    kwargs = body.chat_kwargs(state.max_tokens())
+    turns = [astream_chat(turn, messages, **body.sample_options(kwargs, i)) for i in range(body.n)]
+    tokenizer = state.decoder.tokenizer
     if body.stream:
-        first = await _first(request, admitted, deltas, "messages")
-        chunks = ChatChunks(body.model, weights, body.include_usage, state.decoder.tokenizer)
-        return _sse(_chat_events(request, admitted, chunks, first, deltas))
+        heads = await _firsts(request, admitted, turns, "messages")
+        chunks = ChatChunks(body.model, weights, body.include_usage, tokenizer, body.n)
+        return _sse(_chat_events(request, admitted, chunks, merged(turns, heads)))
     with _core_errors(request):
-        result = await _unless_disconnected(request, _whole_turn(deltas, weights))
+        whole = all_or_none(_whole_turn(t, weights) for t in turns)
+        results = await _unless_disconnected(request, whole)
     admitted.check()
-    note_usage(request.scope, result.usage.prompt_tokens, result.usage.completion_tokens)
-    return ChatCompletionResponse.of(body.model, result, state.decoder.tokenizer)
+    for result in results:
+        note_usage(request.scope, result.usage.prompt_tokens, result.usage.completion_tokens)
+    return ChatCompletionResponse.of(body.model, results, tokenizer)
 
 
 @_v1.post("/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
-    """Complete raw prompts (one choice per prompt); `stream: true` takes one prompt."""
+    """Complete raw prompts (`n` choices per prompt, prompt-major); `stream: true` takes one
+    prompt."""
     state = _state(request)
     state.check_model(body.model)
     prompts = body.prompts()
@@ -294,7 +301,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         raise APIError(
             400, "max_tokens 0 scores the prompt only; send it with stream: false", param="stream"
         )
-    admitted = state.admit(request, len(prompts), "prompt")  # before the first await
+    n = body.n
+    admitted = state.admit(request, len(prompts) * n, "prompt")  # before the first await
     weights = state.weights(body.eft_weights)
     decoder = state.decoder
     options = body.generation_options(body.max_tokens or state.max_tokens())
@@ -307,26 +315,38 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
             request, asyncio.to_thread(_prompt_logprobs, decoder, ids, body)
         )
     if body.stream:
-        stream = decoder.astream(ids[0], **options)
-        first = await _first(request, admitted, stream, "prompt")
-        chunks = CompletionChunks(body.model, weights, body.include_usage, decoder.tokenizer)
-        echo = chunks.text(echoes[0], logprobs[0]) if body.echo else None
-        return _sse(_completion_events(request, admitted, chunks, echo, first, stream))
+        streams = [decoder.astream(ids[0], **body.sample_options(options, j)) for j in range(n)]
+        heads = await _firsts(request, admitted, streams, "prompt")
+        chunks = CompletionChunks(body.model, weights, body.include_usage, decoder.tokenizer, n)
+        echo = (
+            [chunks.text(echoes[0], _copy(logprobs[0]), None, j) for j in range(n)]
+            if body.echo
+            else []
+        )
+        return _sse(_completion_events(request, admitted, chunks, echo, merged(streams, heads)))
     if body.max_tokens == 0:  # scoring only
-        results = [_nothing_generated(len(p), weights, body.logprobs) for p in ids]
+        samples = [[_nothing_generated(len(p), weights, body.logprobs) for p in ids]] * n
     else:
+        batch = ids if len(ids) > 1 else ids[0]
+        calls = (decoder.agenerate(batch, **body.sample_options(options, j)) for j in range(n))
         with _core_errors(request, "prompt"):
-            results = await _unless_disconnected(
-                request, decoder.agenerate(ids if len(ids) > 1 else ids[0], **options)
-            )
-        results = results if isinstance(results, list) else [results]
+            samples = await _unless_disconnected(request, all_or_none(calls))
+        samples = [s if isinstance(s, list) else [s] for s in samples]
     admitted.check()
+    results = [samples[j][p] for p in range(len(ids)) for j in range(n)]  # prompt-major
+    choice_echoes = [echoes[p] for p in range(len(ids)) for _ in range(n)]
+    choice_logprobs = [_copy(logprobs[p]) for p in range(len(ids)) for _ in range(n)]
     for result in results:
         note_usage(request.scope, result.usage.prompt_tokens, result.usage.completion_tokens)
-    for lp, result in zip(logprobs, results, strict=True):
+    for lp, result in zip(choice_logprobs, results, strict=True):
         if lp is not None and result.logprobs is not None:
             lp.add(decoder.tokenizer, result.logprobs)
-    return CompletionResponse.of(body.model, results, echoes, logprobs)
+    return CompletionResponse.of(body.model, results, choice_echoes, choice_logprobs, n)
+
+
+def _copy(logprobs: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    """A choice's own copy of its prompt's log-probs (each choice extends its own)."""
+    return None if logprobs is None else logprobs.model_copy(deep=True)
 
 
 # ------------------------------------------------------------------------------ off the loop
@@ -453,45 +473,46 @@ def _sse(events: AsyncIterator[str]) -> EventSourceResponse:
     return EventSourceResponse(events, sep="\n")
 
 
-async def _first(
-    request: Request, admitted: Reservation, items: AsyncIterator[T], prompt_field: str
-) -> T:
-    """The first item of a core stream, before any response is sent, so that a request the
-    core refuses (or the server cuts short) gets its error status rather than a broken
-    stream."""
-    with _core_errors(request, prompt_field):
-        try:
-            first = await _unless_disconnected(request, anext(items))
-        except StopAsyncIteration:
-            raise APIError(
-                500, "the engine ended the stream without output", type="server_error"
-            ) from None
+async def _firsts(
+    request: Request, admitted: Reservation, streams: Sequence[AsyncIterator[T]], field: str
+) -> list[T]:
+    """The first item of each core stream (the `n` choices start together), before any
+    response is sent, so that a request the core refuses (or the server cuts short) gets its
+    error status rather than a broken stream. `field` holds the request's prompt."""
+    try:
+        with _core_errors(request, field):
+            heads = await _unless_disconnected(request, firsts(streams))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise
     admitted.check()
-    return first
+    return heads
 
 
 async def _chat_events(
     request: Request,
     admitted: Reservation,
     chunks: ChatChunks,
-    first: Any,
-    deltas: AsyncIterator[Any],
+    deltas: AsyncIterator[tuple[int, Any]],
 ) -> AsyncIterator[str]:
-    """The SSE data of one streamed chat completion; closing it closes the core stream
-    (which removes the request from the batch). An error after the headers, or the server
-    cutting the request short, goes out as an error event; `[DONE]` always ends it."""
+    """The SSE data of one streamed chat completion (`deltas`: each choice's core deltas,
+    interleaved, its first first); closing it closes the core streams (which removes their
+    requests from the batch). An error after the headers, or the server cutting the request
+    short, goes out as an error event; `[DONE]` always ends it."""
+    started: set[int] = set()
     try:
-        yield _json(chunks.first())
-        for chunk in chunks.of(_noted(request, first)):
-            yield _json(chunk)
-        async for delta in deltas:
+        async for index, delta in deltas:
             admitted.check()  # cut short: its last delta is the engine's cancellation
-            for chunk in chunks.of(_noted(request, delta)):
+            if index not in started:
+                started.add(index)
+                yield _json(chunks.first(index))
+            for chunk in chunks.of(_noted(request, delta), index):
                 yield _json(chunk)
     except Exception as error:
         yield _json(_error_of(error, request).body())
     finally:
-        await deltas.aclose()
+        await deltas.aclose()  # type: ignore[attr-defined]
     yield "[DONE]"
 
 
@@ -499,25 +520,22 @@ async def _completion_events(
     request: Request,
     admitted: Reservation,
     chunks: CompletionChunks,
-    echo: CompletionChunk | None,
-    first: Any,
-    stream: AsyncIterator[Any],
+    echoes: Sequence[CompletionChunk],
+    items: AsyncIterator[tuple[int, Any]],
 ) -> AsyncIterator[str]:
-    """The SSE data of one streamed completion (see `_chat_events`); `echo` is the chunk of
-    the echoed prompt."""
+    """The SSE data of one streamed completion (see `_chat_events`); `echoes` are the
+    chunks of the echoed prompt, one per choice."""
     try:
-        if echo is not None:
+        for echo in echoes:
             yield _json(echo)
-        for chunk in chunks.of(_noted(request, first)):
-            yield _json(chunk)
-        async for item in stream:
+        async for index, item in items:
             admitted.check()
-            for chunk in chunks.of(_noted(request, item)):
+            for chunk in chunks.of(_noted(request, item), index):
                 yield _json(chunk)
     except Exception as error:
         yield _json(_error_of(error, request).body())
     finally:
-        await stream.aclose()
+        await items.aclose()  # type: ignore[attr-defined]
     yield "[DONE]"
 
 

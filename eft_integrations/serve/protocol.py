@@ -38,9 +38,11 @@ from ..options import (
     TokenLogprob,
     Usage,
     logprobs_option,
+    sample_seed,
 )
 
 __all__ = [
+    "MAX_N",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
@@ -58,6 +60,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+MAX_N = 128
+"""The most choices one prompt may ask for (each is a row of the engine's batch)."""
 
 
 class OpenAIModel(BaseModel):
@@ -225,9 +230,9 @@ class SamplingFields(OpenAIModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n must be 1 (one choice per request; send {n} requests), got {n}")
+    def _choices(cls, n: int) -> int:
+        if not 1 <= n <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N} (choices per prompt), got {n}")
         return n
 
     @field_validator("logit_bias")
@@ -249,6 +254,10 @@ class SamplingFields(OpenAIModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def sample_options(self, options: Mapping[str, Any], index: int) -> dict[str, Any]:
+        """`options` for choice `index` of a prompt: its own seed (`sample_seed`)."""
+        return {**options, "seed": sample_seed(self.seed, index)}
 
     def generation_options(self, max_new_tokens: int) -> dict[str, Any]:
         """Keyword arguments of the decoder (and chat core) for this request."""
@@ -397,17 +406,19 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @classmethod
-    def of(cls, *usages: Usage | None) -> UsageInfo:
-        """The sum of the usages given."""
+    def of(cls, *usages: Usage | None, n: int = 1) -> UsageInfo:
+        """The sum of the usages given, in prompt-major order with `n` choices per prompt:
+        each prompt's tokens count once (its first choice's), as OpenAI counts them."""
         given = [u for u in usages if u is not None]
-        prompt = sum(u.prompt_tokens for u in given)
+        prompts = given[::n]
+        prompt = sum(u.prompt_tokens for u in prompts)
         completion = sum(u.completion_tokens for u in given)
         return cls(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(
-                cached_tokens=sum(u.cached_tokens for u in given)
+                cached_tokens=sum(u.cached_tokens for u in prompts)
             ),
         )
 
@@ -482,24 +493,30 @@ class ChatCompletionResponse(BaseModel):
     """The behavior weights the answer was decoded with (defaults filled in)."""
 
     @classmethod
-    def of(cls, model: str, result: ChatResult, tokenizer: Any) -> ChatCompletionResponse:
-        calls = [ResponseToolCall.of(c) for c in [*result.tool_calls, *result.invalid_tool_calls]]
-        message = AssistantMessage(
-            content=result.content if result.content or not calls else None,
-            tool_calls=calls or None,
-        )
+    def of(
+        cls, model: str, results: Sequence[ChatResult], tokenizer: Any
+    ) -> ChatCompletionResponse:
+        """One choice per result (the `n` samples of the turn)."""
         return cls(
             model=model,
-            choices=[
-                ChatChoice(
-                    message=message,
-                    finish_reason=result.finish_reason,
-                    logprobs=ChoiceLogprobs.of(result.logprobs, tokenizer),
-                )
-            ],
-            usage=UsageInfo.of(result.usage),
-            eft_weights=dict(result.weights),
+            choices=[_chat_choice(i, r, tokenizer) for i, r in enumerate(results)],
+            usage=UsageInfo.of(*(r.usage for r in results), n=len(results)),
+            eft_weights=dict(results[0].weights),
         )
+
+
+def _chat_choice(index: int, result: ChatResult, tokenizer: Any) -> ChatChoice:
+    calls = [ResponseToolCall.of(c) for c in [*result.tool_calls, *result.invalid_tool_calls]]
+    message = AssistantMessage(
+        content=result.content if result.content or not calls else None,
+        tool_calls=calls or None,
+    )
+    return ChatChoice(
+        index=index,
+        message=message,
+        finish_reason=result.finish_reason,
+        logprobs=ChoiceLogprobs.of(result.logprobs, tokenizer),
+    )
 
 
 class DeltaFunction(BaseModel):
@@ -548,12 +565,18 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ChatChunks:
-    """Builds the chunks of one streamed chat completion, OpenAI's way: a first chunk with the
-    role, one per content or tool-call delta, one with the finish_reason (and `eft_weights`),
-    then, when `include_usage`, one with empty choices and the usage."""
+    """Builds the chunks of one streamed chat completion, OpenAI's way: per choice a first
+    chunk with the role, one per content or tool-call delta, one with the finish_reason (and
+    `eft_weights`); once every one of the `n` choices has finished, when `include_usage`, one
+    with empty choices and the usage."""
 
     def __init__(
-        self, model: str, weights: Mapping[str, float], include_usage: bool, tokenizer: Any
+        self,
+        model: str,
+        weights: Mapping[str, float],
+        include_usage: bool,
+        tokenizer: Any,
+        n: int = 1,
     ) -> None:
         self.id = _id("chatcmpl")
         self.created = int(time.time())
@@ -561,17 +584,20 @@ class ChatChunks:
         self.weights = dict(weights)
         self.include_usage = include_usage
         self.tokenizer = tokenizer
+        self.usages: list[Usage | None] = [None] * n
+        self._finished = 0
 
     def _chunk(self, choices: list[ChatChunkChoice], **fields: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=choices, **fields
         )
 
-    def first(self) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+    def first(self, index: int = 0) -> ChatCompletionChunk:
+        message = DeltaMessage(role="assistant", content="")
+        return self._chunk([ChatChunkChoice(index=index, delta=message)])
 
-    def of(self, delta: ChatDelta) -> list[ChatCompletionChunk]:
-        """The chunks one core delta becomes."""
+    def of(self, delta: ChatDelta, index: int = 0) -> list[ChatCompletionChunk]:
+        """The chunks one core delta of choice `index` becomes."""
         chunks = []
         logprobs = ChoiceLogprobs.of(delta.logprobs, self.tokenizer)
         if delta.content or delta.tool_call_chunks:
@@ -579,23 +605,32 @@ class ChatChunks:
                 content=delta.content or None,
                 tool_calls=[DeltaToolCall.of(c) for c in delta.tool_call_chunks] or None,
             )
-            chunks.append(self._chunk([ChatChunkChoice(delta=message, logprobs=logprobs)]))
+            choice = ChatChunkChoice(index=index, delta=message, logprobs=logprobs)
+            chunks.append(self._chunk([choice]))
             logprobs = None
         if delta.finish_reason is not None:
-            chunks += self.last(delta.finish_reason, delta.usage, logprobs)
+            chunks += self.last(delta.finish_reason, delta.usage, logprobs, index)
         return chunks
 
     def last(
-        self, finish_reason: str, usage: Usage | None, logprobs: ChoiceLogprobs | None = None
+        self,
+        finish_reason: str,
+        usage: Usage | None,
+        logprobs: ChoiceLogprobs | None = None,
+        index: int = 0,
     ) -> list[ChatCompletionChunk]:
-        """The chunk with the finish_reason (and the log-probs of tokens no content chunk
-        carried: a held-back end), then the usage chunk when asked for."""
+        """The chunk with choice `index`'s finish_reason (and the log-probs of tokens no
+        content chunk carried: a held-back end); after the last choice's, the usage chunk
+        when asked for."""
         choice = ChatChunkChoice(
-            delta=DeltaMessage(), finish_reason=finish_reason, logprobs=logprobs
+            index=index, delta=DeltaMessage(), finish_reason=finish_reason, logprobs=logprobs
         )
         chunks = [self._chunk([choice], eft_weights=self.weights)]
-        if self.include_usage:
-            chunks.append(self._chunk([], usage=UsageInfo.of(usage)))
+        self.usages[index] = usage
+        self._finished += 1
+        if self.include_usage and self._finished == len(self.usages):
+            usage_info = UsageInfo.of(*self.usages, n=len(self.usages))
+            chunks.append(self._chunk([], usage=usage_info))
         return chunks
 
 
@@ -667,8 +702,10 @@ class CompletionResponse(BaseModel):
         results: Sequence[GenerationResult],
         echoes: Sequence[str],
         logprobs: Sequence[CompletionLogprobs | None] | None = None,
+        n: int = 1,
     ) -> CompletionResponse:
-        """`logprobs`: per choice, its log-probs (None where the request asked for none)."""
+        """One choice per result, prompt-major with `n` choices per prompt; `echoes` and
+        `logprobs` (None where the request asked for none) are per choice."""
         logprobs = logprobs or [None] * len(results)
         choices = [
             CompletionChoice(
@@ -679,7 +716,7 @@ class CompletionResponse(BaseModel):
         return cls(
             model=model,
             choices=choices,
-            usage=UsageInfo.of(*(r.usage for r in results)),
+            usage=UsageInfo.of(*(r.usage for r in results), n=n),
             eft_weights=dict(results[0].weights),
         )
 
@@ -695,11 +732,17 @@ class CompletionChunk(BaseModel):
 
 
 class CompletionChunks:
-    """Builds the chunks of one streamed completion (one prompt); with log-probs, each chunk
-    carries its tokens' (offsets continue over the stream)."""
+    """Builds the chunks of one streamed completion (one prompt, `n` choices); with
+    log-probs, each chunk carries its tokens' (offsets continue over each choice's stream).
+    The usage chunk, when asked for, follows the last choice's finish."""
 
     def __init__(
-        self, model: str, weights: Mapping[str, float], include_usage: bool, tokenizer: Any
+        self,
+        model: str,
+        weights: Mapping[str, float],
+        include_usage: bool,
+        tokenizer: Any,
+        n: int = 1,
     ) -> None:
         self.id = _id("cmpl")
         self.created = int(time.time())
@@ -707,7 +750,9 @@ class CompletionChunks:
         self.weights = dict(weights)
         self.include_usage = include_usage
         self.tokenizer = tokenizer
-        self._offset = 0  # text offset of the next token
+        self._offsets = [0] * n  # per choice, the text offset of its next token
+        self.usages: list[Usage | None] = [None] * n
+        self._finished = 0
 
     def _chunk(self, choices: list[CompletionChoice], **fields: Any) -> CompletionChunk:
         return CompletionChunk(
@@ -719,25 +764,31 @@ class CompletionChunks:
         text: str,
         logprobs: CompletionLogprobs | None = None,
         finish_reason: str | None = None,
+        index: int = 0,
     ) -> CompletionChunk:
         if logprobs is not None and logprobs.tokens:
-            self._offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            self._offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
         choice = CompletionChoice(
-            index=0, text=text, finish_reason=finish_reason, logprobs=logprobs
+            index=index, text=text, finish_reason=finish_reason, logprobs=logprobs
         )
         return self._chunk([choice], eft_weights=self.weights if finish_reason else None)
 
-    def of(self, chunk: StreamChunk) -> list[CompletionChunk]:
-        """The chunks one decoder chunk becomes."""
+    def of(self, chunk: StreamChunk, index: int = 0) -> list[CompletionChunk]:
+        """The chunks one decoder chunk of choice `index` becomes."""
         logprobs = None
         if chunk.logprobs is not None:
-            logprobs = CompletionLogprobs().add(self.tokenizer, chunk.logprobs, self._offset)
+            logprobs = CompletionLogprobs().add(
+                self.tokenizer, chunk.logprobs, self._offsets[index]
+            )
         if chunk.finish_reason is None:
-            return [self.text(chunk.text, logprobs)] if chunk.text or logprobs else []
-        last = self.text(chunk.text, logprobs, chunk.finish_reason)
-        if not self.include_usage:
-            return [last]
-        return [last, self._chunk([], usage=UsageInfo.of(chunk.usage))]
+            return [self.text(chunk.text, logprobs, None, index)] if chunk.text or logprobs else []
+        chunks = [self.text(chunk.text, logprobs, chunk.finish_reason, index)]
+        self.usages[index] = chunk.usage
+        self._finished += 1
+        if self.include_usage and self._finished == len(self.usages):
+            usage = UsageInfo.of(*self.usages, n=len(self.usages))
+            chunks.append(self._chunk([], usage=usage))
+        return chunks
 
 
 class ModelCard(BaseModel):
