@@ -177,3 +177,32 @@ async def test_llama_index_function_agent_calls_the_tool_it_chooses(qwen_decoder
     result = await agent.run("What is 12 times 7?")
     assert calls == [(12, 7)]  # nothing forced: the model chose the tool and its arguments
     assert str(result) == "84"
+
+
+def test_chat_openai_json_mode_through_eft_serve_equals_the_core(qwen_decoder):
+    """The issue's report, as a user runs it: ChatOpenAI in json_mode against `eft serve`
+    answers the joke object that the chat core gives in-process for the same request."""
+    from langchain_openai import ChatOpenAI
+
+    from eft_integrations.serve import BackgroundServer, build_app
+
+    question = (
+        "Tell me a joke about cats. Return the result as a JSON with 'setup' and 'punchline' keys"
+    )
+    sampling = {"temperature": 0.7, "seed": 3, "max_tokens": 80}
+    with BackgroundServer(build_app(qwen_decoder, served_model_name="qwen")) as server:
+        llm = ChatOpenAI(
+            base_url=f"{server.url}/v1", api_key="none", model="qwen", max_retries=0, **sampling
+        )
+        answer = llm.bind(response_format={"type": "json_object"}).invoke(question).content
+    joke = json.loads(answer)
+    assert set(joke) == {"setup", "punchline"} and all(joke.values())
+    in_process = core.chat(
+        qwen_decoder,
+        [{"role": "user", "content": question}],
+        response_format={"type": "json_object"},
+        temperature=0.7,
+        seed=3,
+        max_new_tokens=80,
+    )
+    assert answer == in_process.content

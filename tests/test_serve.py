@@ -458,6 +458,23 @@ def test_response_format_json_schema(client, chat_dec):
     assert isinstance(json.loads(any_object.choices[0].message.content), dict)
 
 
+def test_json_object_equals_the_core_json_mode(client, chat_dec):
+    messages = [{"role": "user", "content": "Some JSON about Paris."}]
+    sampling = {"temperature": 0.8, "seed": 5}
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=60,
+        response_format={"type": "json_object"},
+        **sampling,
+    )
+    core = _core(
+        chat_dec, messages, max_new_tokens=60, response_format={"type": "json_object"}, **sampling
+    )
+    assert reply.choices[0].message.content == core.content
+    assert reply.choices[0].finish_reason == core.finish_reason
+
+
 def test_eft_weights_change_the_output_exactly_as_the_core(client, chat_dec):
     default = client.chat.completions.create(
         model=MODEL, messages=USER, temperature=0, max_tokens=16

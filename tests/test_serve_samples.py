@@ -6,6 +6,7 @@ others read it from the prefix cache), and one failing sample fails its request 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -191,3 +192,31 @@ def test_a_failing_sample_fails_its_request_alone(client, decoder, monkeypatch):
     assert decoder.engine.batch_size == 0  # the failed request's other samples left too
     after = client.chat.completions.create(model=MODEL, messages=USER, n=2, max_tokens=4)
     assert len(after.choices) == 2
+
+
+def test_the_access_log_reports_the_usage_the_client_got(client, caplog):
+    with caplog.at_level(logging.INFO, logger="eft_integrations.access"):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=USER, n=3, max_tokens=5, **SAMPLING
+        )
+        usage = raw.parse().usage
+        streamed = client.completions.create(
+            model=MODEL,
+            prompt="Once upon",
+            n=2,
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+            **SAMPLING,
+        )
+        stream_usage = [c.usage for c in streamed if c.usage is not None][-1]
+    lines = [r.getMessage() for r in caplog.records if r.name == "eft_integrations.access"]
+    (line,) = [x for x in lines if raw.headers["x-request-id"] in x]
+    assert (
+        f"prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}" in line
+    )
+    expected = (
+        f"prompt_tokens={stream_usage.prompt_tokens} "
+        f"completion_tokens={stream_usage.completion_tokens}"
+    )
+    assert any('"POST /v1/completions" 200' in x and expected in x for x in lines)

@@ -77,6 +77,7 @@ from .protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    UsageInfo,
 )
 
 __all__ = ["APIError", "ServingState", "build_app"]
@@ -281,9 +282,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         whole = all_or_none(_whole_turn(t, weights) for t in turns)
         results = await _unless_disconnected(request, whole)
     admitted.check()
-    for result in results:
-        note_usage(request.scope, result.usage.prompt_tokens, result.usage.completion_tokens)
-    return ChatCompletionResponse.of(body.model, results, tokenizer)
+    response = ChatCompletionResponse.of(body.model, results, tokenizer)
+    note_usage(request.scope, response.usage.prompt_tokens, response.usage.completion_tokens)
+    return response
 
 
 @_v1.post("/completions", response_model=CompletionResponse)
@@ -336,12 +337,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     results = [samples[j][p] for p in range(len(ids)) for j in range(n)]  # prompt-major
     choice_echoes = [echoes[p] for p in range(len(ids)) for _ in range(n)]
     choice_logprobs = [_copy(logprobs[p]) for p in range(len(ids)) for _ in range(n)]
-    for result in results:
-        note_usage(request.scope, result.usage.prompt_tokens, result.usage.completion_tokens)
     for lp, result in zip(choice_logprobs, results, strict=True):
         if lp is not None and result.logprobs is not None:
             lp.add(decoder.tokenizer, result.logprobs)
-    return CompletionResponse.of(body.model, results, choice_echoes, choice_logprobs, n)
+    response = CompletionResponse.of(body.model, results, choice_echoes, choice_logprobs, n)
+    note_usage(request.scope, response.usage.prompt_tokens, response.usage.completion_tokens)
+    return response
 
 
 def _copy(logprobs: CompletionLogprobs | None) -> CompletionLogprobs | None:
@@ -507,12 +508,13 @@ async def _chat_events(
             if index not in started:
                 started.add(index)
                 yield _json(chunks.first(index))
-            for chunk in chunks.of(_noted(request, delta), index):
+            for chunk in chunks.of(delta, index):
                 yield _json(chunk)
     except Exception as error:
         yield _json(_error_of(error, request).body())
     finally:
         await deltas.aclose()  # type: ignore[attr-defined]
+        _note_streamed(request, chunks.usages)
     yield "[DONE]"
 
 
@@ -530,21 +532,20 @@ async def _completion_events(
             yield _json(echo)
         async for index, item in items:
             admitted.check()
-            for chunk in chunks.of(_noted(request, item), index):
+            for chunk in chunks.of(item, index):
                 yield _json(chunk)
     except Exception as error:
         yield _json(_error_of(error, request).body())
     finally:
         await items.aclose()  # type: ignore[attr-defined]
+        _note_streamed(request, chunks.usages)
     yield "[DONE]"
 
 
-def _noted(request: Request, item: T) -> T:
-    """`item`, its usage (a stream's last item has it) noted for the access log."""
-    usage = getattr(item, "usage", None)
-    if usage is not None:
-        note_usage(request.scope, usage.prompt_tokens, usage.completion_tokens)
-    return item
+def _note_streamed(request: Request, usages: Sequence[Usage | None]) -> None:
+    """A stream's usage (its choices that finished) for the access log."""
+    usage = UsageInfo.of(*usages, n=len(usages))
+    note_usage(request.scope, usage.prompt_tokens, usage.completion_tokens)
 
 
 def _json(model: BaseModel) -> str:

@@ -410,7 +410,8 @@ class UsageInfo(BaseModel):
         """The sum of the usages given, in prompt-major order with `n` choices per prompt:
         each prompt's tokens count once (its first choice's), as OpenAI counts them."""
         given = [u for u in usages if u is not None]
-        prompts = given[::n]
+        groups = (usages[i : i + n] for i in range(0, len(usages), n))
+        prompts = [next(u for u in g if u is not None) for g in groups if g.count(None) < len(g)]
         prompt = sum(u.prompt_tokens for u in prompts)
         completion = sum(u.completion_tokens for u in given)
         return cls(
