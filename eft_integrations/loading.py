@@ -124,8 +124,10 @@ def load_model(
 
 
 def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer stored beside a model (GGUF files carry theirs)."""
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    """Load the tokenizer stored beside a model (GGUF files carry theirs); the model's own
+    `trust_remote_code` (a `ModelSpec` keyword) counts as well as the decoder-wide one."""
+    trusted = trust_remote_code or bool(spec.kwargs.get("trust_remote_code", False))
+    kwargs: dict[str, Any] = {"trust_remote_code": trusted}
     for key in ("gguf_file", "revision", "subfolder", "token", "cache_dir"):
         if key in spec.kwargs:
             kwargs[key] = spec.kwargs[key]

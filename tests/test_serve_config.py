@@ -342,3 +342,20 @@ max_batch_size: 2
     core = chat(decoder, messages, temperature=0.0, max_new_tokens=8)
     assert body["choices"][0]["message"]["content"] == core.content
     assert body["eft_weights"] == {"chat": 2.0, "safe": -1.0}
+
+
+def test_a_models_trust_remote_code_reaches_its_tokenizer(monkeypatch):
+    """Loading a tokenizer with custom code needs the flag too (transformers refuses it
+    otherwise); only the keyword arguments are checked, as no such tokenizer exists here."""
+    from transformers import AutoTokenizer
+
+    from eft_integrations.loading import load_tokenizer
+
+    seen: list[dict] = []
+    monkeypatch.setattr(
+        AutoTokenizer, "from_pretrained", lambda path, **kwargs: seen.append(kwargs)
+    )
+    load_tokenizer(ModelOptions(path="m", trust_remote_code=True, revision="v2").spec())
+    load_tokenizer(ModelOptions(path="m").spec())
+    assert seen[0]["trust_remote_code"] is True and seen[0]["revision"] == "v2"
+    assert seen[1]["trust_remote_code"] is False
