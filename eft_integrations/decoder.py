@@ -14,6 +14,7 @@ thread or event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -60,7 +61,25 @@ from .prompts import (
 )
 from .request import Request
 
-__all__ = ["EFTDecoder", "Prompt"]
+__all__ = ["SCORE_CHUNK_TOKENS", "EFTDecoder", "Prompt", "token_chunks"]
+
+SCORE_CHUNK_TOKENS = 8192
+"""Tokens (prompt and continuation) `score` reads per engine task; decode steps of running
+requests run between its tasks."""
+
+
+def token_chunks(sizes: Sequence[int], most: int) -> list[list[int]]:
+    """Consecutive indices of `sizes`, grouped so each group's sizes sum to at most `most`
+    (an item larger than `most` is a group of its own)."""
+    chunks: list[list[int]] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if not chunks or total + size > most:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(index)
+        total += size
+    return chunks
 
 
 class EngineArgs(TypedDict, total=False):
@@ -426,12 +445,17 @@ class EFTDecoder:
             )
         ]
 
-        def run() -> list[ContinuationScore]:
+        def run(rows: list[int]) -> list[ContinuationScore]:
             composed = self._ensemble.score_continuations(
-                views.chat_ids, views.base_ids, conts, views.weight_tensor, conservative_top_p
+                [views.chat_ids[b] for b in rows],
+                [views.base_ids[b] for b in rows],
+                [conts[b] for b in rows],
+                views.weight_tensor[rows],
+                conservative_top_p,
             )
-            for b, logprobs in enumerate(composed):
-                if not bool(finite_rows(logprobs).all()):
+            finite = torch.stack([finite_rows(lp).all() for lp in composed]).tolist()  # 1 sync
+            for b, ok in zip(rows, finite, strict=True):
+                if not ok:
                     raise EFTRequestError(
                         f"the EFT distribution is not finite along continuation {b} (weights "
                         f"{views.weight_rows[b]}): the weights overflow float32 when multiplied "
@@ -439,11 +463,19 @@ class EFTDecoder:
                         param="weights",
                     )
             return [
-                continuation_score(logprobs, ids, top_logprobs)
-                for logprobs, ids in zip(composed, conts, strict=True)
+                continuation_score(logprobs, conts[b], top_logprobs)
+                for logprobs, b in zip(composed, rows, strict=True)
             ]
 
-        scores = self.engine.call(run)
+        # chunks of at most SCORE_CHUNK_TOKENS: the engine decodes its running rows between
+        # them, so a large scoring call (an lm-eval task) never holds generation for long
+        sizes = [
+            len(c) + max(len(a), len(b))
+            for c, a, b in zip(conts, views.chat_ids, views.base_ids, strict=True)
+        ]
+        scores: list[ContinuationScore] = []
+        for rows in token_chunks(sizes, SCORE_CHUNK_TOKENS):
+            scores += self.engine.call(functools.partial(run, rows))
         return scores if is_batch else scores[0]
 
     def next_token_logprobs(

@@ -213,6 +213,33 @@ def test_batched_scores_match_the_reference_with_any_weights_and_views(endless, 
     assert alone.logprobs == pytest.approx(scores[2].logprobs, abs=ATOL)
 
 
+def test_a_score_in_chunks_equals_one_task_and_lets_decoding_run_between(endless, monkeypatch):
+    from eft_integrations import decoder as decoder_module
+
+    prompts = [endless.encode(p) for p in PROMPTS]
+    continuations = [[40, 41, 42], [7], [300, 12, 12, 99, 5]]
+    whole = endless.score(prompts, continuations, weights=WEIGHTS, top_logprobs=2)
+    tasks = []
+    call = endless.engine.call
+    monkeypatch.setattr(endless.engine, "call", lambda fn: tasks.append(fn) or call(fn))
+    monkeypatch.setattr(decoder_module, "SCORE_CHUNK_TOKENS", 1)  # one continuation a task
+    chunked = endless.score(prompts, continuations, weights=WEIGHTS, top_logprobs=2)
+    assert len(tasks) == 3
+    for c, w in zip(chunked, whole, strict=True):
+        assert c.logprobs == pytest.approx(w.logprobs, abs=ATOL)
+        for ct, wt in zip(c.top_logprobs, w.top_logprobs, strict=True):
+            assert list(ct.values()) == pytest.approx(list(wt.values()), abs=ATOL)
+    assert [c.is_greedy for c in chunked] == [w.is_greedy for w in whole]
+
+
+def test_token_chunks_group_consecutive_items_up_to_the_limit():
+    from eft_integrations.decoder import token_chunks
+
+    assert token_chunks([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]
+    assert token_chunks([], 6) == []
+    assert token_chunks([1, 1, 1], 100) == [[0, 1, 2]]
+
+
 def test_a_continuation_that_is_not_greedy_is_flagged(endless):
     greedy = endless.generate(PROMPTS[1], temperature=0, max_new_tokens=4).token_ids
     other = [greedy[0], next(t for t in range(5, 500) if t != greedy[1]), greedy[2]]
