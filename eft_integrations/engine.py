@@ -206,11 +206,11 @@ class Engine:
         """Tell `observer` each row's token timing and each request's end, on the engine
         thread (see `EngineObserver`); a server's metrics listen this way. The engine holds
         it weakly: it listens while its owner keeps a reference to it."""
-        self.outputs.observers.add(observer)
+        self.outputs.add_observer(observer)
 
     def remove_observer(self, observer: EngineObserver) -> None:
         """Stop telling `observer` (no error when it was not listening)."""
-        self.outputs.observers.discard(observer)
+        self.outputs.remove_observer(observer)
 
     @property
     def queued(self) -> int:

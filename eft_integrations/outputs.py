@@ -14,6 +14,7 @@ the rows never see it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections import deque
@@ -64,7 +65,8 @@ class EngineObserver:
         after its previous ones (one inter-token latency per step, as vLLM counts it)."""
 
     def on_finish(self, stats: RequestStats, usage: Usage, finish_reason: str) -> None:
-        """A request ended with a result (finished, stopped or cancelled)."""
+        """A request ended with a result: its finish reason, or "abort" when its caller
+        cancelled it (a client gone, a server shutting down)."""
 
     def on_failure(self, error: BaseException) -> None:
         """A request ended with `error` instead of a result."""
@@ -75,12 +77,35 @@ class OutputProcessor:
 
     def __init__(self, stats: EngineStats) -> None:
         self.stats = stats
-        self.observers: weakref.WeakSet[EngineObserver] = weakref.WeakSet()
-        """Held weakly: an app's metrics go when the app goes, not with the engine."""
+        # weak references (an app's metrics go when the app goes, not with the engine), in a
+        # tuple replaced whole under a lock: the engine thread reads one attribute, never a
+        # collection another thread is changing
+        self._observers: tuple[weakref.ref[EngineObserver], ...] = ()
+        self._observers_lock = threading.Lock()
+
+    @property
+    def observers(self) -> list[EngineObserver]:
+        """The observers listening now."""
+        return [o for ref in self._observers if (o := ref()) is not None]
+
+    def add_observer(self, observer: EngineObserver) -> None:
+        with self._observers_lock:
+            if observer not in self.observers:
+                self._observers = (*self._live_refs(), weakref.ref(observer))
+
+    def remove_observer(self, observer: EngineObserver) -> None:
+        with self._observers_lock:
+            self._observers = tuple(r for r in self._live_refs() if r() is not observer)
+
+    def _live_refs(self) -> tuple[weakref.ref[EngineObserver], ...]:
+        return tuple(r for r in self._observers if r() is not None)
 
     def _tell(self, event: str, *args: object) -> None:
         """Call `event` on every observer; one that raises is logged, never the rows' loss."""
-        for observer in tuple(self.observers):  # added or removed from other threads
+        for ref in self._observers:
+            observer = ref()
+            if observer is None:
+                continue
             try:
                 getattr(observer, event)(*args)
             except Exception:
@@ -129,7 +154,7 @@ class OutputProcessor:
     def cancelled(self, requests: Iterable[Request]) -> None:
         """Requests cancelled by their callers: they end with what they have."""
         for request in requests:
-            self.finish(request, "stop")
+            self.finish(request, "stop", aborted=True)
             self.stats.cancelled += 1
 
     def _emit(self, request: Request) -> None:
@@ -147,15 +172,16 @@ class OutputProcessor:
                 ),
             )
 
-    def finish(self, request: Request, reason: str) -> None:
-        """Send the final chunk (streams) and the result."""
+    def finish(self, request: Request, reason: str, aborted: bool = False) -> None:
+        """Send the final chunk (streams) and the result; `aborted`: its caller cancelled it
+        (observers hear the reason "abort")."""
         row = request.row
         row.finish_reason = row.finish_reason or reason
         now = time.monotonic()
         usage = Usage(row.prompt_tokens, len(row.token_ids), request.cached_prompt_tokens)
         stats = request.stats(now)
         self.stats.finished += 1
-        self._tell("on_finish", stats, usage, row.finish_reason)
+        self._tell("on_finish", stats, usage, "abort" if aborted else row.finish_reason)
         if request.streaming:
             _send(
                 request,

@@ -359,3 +359,9 @@ def test_a_models_trust_remote_code_reaches_its_tokenizer(monkeypatch):
     load_tokenizer(ModelOptions(path="m").spec())
     assert seen[0]["trust_remote_code"] is True and seen[0]["revision"] == "v2"
     assert seen[1]["trust_remote_code"] is False
+
+
+def test_an_unknown_quantization_option_is_refused_not_ignored():
+    with pytest.raises(ValueError, match=r"unknown quantization option\(s\) \['load_in_4bits'\]"):
+        ModelOptions(path="m", quantization={"load_in_4bits": True})
+    assert ModelOptions(path="m", quantization={"load_in_4bit": True}).quantization

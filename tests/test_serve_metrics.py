@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -216,3 +217,50 @@ def test_the_engine_holds_observers_weakly(decoder):
     assert observer in decoder.engine.outputs.observers
     del observer
     assert not any(isinstance(o, _Raising) for o in decoder.engine.outputs.observers)
+
+
+def test_a_cancelled_request_counts_as_an_abort_not_a_success(server, client):
+    before = _scrape(server)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=400, temperature=0, stream=True
+    )
+    next(iter(stream))
+    stream.close()  # the client leaves: the server cancels its request
+
+    def aborted() -> float:
+        return _delta(before, _scrape(server), "eft_request_success_total", finished_reason="abort")
+
+    deadline = time.monotonic() + 30
+    while aborted() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted() == 1
+    assert _delta(before, _scrape(server), "eft_request_success_total", finished_reason="stop") == 0
+
+
+def test_observers_added_while_the_engine_runs_cost_it_nothing(decoder):
+    kwargs = {"max_new_tokens": 40, "temperature": 0}
+    solo = decoder.generate(USER[0]["content"], **kwargs).token_ids
+    stop = threading.Event()
+
+    def churn() -> None:  # add and drop observers from another thread, as build_app does
+        while not stop.is_set():
+            observer = EngineObserver()
+            decoder.engine.add_observer(observer)
+            decoder.engine.remove_observer(observer)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        results = [decoder.generate(USER[0]["content"], **kwargs).token_ids for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join(10)
+    assert results == [solo] * 3
+    assert decoder.engine.failure is None
+
+
+def test_the_access_log_keeps_a_path_encoded(server, caplog):
+    with caplog.at_level(logging.INFO, logger="eft_integrations.access"):
+        httpx.get(f"{server.url}/x%0d%0a1.2.3.4:1%20%22POST%20/v1%22%20200", timeout=30)
+    (line,) = [r.getMessage() for r in caplog.records if "/x%0d%0a" in r.getMessage()]
+    assert "\n" not in line and "\r" not in line

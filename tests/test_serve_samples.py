@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -210,6 +211,12 @@ def test_the_access_log_reports_the_usage_the_client_got(client, caplog):
             **SAMPLING,
         )
         stream_usage = [c.usage for c in streamed if c.usage is not None][-1]
+        # the server logs a stream once it has ended, just after the client read [DONE]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            "/v1/completions" in r.getMessage() for r in caplog.records
+        ):
+            time.sleep(0.02)
     lines = [r.getMessage() for r in caplog.records if r.name == "eft_integrations.access"]
     (line,) = [x for x in lines if raw.headers["x-request-id"] in x]
     assert (
@@ -220,3 +227,9 @@ def test_the_access_log_reports_the_usage_the_client_got(client, caplog):
         f"completion_tokens={stream_usage.completion_tokens}"
     )
     assert any('"POST /v1/completions" 200' in x and expected in x for x in lines)
+
+
+def test_choices_past_the_limit_are_a_400_naming_n(client):
+    with pytest.raises(openai.BadRequestError, match="choices") as caught:
+        client.completions.create(model=MODEL, prompt=["a"] * 33, n=128, max_tokens=1)
+    assert caught.value.body["param"] == "n"

@@ -86,6 +86,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_CHOICES = 4096
+"""The most choices (prompts x n) one completions request may ask for: each is an engine
+request, built before the first one runs."""
+
 FALLBACK_MAX_TOKENS = 1024
 """Completion budget of a request that names none, for models without a known window."""
 
@@ -266,7 +270,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     events."""
     state = _state(request)
     state.check_model(body.model)
-    admitted = state.admit(request, body.n, "messages")  # before the first await
+    admitted = state.admit(request, body.n, "n" if body.n > 1 else "messages")  # no await yet
     weights = state.weights(body.eft_weights)
     with _core_errors(request):
         messages = body.core_messages()
@@ -303,7 +307,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
             400, "max_tokens 0 scores the prompt only; send it with stream: false", param="stream"
         )
     n = body.n
-    admitted = state.admit(request, len(prompts) * n, "prompt")  # before the first await
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts x n={n} make {len(prompts) * n} choices; one request "
+            f"makes at most {MAX_CHOICES}: send fewer prompts or a smaller n",
+            param="n" if n > 1 else "prompt",
+        )
+    field = "n" if n > 1 else "prompt"
+    admitted = state.admit(request, len(prompts) * n, field)  # before the first await
     weights = state.weights(body.eft_weights)
     decoder = state.decoder
     options = body.generation_options(body.max_tokens or state.max_tokens())
@@ -477,17 +489,18 @@ def _sse(events: AsyncIterator[str]) -> EventSourceResponse:
 async def _firsts(
     request: Request, admitted: Reservation, streams: Sequence[AsyncIterator[T]], field: str
 ) -> list[T]:
-    """The first item of each core stream (the `n` choices start together), before any
-    response is sent, so that a request the core refuses (or the server cuts short) gets its
-    error status rather than a broken stream. `field` holds the request's prompt."""
+    """The first item of the first core stream, before any response is sent, so that a
+    request the core refuses (or the server cuts short) gets its error status rather than a
+    broken stream; the other choices (same prompt, same options) start as the response
+    streams. `field` holds the request's prompt. Every stream is closed if it fails."""
     try:
         with _core_errors(request, field):
-            heads = await _unless_disconnected(request, firsts(streams))
+            heads = await _unless_disconnected(request, firsts(streams[:1]))
+        admitted.check()
     except BaseException:
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
         raise
-    admitted.check()
     return heads
 
 

@@ -19,6 +19,7 @@ passes strings.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Collection, Mapping
@@ -128,6 +129,24 @@ class ModelOptions(BaseModel):
     quantization: dict[str, Any] | None = None
     """Keyword arguments of transformers' `BitsAndBytesConfig` (e.g. `load_in_4bit: true`);
     loading needs `bitsandbytes`."""
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization_options(cls, value: dict[str, Any] | None) -> Any:
+        # BitsAndBytesConfig takes unknown keys silently: load_in_4bits: true would load
+        # the model unquantized
+        if value is None:
+            return value
+        from transformers import BitsAndBytesConfig
+
+        known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown quantization option(s) {unknown}; BitsAndBytesConfig takes "
+                f"{sorted(known)}"
+            )
+        return value
 
     def spec(self) -> ModelSpec:
         """The `ModelSpec` that loads this model. Only options that are set become keyword

@@ -88,11 +88,16 @@ async def _pump(
     stream: AsyncIterator[Any],
     arrivals: asyncio.Queue[tuple[int, Any, BaseException | None]],
 ) -> None:
-    """Move one stream's items (then its end, or its error) into `arrivals`."""
+    """Move one stream's items (then its end, or its error) into `arrivals`; whatever ends
+    the stream but a cancellation is reported, so `merged` never waits for it in vain."""
     try:
         async for item in stream:
             await arrivals.put((index, item, None))
-    except Exception as error:
-        await arrivals.put((index, None, error))
+    except asyncio.CancelledError:
+        raise
+    except BaseException as error:
+        arrivals.put_nowait((index, None, error))
+        if not isinstance(error, Exception):
+            raise
     else:
-        await arrivals.put((index, _END, None))
+        arrivals.put_nowait((index, _END, None))

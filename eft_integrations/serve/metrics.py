@@ -99,7 +99,8 @@ class ServerMetrics(EngineObserver):
         )
         self.finished = Counter(
             "eft_request_success",
-            "Engine requests that ended with a result, by finish reason.",
+            "Engine requests that ended with a result, by finish reason (abort: cancelled by "
+            "their caller).",
             ["finished_reason"],
             registry=registry,
         )
@@ -110,7 +111,7 @@ class ServerMetrics(EngineObserver):
             registry=registry,
         )
         self.prompt_tokens = Counter(
-            "eft_prompt_tokens", "Prompt tokens of finished requests.", registry=registry
+            "eft_prompt_tokens", "Prompt tokens read by finished requests.", registry=registry
         )
         self.cached_prompt_tokens = Counter(
             "eft_prompt_tokens_cached",
@@ -151,8 +152,9 @@ class ServerMetrics(EngineObserver):
         self.finished.labels(finish_reason).inc()
         self.e2e_latency.observe(stats.total_time)
         self.queue_time.observe(stats.queue_time)
-        self.prompt_tokens.inc(usage.prompt_tokens)
-        self.cached_prompt_tokens.inc(usage.cached_tokens)
+        if stats.time_to_first_token is not None:  # its prompt was read (not cancelled early)
+            self.prompt_tokens.inc(usage.prompt_tokens)
+            self.cached_prompt_tokens.inc(usage.cached_tokens)
         self.generation_tokens.inc(usage.completion_tokens)
         if stats.drafted_tokens:
             self.draft_tokens.inc(stats.drafted_tokens)

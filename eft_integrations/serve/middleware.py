@@ -158,13 +158,25 @@ class AccessLog:
             '%s "%s %s" %d %.1f ms prompt_tokens=%d completion_tokens=%d request_id=%s',
             f"{client[0]}:{client[1]}" if client else "-",
             scope["method"],
-            scope["path"],
+            _logged_path(scope),
             status,
             seconds * 1000,
             prompt,
             completion,
             request_id(scope),
         )
+
+
+_LOGGED_PATH_LENGTH = 256
+
+
+def _logged_path(scope: Scope) -> str:
+    """The path as the client sent it, still percent-encoded (a decoded `%0d%0a` would let
+    a client forge log lines), with any other unprintable byte escaped, cut to a length."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    text = raw.decode("latin-1")
+    text = "".join(c if " " < c < "\x7f" else f"%{ord(c):02X}" for c in text)
+    return text[:_LOGGED_PATH_LENGTH] + ("..." if len(text) > _LOGGED_PATH_LENGTH else "")
 
 
 class RequireKey:
