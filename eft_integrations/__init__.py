@@ -11,6 +11,7 @@ The framework adapters live in `eft_integrations.langchain` and `eft_integration
 importing this package imports neither framework.
 """
 
+from .adapters import Adapter
 from .composition import compose_logprobs
 from .constraints import TokenConstraint
 from .decoder import EFTDecoder
@@ -27,6 +28,7 @@ from .options import (
 )
 
 __all__ = [
+    "Adapter",
     "Behavior",
     "ContinuationScore",
     "EFTDecoder",

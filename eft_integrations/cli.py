@@ -69,7 +69,8 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
         dest="behaviors",
         action="append",
         metavar="NAME=FT,REF",
-        help="a behavior: fine-tuned model and its reference (repeatable)",
+        help="a behavior: fine-tuned model and its reference (repeatable); FT may be "
+        "adapter:PATH, a PEFT (LoRA) adapter on REF",
     )
     models.add_argument(
         "--weights",

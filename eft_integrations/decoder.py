@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .adapters import with_adapter_views
 from .composition import finite_rows
 from .constraints import TokenConstraint
 from .engine import DEFAULT_PREFILL_CHUNK, Engine
@@ -144,6 +145,7 @@ class EFTDecoder:
         compile: bool | str = False,
     ) -> None:
         behaviors = {name: Behavior.coerce(name, b) for name, b in (behaviors or {}).items()}
+        base, behaviors = with_adapter_views(base, behaviors)  # adapters -> views of a backbone
         tokenizer = check_loaded_models(base, behaviors, tokenizer)
         self.tokenizer = tokenizer
         self._chat_template = chat_template

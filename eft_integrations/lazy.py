@@ -15,11 +15,13 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .adapters import Adapter
 from .decoder import EFTDecoder
 from .loading import (
     Behavior,
     ModelRef,
     ModelSpec,
+    adapter_tokenizer,
     composition_name,
     config_context_window,
     load_tokenizer,
@@ -102,9 +104,12 @@ class LazyDecoder:
         models = self._models()
         distinct = list(dict.fromkeys(_key(m) for m in models))
 
-        def name(model: ModelSpec | PreTrainedModel) -> str:
+        def name(model: ModelSpec | PreTrainedModel | Adapter) -> str:
             if isinstance(model, ModelSpec):
                 return model.name_or_path
+            if isinstance(model, Adapter):
+                source = model.source
+                return source if isinstance(source, str) else model.adapter_name
             return model_label(model, distinct.index(_key(model)))
 
         names = [name(m) for m in models]
@@ -126,13 +131,13 @@ class LazyDecoder:
                 self._window = None  # read once: metadata is read on every prompt packing
         return self._window  # type: ignore[return-value]
 
-    def _models(self) -> list[ModelSpec | PreTrainedModel]:
+    def _models(self) -> list[ModelSpec | PreTrainedModel | Adapter]:
         """The models `from_pretrained` loads, in the decoder's order: the base, then each
-        behavior's fine-tuned model and reference."""
+        behavior's fine-tuned model (an `Adapter` as given) and reference."""
         args = self.load_args
         behaviors = [Behavior.coerce(n, b) for n, b in args["behaviors"].items()]
         refs = [args["base"], *(r for b in behaviors for r in (b.finetuned, b.reference))]
-        return [r if isinstance(r, PreTrainedModel) else ModelSpec.of(r) for r in refs]
+        return [r if isinstance(r, (PreTrainedModel, Adapter)) else ModelSpec.of(r) for r in refs]
 
     def _configured_window(self) -> int | None:
         """The smallest window the models' configs state, read with the arguments
@@ -140,6 +145,8 @@ class LazyDecoder:
         trust = bool(self.load_args.get("trust_remote_code", False))
         configs: dict[Any, PretrainedConfig] = {}
         for model in self._models():
+            if isinstance(model, Adapter):
+                continue  # an adapter keeps its reference's window
             if isinstance(model, PreTrainedModel):
                 configs[_key(model)] = model.config
             elif _key(model) not in configs:
@@ -177,6 +184,8 @@ class LazyDecoder:
                 found: dict[tuple[Any, ...], PreTrainedTokenizerBase] = {}
 
                 def tokenizer_of(ref: ModelRef) -> PreTrainedTokenizerBase | None:
+                    if isinstance(ref, Adapter):
+                        return adapter_tokenizer(ref, trust)
                     if isinstance(ref, PreTrainedModel):
                         return None  # a loaded model carries no tokenizer
                     spec = ModelSpec.of(ref)
@@ -214,9 +223,11 @@ class LazyDecoder:
 _UNKNOWN = object()
 
 
-def _key(model: ModelSpec | PreTrainedModel) -> Any:
+def _key(model: ModelSpec | PreTrainedModel | Adapter) -> Any:
     """One key per distinct model (a spec named twice loads once)."""
-    return ("loaded", id(model)) if isinstance(model, PreTrainedModel) else model.key()
+    if isinstance(model, ModelSpec):
+        return model.key()
+    return ("loaded", id(model))
 
 
 def get_decoder(holder: EFTDecoder | LazyDecoder) -> EFTDecoder:

@@ -17,6 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .adapters import Adapter, AdapterView
+
 __all__ = [
     "Behavior",
     "LoadedModels",
@@ -80,8 +82,9 @@ class ModelSpec:
         )
 
 
-ModelRef = Union[str, "os.PathLike[str]", ModelSpec, PreTrainedModel]
-"""A model given by hub id or path, by a `ModelSpec`, or as an already loaded model."""
+ModelRef = Union[str, "os.PathLike[str]", ModelSpec, PreTrainedModel, Adapter]
+"""A model given by hub id or path, by a `ModelSpec`, as an already loaded model, or (a
+behavior's fine-tuned model) as a PEFT `Adapter` on the behavior's reference."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,19 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> PreTrain
         if key in spec.kwargs:
             kwargs[key] = spec.kwargs[key]
     return AutoTokenizer.from_pretrained(spec.name_or_path, **kwargs)
+
+
+def adapter_tokenizer(
+    adapter: Adapter, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase | None:
+    """The tokenizer an adapter's folder ships (chat adapters often carry their chat
+    template), or None when it ships none."""
+    source = adapter.source
+    if not isinstance(source, str) or not os.path.isfile(
+        os.path.join(source, "tokenizer_config.json")
+    ):
+        return None
+    return load_tokenizer(ModelSpec(source), trust_remote_code)
 
 
 def check_same_vocabulary(
@@ -229,8 +245,10 @@ def load_models(
     loaded: dict[tuple[Any, ...], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
     names: dict[int, str] = {}
 
-    def get(ref: ModelRef) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-        if isinstance(ref, PreTrainedModel):
+    def get(ref: ModelRef) -> tuple[Any, PreTrainedTokenizerBase | None]:
+        if isinstance(ref, Adapter):  # loaded onto its reference by the decoder
+            return ref, adapter_tokenizer(ref, trust_remote_code)
+        if isinstance(ref, PreTrainedModel) or not isinstance(ref, (str, os.PathLike, ModelSpec)):
             return ref, None
         spec = ModelSpec.of(ref)
         if spec.key() not in loaded:
@@ -245,6 +263,11 @@ def load_models(
         lambda ref: get(ref)[1], base, list(coerced.values()), tokenizer, chat_template
     )
     tokenizers = [(names[id(model)], tok) for model, tok in loaded.values()]
+    tokenizers += [
+        (str(b.finetuned.source), tok)
+        for b in coerced.values()
+        if isinstance(b.finetuned, Adapter) and (tok := get(b.finetuned)[1]) is not None
+    ]
     for name, other in tokenizers[1:]:
         check_same_vocabulary(*tokenizers[0], name, other)
     return LoadedModels(base_model, pairs, tokenizer, chat_template)
@@ -274,7 +297,7 @@ def check_loaded_models(
         roles += [(f"behavior {name!r} finetuned", b.finetuned)]
         roles += [(f"behavior {name!r} reference", b.reference)]
     for role, model in roles:
-        if not isinstance(model, PreTrainedModel):
+        if not isinstance(model, (PreTrainedModel, AdapterView)):
             raise ValueError(
                 f"{role} must be a loaded transformers model here, got {type(model).__name__}; "
                 "use EFTDecoder.from_pretrained for paths"

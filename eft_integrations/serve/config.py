@@ -49,6 +49,7 @@ from .defaults import (
 )
 
 if TYPE_CHECKING:
+    from ..adapters import Adapter
     from ..loading import Behavior, ModelSpec
 
 __all__ = [
@@ -203,10 +204,26 @@ class BehaviorModels(NamedTuple):
     reference: ModelSource
 
 
+ADAPTER_PREFIX = "adapter:"
+"""A fine-tuned model written `adapter:PATH` is a PEFT adapter on its behavior's reference."""
+
+
 def _spec(model: str | ModelOptions) -> ModelSpec:
     from ..loading import ModelSpec
 
     return model.spec() if isinstance(model, ModelOptions) else ModelSpec(model)
+
+
+def _finetuned(model: str | ModelOptions) -> ModelSpec | Adapter:
+    """A behavior's fine-tuned model: `adapter:PATH` is an adapter, anything else a model."""
+    if isinstance(model, str) and model.startswith(ADAPTER_PREFIX):
+        from ..adapters import Adapter
+
+        path = model.removeprefix(ADAPTER_PREFIX).strip()
+        if not path:
+            raise ValueError("an adapter is adapter:PATH (a folder or hub id), got no path")
+        return Adapter(path)
+    return _spec(model)
 
 
 def describe_errors(
@@ -365,7 +382,7 @@ class ServeConfig(BaseModel):
         from ..loading import Behavior
 
         return {
-            name: Behavior(finetuned=_spec(pair.finetuned), reference=_spec(pair.reference))
+            name: Behavior(finetuned=_finetuned(pair.finetuned), reference=_spec(pair.reference))
             for name, pair in self.behaviors.items()
         }
 
@@ -436,12 +453,12 @@ class ServeConfig(BaseModel):
         )
 
 
-def _check_quantization(specs: list[ModelSpec]) -> None:
+def _check_quantization(specs: list[Any]) -> None:
     """Fail before any model loads when one asks for quantization without bitsandbytes (else
     transformers fails later, after the models before it have loaded)."""
     import importlib.util
 
-    wanting = [s.name_or_path for s in specs if "quantization_config" in s.kwargs]
+    wanting = [s.name_or_path for s in specs if "quantization_config" in getattr(s, "kwargs", {})]
     if wanting and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
             f"quantization of {', '.join(sorted(set(wanting)))} needs bitsandbytes: "

@@ -1,0 +1,279 @@
+"""Behaviors from PEFT LoRA adapters on their reference, against the brute force: the same
+EFT with each adapter merged into a full copy of the reference (`merge_and_unload`). Same
+greedy tokens, the same log-probs within float tolerance, for one and two adapters, batched
+with per-row weights, plain and speculative, scored; one backbone in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from eft_integrations import Behavior, EFTDecoder  # noqa: E402
+from eft_integrations.adapters import Adapter, AdapterView, merged_copy  # noqa: E402
+
+from .test_isolation import assert_clean, hooked, raises_on, together  # noqa: E402
+from .tiny_models import build_tokenizer, llama  # noqa: E402
+
+PROMPTS = ["The capital of", "Once upon a time", "Tell me about cats and"]
+ATOL = 2e-4
+
+
+def _lora(reference: torch.nn.Module, seed: int, targets: list[str]) -> peft.PeftModel:
+    """A random LoRA adapter (B not zero, so it changes the outputs) on a copy of
+    `reference`."""
+    import copy
+
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    return peft.get_peft_model(copy.deepcopy(reference), config)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """A base, a small reference, two LoRA adapters on it (saved as adapters), the same
+    adapters merged into full copies, and an adapter trained on another model."""
+    root = tmp_path_factory.mktemp("lora-family")
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    models = {"base": llama(vocab, seed=21, hidden=48, layers=3), "ref": llama(vocab, seed=22)}
+    paths = {}
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = root / name
+    for name, seed, targets in (
+        ("helpful", 31, ["q_proj", "v_proj"]),
+        ("harmless", 32, ["o_proj", "gate_proj", "down_proj"]),
+    ):
+        adapted = _lora(models["ref"], seed, targets)
+        adapted.save_pretrained(root / f"{name}-lora")
+        paths[f"{name}-lora"] = root / f"{name}-lora"
+        merged = merged_copy(adapted, "default")
+        merged.save_pretrained(root / f"{name}-merged")
+        tokenizer.save_pretrained(root / f"{name}-merged")
+        paths[f"{name}-merged"] = root / f"{name}-merged"
+    other = llama(vocab, seed=23, hidden=40)
+    _lora(other, 33, ["q_proj"]).save_pretrained(root / "other-lora")
+    paths["other-lora"] = root / "other-lora"
+    return paths
+
+
+def _decoders(family, names: list[str], **options) -> tuple[EFTDecoder, EFTDecoder]:
+    """(adapters, merged): the same EFT, the behaviors as adapters or as merged models."""
+    adapters = EFTDecoder.from_pretrained(
+        base=family["base"],
+        behaviors={
+            n: Behavior(finetuned=Adapter(family[f"{n}-lora"], name=n), reference=family["ref"])
+            for n in names
+        },
+        dtype=torch.float32,
+        **options,
+    )
+    merged = EFTDecoder.from_pretrained(
+        base=family["base"],
+        behaviors={n: (family[f"{n}-merged"], family["ref"]) for n in names},
+        dtype=torch.float32,
+        **options,
+    )
+    return adapters, merged
+
+
+@pytest.fixture(scope="module")
+def two(family) -> tuple[EFTDecoder, EFTDecoder]:
+    return _decoders(family, ["helpful", "harmless"])
+
+
+def test_one_adapter_equals_its_merged_model(family):
+    adapters, merged = _decoders(family, ["helpful"])
+    for weights in ({"helpful": 1.0}, {"helpful": 2.5}):
+        got = adapters.next_token_logprobs(PROMPTS, weights=weights)
+        want = merged.next_token_logprobs(PROMPTS, weights=weights)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    greedy = {"temperature": 0, "max_new_tokens": 12}
+    assert adapters.generate(PROMPTS[0], **greedy).token_ids == (
+        merged.generate(PROMPTS[0], **greedy).token_ids
+    )
+
+
+def test_two_adapters_batched_with_per_row_weights_equal_the_merged_models(two):
+    adapters, merged = two
+    weights = [{"helpful": 1.0, "harmless": 0.0}, {"helpful": -0.5, "harmless": 2.0}, {}]
+    kwargs = {"temperature": 0, "max_new_tokens": 10, "logprobs": 0}
+    got = adapters.generate(PROMPTS, weights=weights, **kwargs)
+    want = merged.generate(PROMPTS, weights=weights, **kwargs)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert [e.logprob for e in g.logprobs] == pytest.approx(
+            [e.logprob for e in w.logprobs], abs=ATOL
+        )
+    # the adapters change the outputs (the test would pass with adapters off otherwise)
+    bare = adapters.generate(PROMPTS, weights={"helpful": 0, "harmless": 0}, **kwargs)
+    assert [r.token_ids for r in bare] != [r.token_ids for r in got]
+
+
+def test_speculative_rows_draft_with_the_adapter_views(two):
+    adapters, merged = two
+    kwargs = {"temperature": 0, "max_new_tokens": 14, "speculative_k": 3}
+    weights = {"helpful": 1.5, "harmless": 0.5}
+    got = adapters.generate(PROMPTS, weights=weights, **kwargs)
+    want = merged.generate(PROMPTS, weights=weights, **kwargs)
+    plain = adapters.generate(PROMPTS, weights=weights, temperature=0, max_new_tokens=14)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain]
+
+
+def test_score_equals_the_merged_models(two):
+    adapters, merged = two
+    weights = {"helpful": 1.0, "harmless": 1.0}
+    got = adapters.score(PROMPTS[1], [40, 41, 42, 43], weights=weights)
+    want = merged.score(PROMPTS[1], [40, 41, 42, 43], weights=weights)
+    assert got.logprobs == pytest.approx(want.logprobs, abs=ATOL)
+
+
+def test_the_small_side_is_one_backbone(two):
+    adapters, merged = two
+    views = [m for m in adapters._models if isinstance(m, AdapterView)]
+    assert len(views) == 3  # the reference (adapters off) and one view per adapter
+    assert len({id(v.peft_model) for v in views}) == 1
+    assert {v.adapter for v in views} == {None, "helpful", "harmless"}
+
+    def small_side_bytes(decoder: EFTDecoder) -> int:
+        base = decoder._models[decoder._ensemble.base]
+        seen: dict[int, int] = {}
+        for model in decoder._models:
+            if model is base:
+                continue
+            module = model.peft_model if isinstance(model, AdapterView) else model
+            for p in module.parameters():
+                seen[p.data_ptr()] = p.numel() * p.element_size()
+        return sum(seen.values())
+
+    assert small_side_bytes(adapters) < 0.5 * small_side_bytes(merged)
+
+
+def test_an_adapter_trained_on_another_model_names_both(family):
+    with pytest.raises(ValueError, match="does not fit its reference") as caught:
+        EFTDecoder.from_pretrained(
+            base=family["base"],
+            behaviors={"x": Behavior(Adapter(family["other-lora"]), family["ref"])},
+            dtype=torch.float32,
+        )
+    assert str(family["ref"]) in str(caught.value)
+
+
+def test_a_folder_without_an_adapter_is_a_clear_error(family):
+    with pytest.raises(ValueError, match="cannot read the adapter"):
+        EFTDecoder.from_pretrained(
+            base=family["base"],
+            behaviors={"x": Behavior(Adapter(family["base"]), family["ref"])},
+            dtype=torch.float32,
+        )
+
+
+def test_a_loaded_peft_model_gives_its_named_adapters(family, two):
+    _, merged = two
+    tokenizer = build_tokenizer()
+    reference = peft.PeftModel.from_pretrained(
+        llama_from(family["ref"]), family["helpful-lora"], adapter_name="helpful"
+    )
+    reference.load_adapter(family["harmless-lora"], adapter_name="harmless")
+    base = llama_from(family["base"])
+    decoder = EFTDecoder(
+        base,
+        {
+            "helpful": (Adapter(reference, name="helpful"), reference),
+            "harmless": (Adapter(reference, name="harmless"), reference),
+        },
+        tokenizer,
+    )
+    weights = {"helpful": 1.0, "harmless": -1.0}
+    torch.testing.assert_close(
+        decoder.next_token_logprobs(PROMPTS, weights=weights),
+        merged.next_token_logprobs(PROMPTS, weights=weights),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+def llama_from(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_a_poison_row_beside_adapter_rows_fails_alone(two):
+    """The backbone raises on one row's token: that row fails alone (the runner retries its
+    batch-mates' forward without it); the adapter rows beside it equal their solo output."""
+    adapters, _ = two
+    kwargs = {"temperature": 0, "max_new_tokens": 8, "weights": {"helpful": 1, "harmless": 1}}
+    solo = [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]]
+    seen = {t for ids in solo for t in ids} | {t for p in PROMPTS for t in adapters.encode(p)}
+    token = next(t for t in range(10, adapters.vocab_size) if t not in seen)
+    poisoned = [*adapters.encode(PROMPTS[2]), token]
+    backbone = next(m for m in adapters._models if isinstance(m, AdapterView)).peft_model
+    with hooked(backbone.get_base_model(), raises_on(token), pre=True):
+        calls = together(
+            adapters,
+            [(adapters.generate, (p,), kwargs) for p in (PROMPTS[0], PROMPTS[1], poisoned)],
+        )
+        with pytest.raises(RuntimeError, match=f"cannot read token {token}"):
+            calls[2].result()
+        assert [c.result().token_ids for c in calls[:2]] == solo
+    assert_clean(adapters)
+
+
+def test_eft_serve_config_and_chat_eft_take_adapter_behaviors(family, two):
+    """`adapter:PATH` in a config (and `--behavior NAME=adapter:PATH,REF`), and ChatEFT's
+    lazy loading from paths, give the same EFT as the merged models."""
+    from fastapi.testclient import TestClient
+    from langchain_core.messages import HumanMessage
+
+    from eft_integrations.langchain import ChatEFT
+    from eft_integrations.serve import ServeConfig
+
+    _, merged = two
+    weights = {"helpful": 1.0, "harmless": 0.5}
+    config = ServeConfig(
+        base=str(family["base"]),
+        behaviors=[
+            f"helpful=adapter:{family['helpful-lora']},{family['ref']}",
+            f"harmless=adapter:{family['harmless-lora']},{family['ref']}",
+        ],
+        dtype="float32",
+        served_model_name="lora",
+    )
+    specs = config.behavior_specs()
+    assert all(isinstance(b.finetuned, Adapter) for b in specs.values())
+    with TestClient(config.build_app()) as client:
+        body = {"model": "lora", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        reply = client.post("/v1/completions", json={**body, "eft_weights": weights})
+    assert reply.status_code == 200, reply.text
+    want = merged.generate(PROMPTS[0], weights=weights, max_new_tokens=8, temperature=0)
+    assert reply.json()["choices"][0]["text"] == want.text
+
+    chat = ChatEFT(
+        base=str(family["base"]),
+        behaviors={
+            "helpful": Behavior(Adapter(family["helpful-lora"], name="helpful"), family["ref"])
+        },
+        dtype=torch.float32,
+        temperature=0,
+        max_tokens=6,
+    )
+    assert "helpful-lora" in chat.decoder.model_name  # named before loading
+    answer = chat.invoke([HumanMessage("Hello")], weights={"helpful": 1.0})
+    alone = EFTDecoder.from_pretrained(
+        base=family["base"],
+        behaviors={"helpful": (family["helpful-merged"], family["ref"])},
+        dtype=torch.float32,
+    )
+    assert (
+        answer.content
+        == ChatEFT(decoder=alone, temperature=0, max_tokens=6)
+        .invoke([HumanMessage("Hello")], weights={"helpful": 1.0})
+        .content
+    )
