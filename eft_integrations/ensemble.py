@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
+from .adapters import BASE_ADAPTER, AdapterView
 from .composition import compose_logprobs
 from .kv_state import KVState
 from .loading import model_device
+from .paged_cache import GroupedCache
 
 if TYPE_CHECKING:
     from .kv_memory import KVMemory
@@ -63,6 +65,9 @@ class Ensemble:
         ]
         self._rope_thresholds = [_rope_threshold(m.config) for m in self.models]
         self._compiled: list[Any] = []  # see `compile`
+        self.view_groups = _view_groups(self.models)
+        """Indices of the adapter views of one backbone (two or more): one decode forward
+        for them all (see `step`)."""
         self.forward_calls = 0
         """Model forwards run so far (all models); a model in several roles counts once."""
 
@@ -210,8 +215,57 @@ class Ensemble:
         return states, logits
 
     def step(self, states: list[KVState], tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Feed one token per row [B] to every distinct model; logits [B, V] per model."""
-        return [self.feed(i, state, tokens[:, None])[:, -1] for i, state in enumerate(states)]
+        """Feed one token per row [B] to every distinct model; logits [B, V] per model. The
+        adapter views of one backbone run as one forward over all their rows (PEFT's
+        mixed-adapter batch, `view_groups`), unless their shapes are bucketed for a compiled
+        model."""
+        logits: list[torch.Tensor | None] = [None] * len(states)
+        groups = [] if any(s.static for s in states) else self.view_groups
+        for group in groups:
+            views = self._feed_views(group, [states[i] for i in group], tokens)
+            for i, out in zip(group, views, strict=True):
+                logits[i] = out
+        grouped = {i for group in groups for i in group}
+        for i, state in enumerate(states):
+            if i not in grouped:
+                logits[i] = self.feed(i, state, tokens[:, None])[:, -1]
+        return logits  # type: ignore[return-value]
+
+    def _feed_views(
+        self, group: list[int], states: list[KVState], tokens: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """One forward of the backbone of views `group` over every view's rows, each row
+        naming its view's adapter; logits [B, V] per view."""
+        positions = [state.append(1) for state in states]
+        cache = GroupedCache([state.cache for state in states])
+        width = cache.kv_length
+        masks = []
+        for state in states:
+            mask = state.attention_mask
+            if mask is None:
+                mask = torch.ones(state.batch_size, state.cache._plan().kv_length, dtype=torch.long)
+                mask = mask.to(state.device)
+            pad = width - mask.shape[1]
+            masks.append(torch.nn.functional.pad(mask, (pad, 0)) if pad else mask)
+        padded = any(s.padded for s in states) or len({m.shape[1] for m in masks}) > 1
+        rows = tokens.shape[0]
+        views = [self.models[i] for i in group]
+        i = group[0]
+        kwargs: dict[str, Any] = {
+            "input_ids": tokens[:, None].repeat(len(group), 1).to(self.devices[i]),
+            "attention_mask": torch.cat(masks) if padded else None,
+            "position_ids": torch.cat(positions),
+            "use_cache": True,
+            self._cache_kwarg[i]: cache,
+            "adapter_names": [v.adapter or BASE_ADAPTER for v in views for _ in range(rows)],
+        }
+        if self._keeps_last_logits[i]:
+            kwargs["logits_to_keep"] = 1
+        self.forward_calls += 1
+        logits = views[0].peft_model(**kwargs).logits[:, -1, : self.vocab_size]
+        for state in states:
+            state.commit()
+        return list(logits.to(self.device, non_blocking=True).split(rows))
 
     # ------------------------------------------------------------------ composition
 
@@ -357,3 +411,13 @@ def _rope_threshold(config: Any) -> int | None:
     ]
     limits = [int(x) for x in limits if x]
     return min(limits) if limits else None
+
+
+def _view_groups(models: Sequence[Any]) -> list[list[int]]:
+    """Indices of the models that are views of one PEFT backbone, per backbone with two or
+    more views."""
+    groups: dict[int, list[int]] = {}
+    for i, model in enumerate(models):
+        if isinstance(model, AdapterView):
+            groups.setdefault(id(model.peft_model), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]

@@ -46,6 +46,8 @@ class EngineStats:
     """Prompt tokens the models computed, summed over models."""
     prompt_tokens_cached: int = 0
     """Prompt tokens the models read from the prefix cache, summed over models."""
+    failed_decode_forwards: int = 0
+    """Decode forwards that raised (their rows were rebuilt by prefilling them again)."""
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
 
     @property

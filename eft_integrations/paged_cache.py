@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kv_pool import BlockPool
 
-__all__ = ["ForwardPlan", "PagedCache"]
+__all__ = ["ForwardPlan", "GroupedCache", "PagedCache"]
 
 
 @dataclass
@@ -106,6 +106,79 @@ class _PagedLayer(CacheLayerMixin):
         values = store.values.index_select(0, plan.read_slots).view(shape).transpose(1, 2)
         self.is_initialized = True
         return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.owner.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.get_mask_sizes(query_length)
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class GroupedCache(Cache):
+    """Several models' `PagedCache`s as one cache of their stacked rows, for one forward of
+    a backbone over the rows of all its adapter views (`Ensemble.step`): each view's rows
+    write and read their own pool; their contexts are left-padded to the longest, so every
+    row still ends at the last column."""
+
+    def __init__(self, caches: list[PagedCache]) -> None:
+        super().__init__(layers=[])
+        self.caches = caches
+        plans = [c._plan() for c in caches]
+        self.kv_length = max(p.kv_length for p in plans)
+        self.queries = plans[0].queries
+        self.sizes = [p.batch for p in plans]
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(_GroupedLayer(self, len(self.layers)))
+        keys, values = [], []
+        for cache, k, v in zip(
+            self.caches,
+            key_states.split(self.sizes),
+            value_states.split(self.sizes),
+            strict=True,
+        ):
+            k, v = cache.update(k, v, layer_idx)
+            pad = self.kv_length - k.shape[2]
+            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
+            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
+        return torch.cat(keys), torch.cat(values)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_length - self.queries
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.kv_length, 0
+
+
+class _GroupedLayer(CacheLayerMixin):
+    """One layer of a `GroupedCache` (what transformers' mask code may ask a layer)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, owner: GroupedCache, index: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.index = index
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.owner.update(key_states, value_states, self.index)
 
     def get_seq_length(self) -> int:
         return self.owner.get_seq_length()

@@ -359,6 +359,7 @@ class ModelRunner:
             logger.warning(
                 "a decode forward of %d rows failed (%r); rebuilding them", len(batch.rows), error
             )
+            self.stats.failed_decode_forwards += 1
             rows = batch.rows
             batch.clear()  # prefilled again with the token just sampled, and without it
             batch.add(*self._prefill(rows, _generated_view))

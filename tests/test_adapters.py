@@ -277,3 +277,39 @@ def test_eft_serve_config_and_chat_eft_take_adapter_behaviors(family, two):
         .invoke([HumanMessage("Hello")], weights={"helpful": 1.0})
         .content
     )
+
+
+def test_one_backbone_forward_per_decode_step_for_all_its_views(two):
+    """The reference and both adapters run as one mixed-adapter forward per decode step (PEFT's
+    adapter_names per row), the base as another: 2 forwards a step where the merged models
+    take 4."""
+    adapters, merged = two
+    assert adapters._ensemble.view_groups and len(adapters._ensemble.view_groups[0]) == 3
+    steps = 9
+    counts = []
+    for decoder in (adapters, merged):
+        before = decoder.forward_calls
+        result = decoder.generate(PROMPTS[0], max_new_tokens=steps + 1, temperature=0)
+        assert len(result.token_ids) == steps + 1
+        counts.append(decoder.forward_calls - before)
+    prefill_adapters, prefill_merged = 3 + 1, 4  # prefills still run one forward per view
+    assert counts[0] - prefill_adapters == 2 * steps
+    assert counts[1] - prefill_merged == 4 * steps
+
+
+def test_views_reading_different_prompt_views_share_one_forward(two):
+    """The reference reads the base view of a prompt, the adapters the chat view: rows of
+    different lengths in one forward (contexts left-padded) still equal the merged models."""
+    adapters, merged = two
+    base_prompts = ["Plain: " + p + " and more words here" for p in PROMPTS]
+    kwargs = {"temperature": 0, "max_new_tokens": 10, "logprobs": 0}
+    weights = {"helpful": 1.0, "harmless": -0.5}
+    failures = adapters.engine.stats.failed_decode_forwards
+    got = adapters.generate(PROMPTS, weights=weights, base_prompt=base_prompts, **kwargs)
+    assert adapters.engine.stats.failed_decode_forwards == failures  # no forward recovered
+    want = merged.generate(PROMPTS, weights=weights, base_prompt=base_prompts, **kwargs)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert [e.logprob for e in g.logprobs] == pytest.approx(
+            [e.logprob for e in w.logprobs], abs=ATOL
+        )
