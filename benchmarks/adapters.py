@@ -42,7 +42,7 @@ from benchmarks.common import (
     write_section,
 )
 from eft_integrations import Adapter, Behavior, EFTDecoder
-from eft_integrations.adapters import AdapterView, merged_copy
+from eft_integrations.adapters import merged_copy, small_side_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BEHAVIORS = ("helpful", "harmless")
@@ -84,19 +84,6 @@ def decoders(paths: dict[str, Path], **kwargs) -> dict[str, EFTDecoder]:
     per_view = EFTDecoder.from_pretrained(base=paths["base"], behaviors=as_adapters, **common)
     per_view._ensemble.view_groups = []  # each view runs its own forward
     return {"merged": merged, "per view": per_view, "mixed batch": grouped}
-
-
-def small_side_bytes(decoder: EFTDecoder) -> int:
-    """Bytes of the distinct parameter tensors of every model but the base."""
-    base = decoder._models[decoder._ensemble.base]
-    seen: dict[int, int] = {}
-    for model in decoder._models:
-        if model is base:
-            continue
-        module = model.peft_model if isinstance(model, AdapterView) else model
-        for p in module.parameters():
-            seen[p.data_ptr()] = p.numel() * p.element_size()
-    return sum(seen.values())
 
 
 def measure(family: str, contenders: dict[str, EFTDecoder], prompts, args) -> list[str]:

@@ -30,6 +30,7 @@ __all__ = [
     "attach_adapter",
     "is_adapter_view",
     "merged_copy",
+    "small_side_bytes",
     "with_adapter_views",
 ]
 
@@ -234,3 +235,17 @@ def with_adapter_views(base: Any, behaviors: dict[str, Any]) -> tuple[Any, dict[
             finetuned = view(finetuned)
         resolved[name] = type(b)(finetuned=finetuned, reference=view(b.reference))
     return view(base), resolved
+
+
+def small_side_bytes(decoder: Any) -> int:
+    """Bytes of the distinct parameter tensors of every model of `decoder` but its base
+    (an adapter backbone counts once, with its adapters)."""
+    base = decoder._models[decoder._ensemble.base]
+    seen: dict[int, int] = {}
+    for model in decoder._models:
+        if model is base:
+            continue
+        module = model.peft_model if isinstance(model, AdapterView) else model
+        for p in module.parameters():
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())

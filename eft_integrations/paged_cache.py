@@ -84,9 +84,9 @@ class _PagedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, owner: PagedCache, index: int) -> None:
+    def __init__(self, owner: Any, index: int) -> None:
         super().__init__()
-        self.owner = owner
+        self.owner = owner  # a PagedCache (a GroupedCache for `_GroupedLayer`)
         self.index = index
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -161,30 +161,10 @@ class GroupedCache(Cache):
         return self.kv_length, 0
 
 
-class _GroupedLayer(CacheLayerMixin):
-    """One layer of a `GroupedCache` (what transformers' mask code may ask a layer)."""
-
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, owner: GroupedCache, index: int) -> None:
-        super().__init__()
-        self.owner = owner
-        self.index = index
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.is_initialized = True
+class _GroupedLayer(_PagedLayer):
+    """One layer of a `GroupedCache`: its update is the owner's (every view's pool)."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.owner.update(key_states, value_states, self.index)
-
-    def get_seq_length(self) -> int:
-        return self.owner.get_seq_length()
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.get_mask_sizes(query_length)
-
-    def get_max_length(self) -> int:
-        return -1

@@ -13,7 +13,12 @@ import torch
 peft = pytest.importorskip("peft")
 
 from eft_integrations import Behavior, EFTDecoder  # noqa: E402
-from eft_integrations.adapters import Adapter, AdapterView, merged_copy  # noqa: E402
+from eft_integrations.adapters import (  # noqa: E402
+    Adapter,
+    AdapterView,
+    merged_copy,
+    small_side_bytes,
+)
 
 from .test_isolation import assert_clean, hooked, raises_on, together  # noqa: E402
 from .tiny_models import build_tokenizer, llama  # noqa: E402
@@ -140,17 +145,6 @@ def test_the_small_side_is_one_backbone(two):
     assert len(views) == 3  # the reference (adapters off) and one view per adapter
     assert len({id(v.peft_model) for v in views}) == 1
     assert {v.adapter for v in views} == {None, "helpful", "harmless"}
-
-    def small_side_bytes(decoder: EFTDecoder) -> int:
-        base = decoder._models[decoder._ensemble.base]
-        seen: dict[int, int] = {}
-        for model in decoder._models:
-            if model is base:
-                continue
-            module = model.peft_model if isinstance(model, AdapterView) else model
-            for p in module.parameters():
-                seen[p.data_ptr()] = p.numel() * p.element_size()
-        return sum(seen.values())
 
     assert small_side_bytes(adapters) < 0.5 * small_side_bytes(merged)
 
