@@ -416,8 +416,10 @@ class _SlowMask:
 
     def __init__(self) -> None:
         self.intervals: list[tuple[float, float, str]] = []
+        self.begun = threading.Event()  # a computation has started since the last forward
 
     def allowed_mask(self, vocab_size: int) -> torch.Tensor:
+        self.begun.set()
         start = time.perf_counter()
         time.sleep(0.05)
         mask = torch.ones(vocab_size, dtype=torch.bool)
@@ -439,13 +441,20 @@ def test_grammar_masks_are_computed_while_the_models_run(tiny_paths):
     decoder = tiny_family(tiny_paths, eos_token_ids=[])
     base = decoder._models[decoder._ensemble.base]
     forwards: list[tuple[float, float]] = []
-    handle_pre = base.register_forward_pre_hook(
-        lambda *_: forwards.append((time.perf_counter(), 0.0))
-    )
+    constraint = _SlowMask()
+
+    def forward_starts(*_: object) -> None:
+        # a prefetching engine has started the step's mask by now; waiting for it (bounded)
+        # keeps the check causal on a loaded machine, where the worker thread may be slow to
+        # run: an engine that computes masks after the forward makes this wait time out
+        constraint.begun.wait(2.0)
+        constraint.begun.clear()
+        forwards.append((time.perf_counter(), 0.0))
+
+    handle_pre = base.register_forward_pre_hook(forward_starts)
     handle = base.register_forward_hook(
         lambda *_: forwards.__setitem__(-1, (forwards[-1][0], time.perf_counter()))
     )
-    constraint = _SlowMask()
     try:
         out = decoder.generate(
             "The capital", temperature=0, max_new_tokens=5, constraints=[constraint]
