@@ -527,7 +527,7 @@ async def _chat_events(
         yield _json(_error_of(error, request).body())
     finally:
         await deltas.aclose()  # type: ignore[attr-defined]
-        _note_streamed(request, chunks.usages)
+        _note_streamed(request, chunks.choices.usages)
     yield "[DONE]"
 
 
@@ -551,7 +551,7 @@ async def _completion_events(
         yield _json(_error_of(error, request).body())
     finally:
         await items.aclose()  # type: ignore[attr-defined]
-        _note_streamed(request, chunks.usages)
+        _note_streamed(request, chunks.choices.usages)
     yield "[DONE]"
 
 

@@ -565,6 +565,23 @@ class ChatCompletionChunk(BaseModel):
     """On the chunk with the finish_reason: the weights the answer was decoded with."""
 
 
+class _ChoiceUsages:
+    """The usage of each of a stream's `n` choices, and the total once all have finished
+    (each prompt counted once, `UsageInfo.of`)."""
+
+    def __init__(self, n: int) -> None:
+        self.usages: list[Usage | None] = [None] * n
+        self._finished = 0
+
+    def finish(self, index: int, usage: Usage | None) -> UsageInfo | None:
+        """Choice `index` finished with `usage`: the total after the last choice, else None."""
+        self.usages[index] = usage
+        self._finished += 1
+        if self._finished < len(self.usages):
+            return None
+        return UsageInfo.of(*self.usages, n=len(self.usages))
+
+
 class ChatChunks:
     """Builds the chunks of one streamed chat completion, OpenAI's way: per choice a first
     chunk with the role, one per content or tool-call delta, one with the finish_reason (and
@@ -585,8 +602,7 @@ class ChatChunks:
         self.weights = dict(weights)
         self.include_usage = include_usage
         self.tokenizer = tokenizer
-        self.usages: list[Usage | None] = [None] * n
-        self._finished = 0
+        self.choices = _ChoiceUsages(n)
 
     def _chunk(self, choices: list[ChatChunkChoice], **fields: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -627,11 +643,9 @@ class ChatChunks:
             index=index, delta=DeltaMessage(), finish_reason=finish_reason, logprobs=logprobs
         )
         chunks = [self._chunk([choice], eft_weights=self.weights)]
-        self.usages[index] = usage
-        self._finished += 1
-        if self.include_usage and self._finished == len(self.usages):
-            usage_info = UsageInfo.of(*self.usages, n=len(self.usages))
-            chunks.append(self._chunk([], usage=usage_info))
+        total = self.choices.finish(index, usage)
+        if self.include_usage and total is not None:
+            chunks.append(self._chunk([], usage=total))
         return chunks
 
 
@@ -752,8 +766,7 @@ class CompletionChunks:
         self.include_usage = include_usage
         self.tokenizer = tokenizer
         self._offsets = [0] * n  # per choice, the text offset of its next token
-        self.usages: list[Usage | None] = [None] * n
-        self._finished = 0
+        self.choices = _ChoiceUsages(n)
 
     def _chunk(self, choices: list[CompletionChoice], **fields: Any) -> CompletionChunk:
         return CompletionChunk(
@@ -784,11 +797,9 @@ class CompletionChunks:
         if chunk.finish_reason is None:
             return [self.text(chunk.text, logprobs, None, index)] if chunk.text or logprobs else []
         chunks = [self.text(chunk.text, logprobs, chunk.finish_reason, index)]
-        self.usages[index] = chunk.usage
-        self._finished += 1
-        if self.include_usage and self._finished == len(self.usages):
-            usage = UsageInfo.of(*self.usages, n=len(self.usages))
-            chunks.append(self._chunk([], usage=usage))
+        total = self.choices.finish(index, chunk.usage)
+        if self.include_usage and total is not None:
+            chunks.append(self._chunk([], usage=total))
         return chunks
 
 
