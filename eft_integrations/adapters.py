@@ -16,20 +16,29 @@ backbone with A merged into its weights computes (`merge_and_unload`).
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "BASE_ADAPTER",
     "Adapter",
     "AdapterView",
+    "adapter_batching",
     "attach_adapter",
+    "call_backbone",
     "is_adapter_view",
     "merged_copy",
+    "mixed_batch_blocker",
     "small_side_bytes",
     "with_adapter_views",
 ]
@@ -74,11 +83,21 @@ class Adapter:
 class AdapterView:
     """A PEFT model's backbone as one model of the ensemble: with adapter `adapter` on, or
     with every adapter off (`adapter=None`, the reference). Forwards name the adapter per
-    row; everything else (config, devices, embeddings) is the backbone's."""
+    row; everything else (config, devices, embeddings) is the backbone's.
 
-    def __init__(self, peft_model: Any, adapter: str | None) -> None:
+    `unmixed_reason` set is the fallback for a backbone whose PEFT method cannot name an
+    adapter per row (see `mixed_batch_blocker`): each forward switches the backbone to its
+    adapter (or turns adapters off) under the backbone's lock, so views never see each
+    other's state; its views then never share a forward."""
+
+    def __init__(
+        self, peft_model: Any, adapter: str | None, unmixed_reason: str | None = None
+    ) -> None:
         self.peft_model = peft_model
         self.adapter = adapter
+        self.unmixed_reason = unmixed_reason
+        """Why this backbone's adapters cannot share a forward; None when they can."""
+        self.mixes_adapters = unmixed_reason is None
         backbone = peft_model.get_base_model()
 
         # the backbone's signature: the ensemble reads which cache and logits keywords exist
@@ -90,10 +109,23 @@ class AdapterView:
         self.name_or_path = f"{_label(backbone)}+{adapter or BASE_ADAPTER}"
 
     def _forward(self, **kwargs: Any) -> Any:
+        if not self.mixes_adapters:
+            return self._switched_forward(**kwargs)
         ids = kwargs.get("input_ids")
         rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
         names = [self.adapter or BASE_ADAPTER] * rows
-        return self.peft_model(**kwargs, adapter_names=names)
+        return call_backbone(self.peft_model, **kwargs, adapter_names=names)
+
+    def _switched_forward(self, **kwargs: Any) -> Any:
+        # The lock spans the switch and the forward: another view of this backbone (another
+        # decoder's thread included) waits rather than run under this view's adapter.
+        with _switch_lock(self.peft_model):
+            if self.adapter is None:
+                with self.peft_model.disable_adapter():
+                    return self.peft_model(**kwargs)
+            if self.peft_model.active_adapter != self.adapter:
+                self.peft_model.set_adapter(self.adapter, inference_mode=True)
+            return self.peft_model(**kwargs)
 
     def __call__(self, **kwargs: Any) -> Any:
         return self._forward(**kwargs)
@@ -109,6 +141,74 @@ class AdapterView:
 
     def __repr__(self) -> str:
         return f"AdapterView({self.name_or_path!r})"
+
+
+_SWITCH_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_SWITCH_LOCKS_GUARD = threading.Lock()
+
+
+def _switch_lock(peft_model: Any) -> threading.Lock:
+    """One lock per PeftModel, whoever holds views of it."""
+    with _SWITCH_LOCKS_GUARD:
+        return _SWITCH_LOCKS.setdefault(peft_model, threading.Lock())
+
+
+def call_backbone(peft_model: Any, **kwargs: Any) -> Any:
+    """A forward of `peft_model` (per-row `adapter_names` in `kwargs`, typically).
+
+    PEFT passes `adapter_names` to its layers through forward hooks it registers for the
+    call; two threads' calls would read each other's, so the backbone's lock serialises
+    them. And PEFT leaves the hooks behind when the forward raises (a poison row): they
+    would feed that call's adapter names to every later forward, so they are removed."""
+    with _switch_lock(peft_model):
+        try:
+            return peft_model(**kwargs)
+        except BaseException:
+            _remove_adapter_name_hooks(peft_model)
+            raise
+
+
+def _remove_adapter_name_hooks(peft_model: Any) -> None:
+    """Drop the per-call `adapter_names` hooks a failed forward left on the layers."""
+    for module in peft_model.modules():
+        hooks = module._forward_pre_hooks
+        for key, hook in list(hooks.items()):
+            if isinstance(hook, functools.partial) and "adapter_names" in hook.keywords:
+                del hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def mixed_batch_blocker(peft_model: Any) -> str | None:
+    """Why `peft_model` cannot run a mixed-adapter batch (one forward, an adapter named per
+    row), or None when it can. PEFT mixes adapters per row for LoRA-style layers; other
+    methods (IA3, prompt learning, ...) and `modules_to_save` over other layer types (a
+    norm, say) refuse. Found by trying: a one-token forward naming every adapter and the
+    bare backbone, so a PEFT release that learns a method is used as it is."""
+    names = [*peft_model.peft_config, BASE_ADAPTER]
+    device = peft_model.get_input_embeddings().weight.device
+    ids = torch.zeros((len(names), 1), dtype=torch.long, device=device)
+    peft_model.eval()  # PEFT refuses per-row adapters in training mode
+    try:
+        with torch.inference_mode():
+            call_backbone(peft_model, input_ids=ids, adapter_names=names, use_cache=False)
+    except Exception as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def adapter_batching(models: Any) -> dict[str, str]:
+    """Per adapter backbone among `models` (its label), how its views' decode rows run:
+    "mixed" or "one forward per adapter: <why>" (see `mixed_batch_blocker`)."""
+    out: dict[str, str] = {}
+    for model in models:
+        if isinstance(model, AdapterView):
+            label = _label(model.peft_model.get_base_model()) or "adapter backbone"
+            out[label] = (
+                "mixed"
+                if model.mixes_adapters
+                else f"one forward per adapter: {model.unmixed_reason}"
+            )
+    return out
 
 
 def is_adapter_view(model: Any) -> bool:
@@ -164,7 +264,22 @@ def merged_copy(peft_model: Any, adapter: str) -> torch.nn.Module:
     import copy
 
     clone = copy.deepcopy(peft_model)
+    backbone = clone.get_base_model()
+    head, embeddings = (
+        _plain(backbone.get_output_embeddings()),
+        _plain(backbone.get_input_embeddings()),
+    )
+    if head is not None and embeddings is not None and head.weight is embeddings.weight:
+        # An adapter on a tied output head adapts the head alone: merging it into the shared
+        # tensor would change the input embeddings too. Untie the copy first.
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        backbone.config.tie_word_embeddings = False
     return clone.merge_and_unload(adapter_names=[adapter]).eval()
+
+
+def _plain(layer: Any) -> Any:
+    """The layer a PEFT layer wraps (itself when not wrapped)."""
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
 
 
 def _peft_model_class() -> type | None:
@@ -214,14 +329,24 @@ def with_adapter_views(base: Any, behaviors: dict[str, Any]) -> tuple[Any, dict[
         current = peft_of.get(id(backbone), backbone)
         peft_of[id(backbone)] = attach_adapter(current, b.finetuned, _label(backbone))
     views: dict[tuple[int, str | None], AdapterView] = {}
+    blockers: dict[int, str | None] = {}  # id(PeftModel) -> why it cannot mix adapters
 
     def view(model: Any, adapter: str | None = None) -> Any:
         peft = model if isinstance(model, peft_class) else peft_of.get(id(model))
         if peft is None:
             return model
+        if id(peft) not in blockers:
+            blocker = blockers[id(peft)] = mixed_batch_blocker(peft)
+            if blocker is not None:
+                logger.warning(
+                    "the adapters on %s cannot share a forward (%s): each view runs its own "
+                    "forward, with its adapter switched on",
+                    _label(peft.get_base_model()),
+                    blocker,
+                )
         key = (id(peft), adapter)
         if key not in views:
-            views[key] = AdapterView(peft, adapter)
+            views[key] = AdapterView(peft, adapter, unmixed_reason=blockers[id(peft)])
         return views[key]
 
     resolved = {}

@@ -41,6 +41,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from .adapters import adapter_batching
 from .ensemble import Ensemble
 from .errors import EFTRequestError, EngineError, EngineUnavailableError
 from .kv_memory import KVMemory, default_kv_cache_tokens
@@ -112,7 +113,7 @@ class Engine:
         # an equal prompt still prefilling is waited for, then read from the prefix cache
         self.scheduler.share_prefills_from = block_size if prefix_caching else None
         self.sampler = Sampler(ensemble)
-        self.stats = EngineStats()
+        self.stats = EngineStats(adapter_batching=adapter_batching(ensemble.models))
         self.outputs = OutputProcessor(self.stats)
         self.runner = ModelRunner(
             ensemble, self.sampler, self.outputs.fail, self.memory, self.stats, prefill_chunk

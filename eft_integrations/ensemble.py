@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
-from .adapters import BASE_ADAPTER, AdapterView
+from .adapters import BASE_ADAPTER, AdapterView, call_backbone
 from .composition import compose_logprobs
 from .kv_state import KVState
 from .loading import model_device
@@ -215,28 +215,40 @@ class Ensemble:
         return states, logits
 
     def step(self, states: list[KVState], tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Feed one token per row [B] to every distinct model; logits [B, V] per model. The
-        adapter views of one backbone run as one forward over all their rows (PEFT's
-        mixed-adapter batch, `view_groups`), unless their shapes are bucketed for a compiled
-        model."""
-        logits: list[torch.Tensor | None] = [None] * len(states)
-        groups = [] if any(s.static for s in states) else self.view_groups
-        for group in groups:
-            views = self._feed_views(group, [states[i] for i in group], tokens)
-            for i, out in zip(group, views, strict=True):
-                logits[i] = out
-        grouped = {i for group in groups for i in group}
-        for i, state in enumerate(states):
-            if i not in grouped:
-                logits[i] = self.feed(i, state, tokens[:, None])[:, -1]
-        return logits  # type: ignore[return-value]
+        """Feed one token per row [B] to every distinct model; logits [B, V] per model (the
+        adapter views of one backbone in one forward, see `feed_models`)."""
+        out = self.feed_models(range(len(states)), states, tokens[:, None])
+        return [out[i][:, -1] for i in range(len(states))]
+
+    def feed_models(
+        self,
+        indices: Sequence[int],
+        states: Sequence[KVState],
+        tokens: torch.Tensor,
+        keep: int = 1,
+    ) -> dict[int, torch.Tensor]:
+        """Append tokens [B, n] to the context of each model in `indices` (`states` is every
+        model's); logits [B, keep, V] per model. The adapter views of one backbone among them
+        run as one forward over all their rows (PEFT's mixed-adapter batch, `view_groups`),
+        unless their shapes are bucketed for a compiled model."""
+        out: dict[int, torch.Tensor] = {}
+        if not any(states[i].static for i in indices):
+            for group in self.view_groups:
+                members = [i for i in group if i in indices]
+                if len(members) > 1:
+                    logits = self._feed_views(members, [states[i] for i in members], tokens, keep)
+                    out.update(zip(members, logits, strict=True))
+        for i in indices:
+            if i not in out:
+                out[i] = self.feed(i, states[i], tokens, keep)
+        return out
 
     def _feed_views(
-        self, group: list[int], states: list[KVState], tokens: torch.Tensor
+        self, group: list[int], states: list[KVState], tokens: torch.Tensor, keep: int
     ) -> list[torch.Tensor]:
-        """One forward of the backbone of views `group` over every view's rows, each row
-        naming its view's adapter; logits [B, V] per view."""
-        positions = [state.append(1) for state in states]
+        """One forward of the backbone of views `group` over every view's rows (tokens
+        [B, n] each), each row naming its view's adapter; logits [B, keep, V] per view."""
+        positions = [state.append(tokens.shape[1]) for state in states]
         cache = GroupedCache([state.cache for state in states])
         width = cache.kv_length
         masks = []
@@ -252,7 +264,7 @@ class Ensemble:
         views = [self.models[i] for i in group]
         i = group[0]
         kwargs: dict[str, Any] = {
-            "input_ids": tokens[:, None].repeat(len(group), 1).to(self.devices[i]),
+            "input_ids": tokens.repeat(len(group), 1).to(self.devices[i]),
             "attention_mask": torch.cat(masks) if padded else None,
             "position_ids": torch.cat(positions),
             "use_cache": True,
@@ -260,9 +272,10 @@ class Ensemble:
             "adapter_names": [v.adapter or BASE_ADAPTER for v in views for _ in range(rows)],
         }
         if self._keeps_last_logits[i]:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = keep
         self.forward_calls += 1
-        logits = views[0].peft_model(**kwargs).logits[:, -1, : self.vocab_size]
+        output = call_backbone(views[0].peft_model, **kwargs)
+        logits = output.logits[:, -keep:, : self.vocab_size]
         for state in states:
             state.commit()
         return list(logits.to(self.device, non_blocking=True).split(rows))
@@ -415,9 +428,9 @@ def _rope_threshold(config: Any) -> int | None:
 
 def _view_groups(models: Sequence[Any]) -> list[list[int]]:
     """Indices of the models that are views of one PEFT backbone, per backbone with two or
-    more views."""
+    more views that can share a forward (`AdapterView.mixes_adapters`)."""
     groups: dict[int, list[int]] = {}
     for i, model in enumerate(models):
-        if isinstance(model, AdapterView):
+        if isinstance(model, AdapterView) and model.mixes_adapters:
             groups.setdefault(id(model.peft_model), []).append(i)
     return [g for g in groups.values() if len(g) > 1]

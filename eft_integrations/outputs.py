@@ -48,6 +48,9 @@ class EngineStats:
     """Prompt tokens the models read from the prefix cache, summed over models."""
     failed_decode_forwards: int = 0
     """Decode forwards that raised (their rows were rebuilt by prefilling them again)."""
+    adapter_batching: dict[str, str] = field(default_factory=dict)
+    """How each adapter backbone runs its views: "mixed" (one decode forward for the rows of
+    every adapter) or "one forward per adapter: <why>" (PEFT cannot mix its adapters)."""
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
 
     @property

@@ -244,8 +244,9 @@ def speculative_round(
     limit = torch.tensor([plan.k for plan in plans], device=ensemble.device)  # [B]
     ok = torch.ones(batch, dtype=torch.bool, device=ensemble.device)  # [B] finite so far
     for j in range(k_max + 1):
-        for i in drafting:
-            draft_logits[i].append(ensemble.feed(i, states[i], fed[-1])[:, -1])  # [B, V]
+        # the drafters that are adapter views of one backbone draft in one forward
+        for i, logits in ensemble.feed_models(drafting, states, fed[-1]).items():
+            draft_logits[i].append(logits[:, -1])  # [B, V]
         if j == k_max:
             break
         finetuned = [
@@ -261,7 +262,7 @@ def speculative_round(
         fed.append(token[:, None])
     # verify: every other model scores pending + the K drafts in one forward
     window = torch.cat(fed, dim=1)  # [B, K + 1]
-    scored = {i: ensemble.feed(i, states[i], window, keep=k_max + 1) for i in scoring}
+    scored = ensemble.feed_models(scoring, states, window, keep=k_max + 1)
     per_model = [
         torch.stack(draft_logits[i], dim=1) if i in draft_logits else scored[i]
         for i in range(len(ensemble.models))

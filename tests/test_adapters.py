@@ -131,6 +131,32 @@ def test_speculative_rows_draft_with_the_adapter_views(two):
     assert [r.token_ids for r in got] == [r.token_ids for r in plain]
 
 
+def test_the_adapter_drafters_draft_in_one_forward(two):
+    """Speculative rounds draft with both adapter views in one backbone forward per draft
+    position (the verification forward holds the reference's rows); only the prefills run a
+    view alone."""
+    adapters, _ = two
+    backbone = next(m for m in adapters._models if isinstance(m, AdapterView)).peft_model
+    calls: list[frozenset[str]] = []
+
+    def record(module, args, kwargs):
+        calls.append(frozenset(kwargs["adapter_names"]))
+
+    rounds = adapters.engine.stats.speculative_rounds
+    with hooked(backbone, record, pre=True):
+        adapters.generate(PROMPTS[0], temperature=0, max_new_tokens=14, speculative_k=3)
+    assert adapters.engine.stats.speculative_rounds > rounds
+    both = frozenset({"helpful", "harmless"})
+    assert calls.count(both) >= 4  # at least one round of k + 1 = 4 draft positions
+    assert calls.count(frozenset({"helpful"})) == calls.count(frozenset({"harmless"})) == 1
+    assert set(calls) == {
+        both,
+        frozenset({"helpful"}),
+        frozenset({"harmless"}),
+        frozenset({"__base__"}),
+    }
+
+
 def test_score_equals_the_merged_models(two):
     adapters, merged = two
     weights = {"helpful": 1.0, "harmless": 1.0}
@@ -193,6 +219,18 @@ def test_a_loaded_peft_model_gives_its_named_adapters(family, two):
     )
 
 
+def _adapter_name_hooks(backbone: torch.nn.Module) -> list:
+    """PEFT's per-call `adapter_names` hooks still registered on the backbone's layers."""
+    import functools
+
+    return [
+        hook
+        for module in backbone.modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, functools.partial) and "adapter_names" in hook.keywords
+    ]
+
+
 def llama_from(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -218,6 +256,7 @@ def test_a_poison_row_beside_adapter_rows_fails_alone(two):
             calls[2].result()
         assert [c.result().token_ids for c in calls[:2]] == solo
     assert_clean(adapters)
+    assert not _adapter_name_hooks(backbone)  # PEFT's per-call hooks did not outlive the failure
 
 
 def test_eft_serve_config_and_chat_eft_take_adapter_behaviors(family, two):
@@ -307,3 +346,100 @@ def test_views_reading_different_prompt_views_share_one_forward(two):
         assert [e.logprob for e in g.logprobs] == pytest.approx(
             [e.logprob for e in w.logprobs], abs=ATOL
         )
+
+
+# --- PEFT methods that cannot mix adapters in one forward --------------------------------------
+
+
+def _norm_lora(reference: torch.nn.Module, seed: int) -> peft.PeftModel:
+    """A LoRA adapter that also trains the norms (`modules_to_save`): PEFT cannot name such an
+    adapter per row (it mixes only Linear, Embedding and Conv layers)."""
+    import copy
+
+    from peft.utils import ModulesToSaveWrapper
+
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["norm"],
+        init_lora_weights=False,
+    )
+    adapted = peft.get_peft_model(copy.deepcopy(reference), config)
+    wrapped = [m for m in adapted.modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert wrapped
+    for module in wrapped:  # the adapter's own norm gains
+        torch.nn.init.uniform_(module.modules_to_save["default"].weight, 0.5, 1.5)
+    return adapted
+
+
+@pytest.fixture(scope="module")
+def unmixed(family, tmp_path_factory) -> tuple[EFTDecoder, EFTDecoder]:
+    """(adapters, merged) for two norm-saving adapters on the reference."""
+    root = tmp_path_factory.mktemp("norm-lora")
+    reference = llama_from(family["ref"])
+    paths = dict(family)
+    for name, seed in (("helpful", 41), ("harmless", 42)):
+        adapted = _norm_lora(reference, seed)
+        adapted.save_pretrained(root / f"{name}-lora")
+        merged = merged_copy(adapted, "default")
+        merged.save_pretrained(root / f"{name}-merged")
+        build_tokenizer().save_pretrained(root / f"{name}-merged")
+        paths[f"{name}-lora"], paths[f"{name}-merged"] = (
+            root / f"{name}-lora",
+            root / f"{name}-merged",
+        )
+    return _decoders(paths, ["helpful", "harmless"])
+
+
+def test_adapters_that_cannot_share_a_forward_run_one_forward_each(unmixed, two):
+    """The fallback: each view switches the backbone to its adapter for its own forward; the
+    stats say so, and the outputs still equal the merged models (batched, per-row weights,
+    speculative)."""
+    adapters, merged = unmixed
+    (how,) = adapters.engine.stats.adapter_batching.values()
+    assert how.startswith("one forward per adapter: TypeError: Mixed batching"), how
+    assert list(two[0].engine.stats.adapter_batching.values()) == ["mixed"]
+    assert merged.engine.stats.adapter_batching == {}
+    assert not adapters._ensemble.view_groups
+    weights = [{"helpful": 1.0, "harmless": 0.0}, {"helpful": -0.5, "harmless": 2.0}, {}]
+    kwargs = {"temperature": 0, "max_new_tokens": 10, "logprobs": 0}
+    for extra in ({}, {"speculative_k": 3}):
+        got = adapters.generate(PROMPTS, weights=weights, **kwargs, **extra)
+        want = merged.generate(PROMPTS, weights=weights, **kwargs)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        for g, w in zip(got, want, strict=True):
+            assert [e.logprob for e in g.logprobs] == pytest.approx(
+                [e.logprob for e in w.logprobs], abs=ATOL
+            )
+    bare = adapters.generate(PROMPTS, weights={"helpful": 0, "harmless": 0}, **kwargs)
+    assert [r.token_ids for r in bare] != [r.token_ids for r in got]
+    # one forward per view and step, as the merged models take
+    before = adapters.forward_calls
+    adapters.generate(PROMPTS[0], max_new_tokens=10, temperature=0)
+    assert adapters.forward_calls - before == 4 * 10
+    assert adapters.engine.stats.failed_decode_forwards == 0
+
+
+def test_a_poison_row_beside_switched_adapter_rows_fails_alone(unmixed):
+    """A forward that raises while its adapter is switched on leaves the backbone usable:
+    the other rows equal their solo output and the next call is served."""
+    adapters, _ = unmixed
+    kwargs = {"temperature": 0, "max_new_tokens": 8, "weights": {"helpful": 1, "harmless": 1}}
+    solo = [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]]
+    seen = {t for ids in solo for t in ids} | {t for p in PROMPTS for t in adapters.encode(p)}
+    token = next(t for t in range(10, adapters.vocab_size) if t not in seen)
+    poisoned = [*adapters.encode(PROMPTS[2]), token]
+    backbone = next(m for m in adapters._models if isinstance(m, AdapterView)).peft_model
+    with hooked(backbone.get_base_model(), raises_on(token), pre=True):
+        calls = together(
+            adapters,
+            [(adapters.generate, (p,), kwargs) for p in (PROMPTS[0], PROMPTS[1], poisoned)],
+        )
+        with pytest.raises(RuntimeError, match=f"cannot read token {token}"):
+            calls[2].result()
+        assert [c.result().token_ids for c in calls[:2]] == solo
+    assert_clean(adapters)
+    assert not _adapter_name_hooks(backbone)  # PEFT's per-call hooks did not outlive the failure
+    assert [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]] == solo
