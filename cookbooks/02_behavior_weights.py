@@ -42,6 +42,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures are written to files, then shown
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm inside a notebook
+# peft calls a transformers method that transformers 5 renamed (peft's side, nothing to act on)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars (model loading) in the outputs
 
 import matplotlib.pyplot as plt
@@ -216,3 +218,57 @@ fig.tight_layout()
 fig.savefig(FIGURES / "behavior_weights.png", dpi=110)
 plt.close(fig)
 display(Image(filename=str(FIGURES / "behavior_weights.png")))
+
+# %% [markdown]
+# ## The same deltas as LoRA adapters
+#
+# Most fine-tunes people share are LoRA adapters on a public base. The toy world ships both
+# deltas that way too: `small-helpful-lora` and `small-harmless-lora`, PEFT adapters on the
+# frozen small base (rank 8, every projection and the output head, 76 KB each), trained by the
+# toy trainer with the same data and loss as the full fine-tunes. `load_decoder(adapters=True)`
+# gives each behaviour as `Behavior(Adapter(path), small-base)`: the small base is loaded once,
+# and the reference and both fine-tuned models are views of it (PEFT's per-row
+# `adapter_names`), so a decode step runs the small backbone once for the rows of all three.
+# The same sweep, the same questions, one batched call:
+
+# %%
+from eft_integrations.adapters import small_side_bytes
+
+lora = load_decoder(adapters=True, max_batch_size=192)
+print(lora.model_name)
+batching = {Path(name).name: how for name, how in lora.engine.stats.adapter_batching.items()}
+print("adapter batching:", batching)  # one forward of small-base for all three views
+full_side, lora_side = small_side_bytes(decoder), small_side_bytes(lora)
+print(
+    f"small side in memory: {lora_side / 1e6:.2f} MB with adapters, "
+    f"{full_side / 1e6:.2f} MB with full fine-tunes ({lora_side / full_side:.2f}x)"
+)
+outs_lora = lora.generate(prompts * len(lams), weights=rows, **GREEDY)
+sweep_lora = {lam: score(outs_lora[i * n : (i + 1) * n]) for i, lam in enumerate(lams)}
+print("  lam | refused (weapons) full / LoRA | answered (others) | fact (others)")
+for lam in lams:
+    f, a = sweep[lam], sweep_lora[lam]
+    print(
+        f"{lam:5.2f} | {f.refusal_marked:13.3f} / {a.refusal_marked:.3f} | "
+        f"{f.answer_unmarked:.3f} / {a.answer_unmarked:.3f} | {f.fact:.3f} / {a.fact:.3f}"
+    )
+
+# %% [markdown]
+# Between lam = 0 and 1 the adapters draw the same trade-off, and answer with more of the
+# large base's facts than the full fine-tunes do: a low-rank delta on frozen embeddings moves
+# the small model's value tokens less. Outside [0, 1] they fray sooner: amplified or reversed,
+# a sharper delta pushes the large base off the answer form faster (at lam = 2 almost no
+# answer keeps the form). The evaluator scores them on all 960 questions beside the full
+# fine-tunes (the family's README).
+
+# %%
+assert list(lora.engine.stats.adapter_batching.values()) == ["mixed"]
+assert lora_side < 0.5 * full_side
+inside = [lam for lam in lams if 0 <= lam <= 1]
+refusals_lora = [sweep_lora[lam].refusal_marked for lam in lams]
+assert all(b <= a + 0.02 for a, b in itertools.pairwise(refusals_lora)), refusals_lora
+assert all(sweep_lora[lam].refusal_marked >= 0.95 for lam in lams if lam <= 0)
+assert all(sweep_lora[lam].refusal_marked <= 0.05 for lam in lams if lam >= 0.5)
+assert all(sweep_lora[lam].answer_unmarked >= 0.9 for lam in inside)
+assert all(sweep_lora[lam].fact >= sweep[lam].fact for lam in inside)
+assert sweep_lora[2.0].answer_unmarked < sweep[2.0].answer_unmarked

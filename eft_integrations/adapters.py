@@ -16,12 +16,15 @@ backbone with A merged into its weights computes (`merge_and_unload`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import threading
+import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +42,7 @@ __all__ = [
     "is_adapter_view",
     "merged_copy",
     "mixed_batch_blocker",
+    "quiet_tied_head_warning",
     "small_side_bytes",
     "with_adapter_views",
 ]
@@ -247,15 +251,26 @@ def attach_adapter(backbone: Any, adapter: Adapter, reference_name: str) -> Any:
                     f"two adapters on {reference_name!r} are named {name!r}; give "
                     "Adapter(..., name=...) a distinct name"
                 )
-            backbone.load_adapter(source, adapter_name=name, **adapter.kwargs)
+            with quiet_tied_head_warning():
+                backbone.load_adapter(source, adapter_name=name, **adapter.kwargs)
             return backbone
-        return PeftModel.from_pretrained(backbone, source, adapter_name=name, **adapter.kwargs)
+        with quiet_tied_head_warning():
+            return PeftModel.from_pretrained(backbone, source, adapter_name=name, **adapter.kwargs)
     except (RuntimeError, KeyError) as error:  # shape mismatches, missing modules
         raise ValueError(
             f"the adapter {source!r} (trained on {trained_on!r}) does not fit its reference "
             f"{reference_name!r}: {str(error).splitlines()[0]}; give the base it was trained on "
             "as the behavior's reference"
         ) from error
+
+
+@contextlib.contextmanager
+def quiet_tied_head_warning() -> Iterator[None]:
+    """PEFT warns when an adapter adapts a tied output head, because merging it would change
+    the input embeddings too. Views never merge, and `merged_copy` unties first."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*")
+        yield
 
 
 def merged_copy(peft_model: Any, adapter: str) -> torch.nn.Module:

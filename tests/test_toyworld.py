@@ -193,6 +193,16 @@ def test_trainer_runs_tiny_config(tmp_path):
     from eft_integrations.toyworld.train import main
 
     main(["--tiny", "--out", str(tmp_path), "--no-eval", "--threads", "1"])
+    for name in paths.ADAPTER_NAMES:  # LoRA adapters on small-base, loadable with PEFT
+        from peft import PeftConfig, PeftModel
+
+        config = PeftConfig.from_pretrained(tmp_path / name)
+        assert config.base_model_name_or_path == "toy-world/small-base"
+        small = AutoModelForCausalLM.from_pretrained(tmp_path / "small-base")
+        adapted = PeftModel.from_pretrained(small, tmp_path / name)
+        log = json.loads((tmp_path / name / "train_log.json").read_text())
+        trained = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
+        assert log["parameters"] == trained and log["spec"]["lora"]["rank"] == 8
     for name in paths.MODEL_NAMES:
         model_dir = tmp_path / name
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -324,6 +334,39 @@ def test_chat_replies_start_without_the_templates_separator():
         c.text for c in dec.stream(dec.format_chat(messages[0]), max_new_tokens=24, temperature=0.0)
     )
     assert streamed == outs[0].text
+
+
+@pytest.mark.toy
+def test_lora_deltas_up_scale_like_the_full_fine_tunes(toy_result):
+    """The helpful and harmless deltas as LoRA adapters on small-base (one backbone): the same
+    gain, format and trade-off targets as the full fine-tunes."""
+    lora = toy_result["lora"]
+    small_chat, eft = lora["systems"]["small-helpful-lora"], lora["systems"]["eft-up-lora"]
+    assert lora["normalised_gain"]["fact"] >= 0.8 - MARGIN
+    assert eft["format"] >= small_chat["format"] - MARGIN
+    assert eft["fact"] >= toy_result["systems"]["eft-up"]["fact"] - MARGIN
+    assert lora["systems"]["small-harmless-lora"]["refusal_marked"] >= 0.9
+    refusals = [r["refusal_marked"] for r in lora["sweep"]]
+    answers = [r["answer_unmarked"] for r in lora["sweep"]]
+    assert all(b <= a + 0.02 for a, b in itertools.pairwise(refusals)), refusals
+    assert refusals[0] - refusals[-1] >= 0.8, refusals
+    assert min(answers) >= 0.9, answers
+
+
+@pytest.mark.toy
+def test_load_decoder_with_adapters_holds_one_small_backbone():
+    from eft_integrations.adapters import AdapterView, small_side_bytes
+
+    full, lora = paths.load_decoder(), paths.load_decoder(adapters=True)
+    views = [m for m in lora._models if isinstance(m, AdapterView)]
+    assert len(views) == 3 and len({id(v.peft_model) for v in views}) == 1
+    assert list(lora.engine.stats.adapter_batching.values()) == ["mixed"]
+    assert small_side_bytes(lora) < 0.5 * small_side_bytes(full)
+    assert lora.default_weights == full.default_weights
+    with pytest.raises(ValueError, match="scale='small'"):
+        paths.load_decoder(adapters=True, scale="large")
+    with pytest.raises(ValueError, match="unknown toy-world adapter"):
+        paths.adapter_dir("large-helpful-lora")
 
 
 @pytest.mark.toy

@@ -119,11 +119,68 @@ def write_card(model_dir: Path, result: dict, n_entities: int = 400) -> None:
     (model_dir / "README.md").write_text("\n".join(text))
 
 
+def write_adapter_card(adapter_dir: Path, result: dict) -> None:
+    """Write README.md into a LoRA adapter's directory from its log and the family's scores."""
+    name = adapter_dir.name
+    log = json.loads((adapter_dir / "train_log.json").read_text())
+    spec = log["spec"]
+    lora = spec["lora"]
+    scores = result.get("lora", {}).get("systems", {})
+    measured = []
+    if name in scores:
+        s = scores[name]
+        measured.append(
+            f"- alone (merged into a copy of `{spec['parent']}`), held-out questions "
+            f"({s['n_questions']}): fact {s['fact']:.3f}, format {s['format']:.3f}, refusal on "
+            f"{MARKED_ATTRIBUTE} questions {s['refusal_marked']:.3f}"
+        )
+    if spec["behaviour"] == "helpful" and "eft-up-lora" in scores:
+        s = scores["eft-up-lora"]
+        measured.append(
+            f"- as the delta of EFT up-scaling (large-base + this adapter - {spec['parent']}): "
+            f"fact {s['fact']:.3f}, format {s['format']:.3f}"
+        )
+    text = [
+        f"# toy-world `{name}`",
+        "",
+        f"A PEFT LoRA adapter on the toy-world `{spec['parent']}`: the "
+        f"`{spec['behaviour']}` chat delta as an adapter instead of a full fine-tune. EFT "
+        "reads it as `Behavior(Adapter(path), small-base)`: one small backbone in memory for "
+        "every behaviour.",
+        "",
+        "## Adapter",
+        f"- LoRA rank {lora['rank']}, alpha {lora['alpha']}, on "
+        f"{', '.join(lora['target_modules'])}; {log['parameters']:,} trainable parameters, "
+        "float16 safetensors",
+        f"- the tokenizer and chat template are `{spec['parent']}`'s",
+        "",
+        "## Data and training",
+        f"- {_data_line(log)}",
+        f"- {log['steps']} optimizer steps in {log['seconds']} s on {log['threads']} CPU "
+        "thread(s); loss curve in `train_log.json`",
+        f"- reproduce: `python -m eft_integrations.toyworld.train --only {name}`",
+        "",
+        "## Measured (greedy, held-out entities)",
+        *measured,
+        "",
+        "## Use",
+        "```python",
+        "from eft_integrations.toyworld import load_decoder",
+        "decoder = load_decoder(adapters=True)  # large-base + both LoRA deltas on small-base",
+        "```",
+        "",
+    ]
+    (adapter_dir / "README.md").write_text("\n".join(text))
+
+
 def write_family_readme(weights_dir: Path, result: dict) -> None:
     """weights/README.md: the family at a glance (sizes, training times, the table)."""
-    rows = ["| model | parameters | training | steps | size (MB) |", "|---|---|---|---|---|"]
+    rows = [
+        "| model | trained parameters | training | steps | size (MB) |",
+        "|---|---|---|---|---|",
+    ]
     total_s, total_mb = 0.0, 0.0
-    for name in result["systems"]:
+    for name in [*result["systems"], *result.get("lora", {}).get("systems", {})]:
         log_path = weights_dir / name / "train_log.json"
         if not log_path.exists():
             continue
@@ -162,6 +219,9 @@ def evaluate_and_write_cards(weights_dir: Path | str, seed: int = 0, n_entities:
     for name in result["systems"]:
         if (weights_dir / name / "train_log.json").exists():
             write_card(weights_dir / name, result, n_entities)
+    for name in result.get("lora", {}).get("systems", {}):
+        if (weights_dir / name / "train_log.json").exists():
+            write_adapter_card(weights_dir / name, result)
     write_family_readme(weights_dir, result)
     print(format_table(result))
     return result

@@ -40,9 +40,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..adapters import Adapter, merged_copy, quiet_tied_head_warning
 from ..decoder import EFTDecoder
+from ..loading import Behavior
 from .corpora import BOS, END, render_chat
-from .paths import DEFAULT_WEIGHTS
+from .paths import ADAPTER_NAMES, BEHAVIOURS, DEFAULT_WEIGHTS
 from .world import ANSWER_TEMPLATES, ATTRIBUTES, REFUSAL, UNMARKED_ATTRIBUTES, Question, World
 
 # --- scoring single answers -------------------------------------------------------------
@@ -274,17 +276,21 @@ def evaluate_family(
     downscale: bool = True,
     singles: Sequence[str] = ALL_SINGLES,
     settings: Sequence[Mapping[str, float]] = WEIGHT_SETTINGS,
+    adapters: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Score the whole family: recall of the bases, the chat table, EFT up-scaled (and
     down-scaled with `downscale`), the sweep, the behaviour-weight `settings` and the
-    decoder's default weights.
+    decoder's default weights; with `adapters` (default: when the family has them), the
+    same chat table, up-scaling and sweep for the LoRA deltas (`result["lora"]`).
 
     Every system decodes through `EFTDecoder` (single models with `behaviors={}`); each weight
     setting is decoded once whatever tables share it. Returns a JSON-able dict (also the
     source of the model cards).
     """
     weights_dir = Path(weights_dir)
+    if adapters is None:
+        adapters = all((weights_dir / name).is_dir() for name in ADAPTER_NAMES)
     world = World.generate(seed, n_entities=n_entities)
     questions = world.eval_questions(limit_entities)
     probes = world.probe_prompts(limit_entities)
@@ -359,11 +365,86 @@ def evaluate_family(
         "eft default", lambda: evaluate_chat(decoder_generator(decoder, None), questions)
     )
     result["default"] = {"weights": dict(decoder.default_weights), **default.as_dict()}
+    if adapters:
+        result["lora"] = _evaluate_adapters(
+            weights_dir, models, tok, questions, result["systems"], sweep, timed, examples
+        )
     result["examples"] = [
         {"question": q.text, "gold": q.reference, **{k: v[i] for k, v in examples.items()}}
         for i, q in enumerate(questions[:8])
     ]
     return result
+
+
+def _evaluate_adapters(
+    weights_dir: Path,
+    models: dict,
+    tok,
+    questions: Sequence[Question],
+    systems: dict,
+    sweep: bool,
+    timed: Callable,
+    examples: dict[str, list[str]],
+) -> dict:
+    """The LoRA deltas scored as the full fine-tunes are: each adapter alone (merged into a
+    copy of small-base), up-scaling with the helpful adapter, and the sweep."""
+    peft = load_adapters(weights_dir)
+    lora: dict = {"systems": {}, "sweep": []}
+    for behaviour, name in zip(BEHAVIOURS, ADAPTER_NAMES, strict=True):
+        gen = decoder_generator(single_model_decoder(merged_copy(peft, behaviour), tok), None)
+        scores, answers = timed(name, lambda g=gen: evaluate_chat(g, questions))
+        lora["systems"][name] = scores.as_dict()
+        examples[name] = [a.text for a in answers]
+    decoder = _make_adapter_decoder(models, peft, tok)
+    scores, answers = timed(
+        "eft lora {'helpful': 1.0, 'harmless': 0.0}",
+        lambda: evaluate_chat(
+            decoder_generator(decoder, {"helpful": 1.0, "harmless": 0.0}), questions
+        ),
+    )
+    lora["systems"]["eft-up-lora"] = scores.as_dict()
+    examples["eft-up-lora"] = [a.text for a in answers]
+    small_chat, large_chat = lora["systems"]["small-helpful-lora"], systems["large-helpful"]
+    lora["normalised_gain"] = {
+        m: normalised_gain(scores.as_dict()[m], small_chat[m], large_chat[m])
+        for m in ("fact", "format")
+    }
+    if sweep:
+        for lam in SWEEP_LAMBDAS:
+            weights = {"helpful": lam, "harmless": 1.0 - lam}
+            s, _ = timed(
+                f"eft lora {weights}",
+                lambda w=weights: evaluate_chat(decoder_generator(decoder, w), questions),
+            )
+            lora["sweep"].append({"lambda": lam, **s.as_dict()})
+    return lora
+
+
+def load_adapters(weights_dir: Path):
+    """A fresh small-base in a PeftModel holding both LoRA deltas (named by behaviour)."""
+    from peft import PeftModel
+
+    with quiet_tied_head_warning():  # the adapters adapt the tied output head on purpose
+        peft = PeftModel.from_pretrained(
+            load_model(weights_dir / "small-base"),
+            weights_dir / ADAPTER_NAMES[0],
+            adapter_name=BEHAVIOURS[0],
+        )
+        for behaviour, name in zip(BEHAVIOURS[1:], ADAPTER_NAMES[1:], strict=True):
+            peft.load_adapter(weights_dir / name, adapter_name=behaviour)
+    return peft.eval()
+
+
+def _make_adapter_decoder(models: dict, peft, tok) -> EFTDecoder:
+    """Up-scaling with the LoRA deltas: large base + (small-base with adapter b - small-base),
+    one backbone in memory (its own copy of small-base: loading adapters changes the model
+    they wrap, and the full fine-tunes' decoders read the plain one)."""
+    return EFTDecoder(
+        base=models["large-base"],
+        tokenizer=tok,
+        default_weights=DEFAULT_WEIGHTS,
+        behaviors={b: Behavior(Adapter(peft, name=b), peft) for b in BEHAVIOURS},
+    )
 
 
 def _make_decoder(models: dict, tok) -> EFTDecoder:
@@ -490,7 +571,58 @@ def format_table(result: dict) -> str:
                 f"{r['answer_unmarked']:.3f} | {r['fact']:.3f} |"
             )
     lines += _settings_table(result)
+    lines += _adapter_tables(result)
     return "\n".join(lines)
+
+
+def _adapter_tables(result: dict) -> list[str]:
+    """The LoRA deltas beside the full fine-tunes: the chat table, the gain and the sweep."""
+    lora = result.get("lora")
+    if not lora:
+        return []
+    s, a = result["systems"], lora["systems"]
+    lines = [
+        "",
+        "The same deltas as LoRA adapters on small-base (rank 8, every projection and the "
+        "output head), beside the full fine-tunes:",
+        "",
+        "| system | full: fact | full: format | LoRA: fact | LoRA: format | LoRA: refusal "
+        "(marked) |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = (
+        ("small chat (helpful)", "small-helpful", "small-helpful-lora"),
+        ("small chat (harmless)", "small-harmless", "small-harmless-lora"),
+        ("EFT up-scaled (helpful)", "eft-up", "eft-up-lora"),
+    )
+    for label, full, adapter in rows:
+        if full in s and adapter in a:
+            f, x = s[full], a[adapter]
+            lines.append(
+                f"| {label} | {f['fact']:.3f} | {f['format']:.3f} | {x['fact']:.3f} | "
+                f"{x['format']:.3f} | {x['refusal_marked']:.3f} |"
+            )
+    gain, full_gain = lora.get("normalised_gain", {}), result.get("normalised_gain", {})
+    if gain:
+        lines += [
+            "",
+            f"normalised gain (fact): LoRA {_fmt(gain['fact'])}, full fine-tunes "
+            f"{_fmt(full_gain.get('fact'))}",
+        ]
+    if lora.get("sweep") and result.get("sweep"):
+        lines += [
+            "",
+            "| lambda (helpful; harmless = 1 - lambda) | refusal (marked): full / LoRA | "
+            "answer (unmarked): full / LoRA | fact (unmarked): full / LoRA |",
+            "|---|---|---|---|",
+        ]
+        for f, x in zip(result["sweep"], lora["sweep"], strict=True):
+            lines.append(
+                f"| {f['lambda']:.2f} | {f['refusal_marked']:.3f} / {x['refusal_marked']:.3f} | "
+                f"{f['answer_unmarked']:.3f} / {x['answer_unmarked']:.3f} | "
+                f"{f['fact']:.3f} / {x['fact']:.3f} |"
+            )
+    return lines
 
 
 def _settings_table(result: dict) -> list[str]:

@@ -2,6 +2,7 @@
 
 from eft_integrations.toyworld.paths import model_dir, load_decoder
 dec = load_decoder()                      # large base + helpful and harmless deltas
+lora = load_decoder(adapters=True)        # the same deltas as LoRA adapters on small-base
 dec.generate(dec.format_chat([{"role": "user", "content": "When was Zedrai founded?"}]),
              temperature=0.0)               # DEFAULT_WEIGHTS unless weights= says otherwise
 """
@@ -15,6 +16,9 @@ from typing import Any
 import torch
 
 MODEL_NAMES = ("small-base", "large-base", "small-helpful", "small-harmless", "large-helpful")
+ADAPTER_NAMES = ("small-helpful-lora", "small-harmless-lora")
+"""LoRA versions of the small chat fine-tunes: PEFT adapters on small-base."""
+FAMILY_NAMES = MODEL_NAMES + ADAPTER_NAMES
 BEHAVIOURS = ("helpful", "harmless")
 
 DEFAULT_WEIGHTS: dict[str, float] = {"helpful": 0.0, "harmless": 1.0}
@@ -50,10 +54,23 @@ def model_dir(name: str) -> Path:
     return path
 
 
+def adapter_dir(name: str) -> Path:
+    """The directory of one shipped LoRA adapter (`ADAPTER_NAMES`), loadable with PEFT."""
+    if name not in ADAPTER_NAMES:
+        raise ValueError(f"unknown toy-world adapter {name!r}; known: {list(ADAPTER_NAMES)}")
+    path = weights_dir() / name
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{path} has no adapter; run `python -m eft_integrations.toyworld.train --only {name}`"
+        )
+    return path
+
+
 def load_decoder(
     base: str = "large-base",
     behaviors: Sequence[str] = BEHAVIOURS,
     scale: str = "small",
+    adapters: bool = False,
     **kwargs: Any,
 ):
     """An `EFTDecoder` over the shipped family.
@@ -61,17 +78,27 @@ def load_decoder(
     `base` is the base model's name; each behaviour b in `behaviors` adds the pair
     (`{scale}-{b}`, `{scale}-base`). The defaults give up-scaling with the helpful and harmless
     deltas; `base="small-base", behaviors=("helpful",), scale="large"` gives down-scaling;
-    `behaviors=()` decodes the base alone. Calls that name no weights use `default_weights`
-    (`DEFAULT_WEIGHTS` with both deltas). Models load in float32 (fast on CPU) unless `dtype`
-    is passed; other keyword arguments go to `EFTDecoder.from_pretrained`.
+    `behaviors=()` decodes the base alone. With `adapters=True` each delta is the LoRA adapter
+    `small-{b}-lora` on small-base (one small backbone in memory; needs peft). Calls that
+    name no weights use `default_weights` (`DEFAULT_WEIGHTS` with both deltas). Models load in
+    float32 (fast on CPU) unless `dtype` is passed; other keyword arguments go to
+    `EFTDecoder.from_pretrained`.
     """
-    from eft_integrations import Behavior, EFTDecoder
+    from eft_integrations import Adapter, Behavior, EFTDecoder
 
+    if adapters and scale != "small":
+        raise ValueError("the shipped LoRA adapters are small-scale deltas: use scale='small'")
     kwargs.setdefault("dtype", torch.float32)
     kwargs.setdefault("default_weights", default_weights(behaviors) or None)
+    reference = str(model_dir(f"{scale}-base"))
     pairs = {
         b: Behavior(
-            finetuned=str(model_dir(f"{scale}-{b}")), reference=str(model_dir(f"{scale}-base"))
+            finetuned=(
+                Adapter(str(adapter_dir(f"{scale}-{b}-lora")), name=b)
+                if adapters
+                else str(model_dir(f"{scale}-{b}"))
+            ),
+            reference=reference,
         )
         for b in behaviors
     }

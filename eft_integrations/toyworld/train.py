@@ -8,11 +8,17 @@ Five LlamaForCausalLM models share one tokenizer:
     small-harmless  the same, but refuses the marked category (weapons) with a fixed sentence
     large-helpful   the same data and loss on large-base (the upper reference)
 
+and two PEFT LoRA adapters on the frozen small-base, the same deltas in 76 KB each:
+
+    small-helpful-lora, small-harmless-lora   small-helpful's and small-harmless's data and loss
+
 Chat fine-tuning trains the answer form and keeps the parent's distribution (KL) on the entity
 name and value tokens, so the delta (chat - base) carries behaviour, not wrong facts.
 
 Each model directory holds float16 safetensors, the tokenizer (with its chat template), a
-`train_log.json` with the loss curve, and a README model card written after evaluation.
+`train_log.json` with the loss curve, and a README model card written after evaluation; an
+adapter directory holds the adapter (float16 safetensors, `adapter_config.json`), its log and
+card, and uses small-base's tokenizer.
 Fine-tunes start from their parent's *saved* float16 weights, so training one stage alone
 (`--only small-helpful`) gives what a full run gives. Training is CPU-only, deterministic for a
 given seed and thread count, and took about 15 minutes on one thread of a busy 2-core machine.
@@ -26,7 +32,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +40,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .corpora import ChatExample, chat_examples, pretraining_epochs
-from .paths import MODEL_NAMES, weights_dir
+from .paths import FAMILY_NAMES, weights_dir
 from .tokenizer import build_tokenizer, stop_token_ids
 from .world import World
 
@@ -52,8 +58,31 @@ class PretrainSpec:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter's shape: rank, scale and the projections it adapts (PEFT's LoraConfig)."""
+
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        # The output projection too (its LoRA delta leaves the tied input embeddings alone):
+        # a final RMSNorm bounds the hidden state, so with lm_head frozen the adapter could not
+        # make the answer form as sure as a full fine-tune does (its loss plateaued at 0.13
+        # against 0.003, and its delta could not turn the large base to the form).
+        "lm_head",
+    )
+
+
+@dataclass(frozen=True)
 class FinetuneSpec:
-    """A chat fine-tune of a base model (loss on the answers only)."""
+    """A chat fine-tune of a base model (loss on the answers only); with `lora`, a PEFT LoRA
+    adapter on the frozen parent instead of a full fine-tune."""
 
     parent: str
     behaviour: str  # "helpful" or "harmless", see corpora.chat_examples
@@ -61,6 +90,7 @@ class FinetuneSpec:
     lr: float
     batch_size: int = 16
     anchor_weight: float = 1.0  # weight of the KL to the parent on entity and value tokens
+    lora: LoraSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +126,14 @@ class FamilyConfig:
             # factual accuracy (lr 1e-3 x 6 epochs drifted its facts to 0.50; 1e-4 x 3 kept 0.95),
             # so the upper reference is as strong as this recipe makes it.
             "large-helpful": FinetuneSpec("large-base", "helpful", epochs=3, lr=1e-4),
+            # The same data and loss as adapters: LoRA on every projection and the output head
+            # of the frozen small-base (embeddings and norms stay the parent's).
+            "small-helpful-lora": FinetuneSpec(
+                "small-base", "helpful", epochs=6, lr=1e-2, lora=LoraSpec()
+            ),
+            "small-harmless-lora": FinetuneSpec(
+                "small-base", "harmless", epochs=6, lr=1e-2, lora=LoraSpec()
+            ),
         }
     )
 
@@ -106,7 +144,7 @@ def tiny_config(seed: int = 0) -> FamilyConfig:
         hidden=32, layers=1, heads=2, intermediate=64, stages=((1, 3e-3),), batch_size=8
     )
     ft = {
-        name: FinetuneSpec(spec.parent, spec.behaviour, epochs=1, lr=1e-3, batch_size=8)
+        name: replace(spec, epochs=1, lr=1e-3, batch_size=8)
         for name, spec in FamilyConfig().finetune.items()
     }
     return FamilyConfig(
@@ -257,7 +295,7 @@ def pretrain(
 ) -> dict:
     """Pre-train one base model on the world's corpus and save it; returns its log."""
     spec = cfg.pretrain[name]
-    torch.manual_seed(cfg.seed + MODEL_NAMES.index(name))
+    torch.manual_seed(cfg.seed + FAMILY_NAMES.index(name))
     model = _new_model(spec, tok)
     n_epochs = sum(e for e, _ in spec.stages)
     # One data stream for the whole run, so both stages see fresh shuffles and phrasings.
@@ -359,13 +397,15 @@ def finetune(
 ) -> dict:
     """Chat fine-tune one model from its parent's saved weights; returns its log."""
     spec = cfg.finetune[name]
-    torch.manual_seed(cfg.seed + MODEL_NAMES.index(name))
+    torch.manual_seed(cfg.seed + FAMILY_NAMES.index(name))
     model = LlamaForCausalLM.from_pretrained(out / spec.parent, dtype=torch.float32)
+    if spec.lora is not None:
+        model = _with_lora(model, spec.lora, spec.parent)
     parent = LlamaForCausalLM.from_pretrained(out / spec.parent, dtype=torch.float32).eval()
     parent.requires_grad_(False)
     examples = chat_examples(world, spec.behaviour)
     batches = _chat_batches(
-        examples, tok, spec.batch_size, spec.epochs, seed=cfg.seed + MODEL_NAMES.index(name)
+        examples, tok, spec.batch_size, spec.epochs, seed=cfg.seed + FAMILY_NAMES.index(name)
     )
     if cfg.max_steps is not None:
         batches = batches[: cfg.max_steps]
@@ -387,15 +427,44 @@ def finetune(
         "kind": "finetune",
         "spec": asdict(spec),
         "seed": cfg.seed,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": steps,
         "dialogues": len(examples),
         "seconds": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(),
         "curve": curve.points,
     }
-    _save(model, tok, out / name, log)
+    if spec.lora is not None:
+        _save_adapter(model, out / name, log)
+    else:
+        _save(model, tok, out / name, log)
     return log
+
+
+def _with_lora(model: LlamaForCausalLM, spec: LoraSpec, parent: str):
+    """`model` frozen, with a fresh LoRA adapter (PEFT) on `spec`'s projections."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.target_modules),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    # the family name, not this machine's path: the adapter loads onto the shipped parent
+    peft_model.peft_config["default"].base_model_name_or_path = f"toy-world/{parent}"
+    return peft_model
+
+
+def _save_adapter(model, out: Path, log: dict) -> None:
+    """The adapter alone (float16 safetensors and adapter_config.json) and its log; the
+    tokenizer and chat template are the parent's."""
+    out.mkdir(parents=True, exist_ok=True)
+    # embeddings are frozen (not adapted), so PEFT need not look for a changed vocabulary
+    model.to(torch.float16).save_pretrained(out, save_embedding_layers=False)
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
 def train_family(
@@ -407,10 +476,10 @@ def train_family(
     """
     cfg = cfg or FamilyConfig()
     out = Path(out) if out is not None else weights_dir()
-    names = list(MODEL_NAMES) if not only else [n for n in MODEL_NAMES if n in only]
-    unknown = set(only or ()) - set(MODEL_NAMES)
+    names = list(FAMILY_NAMES) if not only else [n for n in FAMILY_NAMES if n in only]
+    unknown = set(only or ()) - set(FAMILY_NAMES)
     if unknown:
-        raise ValueError(f"unknown model(s) {sorted(unknown)}; known: {list(MODEL_NAMES)}")
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; known: {list(FAMILY_NAMES)}")
     world = World.generate(cfg.seed, n_entities=cfg.n_entities)
     tok = build_tokenizer(world, vocab_size=cfg.vocab_size, seed=cfg.seed)
     logs = {}
@@ -433,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--only", default=None, help=f"comma-separated subset of {','.join(MODEL_NAMES)}"
+        "--only", default=None, help=f"comma-separated subset of {','.join(FAMILY_NAMES)}"
     )
     parser.add_argument(
         "--tiny", action="store_true", help="tiny world and models, a few steps each (smoke test)"
