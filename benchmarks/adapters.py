@@ -12,9 +12,9 @@ one run on the same prompts:
 Resident memory of the small side is the bytes of the distinct parameter tensors (the
 backbone once, plus the adapters); step time is greedy decoding of a batch, medians of
 interleaved repetitions. Families: the realistic-shape random family (a ~134M base, a ~20M
-small reference, 32k vocabulary) and the shipped toy world's shapes (its large base and small
-base); the adapters are random LoRA weights (r=16 on every projection), since only the shapes
-matter for memory and time.
+small reference, 32k vocabulary), with random LoRA weights (r=16 on every projection), since
+only the shapes matter for memory and time; and the toy world with its trained LoRA deltas
+(r=8, every projection and the output head) on its small base, answering its questions.
 
 Run: `python benchmarks/adapters.py [--batch 8 --tokens 32 --repeats 5]`.
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import peft
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
@@ -67,6 +68,26 @@ def save_forms(root: Path, base, reference, tokenizer) -> dict[str, Path]:
             root / f"{name}-lora",
             root / f"{name}-merged",
         )
+    return paths
+
+
+def toy_forms(root: Path) -> dict[str, Path]:
+    """The toy world's shipped LoRA deltas on its small base, and the same merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from eft_integrations.adapters import quiet_tied_head_warning
+    from eft_integrations.toyworld.paths import adapter_dir, model_dir
+
+    paths = {"base": model_dir("large-base"), "ref": model_dir("small-base")}
+    for name in BEHAVIORS:
+        paths[f"{name}-lora"] = adapter_dir(f"small-{name}-lora")
+        small = AutoModelForCausalLM.from_pretrained(paths["ref"], dtype=torch.float32)
+        with quiet_tied_head_warning():
+            adapted = PeftModel.from_pretrained(small, paths[f"{name}-lora"])
+        paths[f"{name}-merged"] = root / f"{name}-merged"
+        merged_copy(adapted, "default").save_pretrained(paths[f"{name}-merged"])
+        AutoTokenizer.from_pretrained(paths["ref"]).save_pretrained(paths[f"{name}-merged"])
     return paths
 
 
@@ -133,22 +154,22 @@ def main() -> None:
     prompts = [random_prompt(args.prompt_tokens, seed=s) for s in range(args.batch)]
     families = {
         "realistic (134M base, 20M small)": ((768, 12, 12), (256, 4, 4)),
-        "toy-world shapes": None,
+        "toy world (its trained LoRA deltas)": None,
     }
     rows = []
     for family, sizes in families.items():
         with tempfile.TemporaryDirectory() as tmp:
             if sizes is None:
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-
-                from eft_integrations.toyworld.paths import model_dir
-
-                base = AutoModelForCausalLM.from_pretrained(model_dir("large-base"))
-                reference = AutoModelForCausalLM.from_pretrained(model_dir("small-base"))
-                toy_tokenizer = AutoTokenizer.from_pretrained(model_dir("small-base"))
-                paths = save_forms(Path(tmp), base, reference, toy_tokenizer)
-                ids = [toy_tokenizer.encode("When was Zedrai founded? " * 4)] * args.batch
+                paths = toy_forms(Path(tmp))
                 contenders = decoders(paths)
+                toy = contenders["merged"]
+                questions = [
+                    f"When was {name} founded?" for name in ("Zedrai", "Kreman", "Brouni", "Puto")
+                ]
+                ids = [
+                    toy.encode(toy.format_chat([{"role": "user", "content": q}]))
+                    for q in questions * (args.batch // len(questions) + 1)
+                ][: args.batch]
                 rows += measure(family, contenders, ids, args)
             else:
                 base = random_llama(*sizes[0], seed=0)
@@ -163,8 +184,9 @@ def main() -> None:
             "",
             f"`python benchmarks/adapters.py --batch {args.batch} --tokens {args.tokens} "
             f"--repeats {args.repeats} --threads {args.threads}`: two behaviors on one small "
-            "reference, as two random LoRA adapters (r=16, every projection) or as the same "
-            "adapters merged into full copies of the reference (the brute force, three small "
+            "reference, as two LoRA adapters (random, r=16 on every projection, on the "
+            "realistic family; the toy world's trained deltas) or as the same adapters merged "
+            "into full copies of the reference (the brute force, three small "
             f"models); greedy decode of {args.batch} prompts x {args.tokens} tokens, medians of "
             f"{args.repeats} interleaved repetitions; {machine(args.threads)}. Small side: the "
             "distinct parameter bytes of every model but the base. Forwards per step count "
@@ -176,7 +198,12 @@ def main() -> None:
             *rows,
             "",
             "Every form gives the same greedy tokens (checked in the run; the exact equality "
-            "with merged weights is `tests/test_adapters.py`).",
+            "with merged weights is `tests/test_adapters.py`). The toy world's adapters adapt "
+            "its tied output head, so their merged copies carry an untied head of their own "
+            "(3.6 MiB); against its shipped full fine-tunes (2.6 MiB) the adapters take 0.44x. "
+            "On models this small a forward costs little more than PEFT's per-row adapter "
+            "dispatch, hence 0.84x there; at the realistic shapes the mixed batch is faster "
+            "than the merged models.",
             "",
         ],
     )

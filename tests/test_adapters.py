@@ -443,3 +443,31 @@ def test_a_poison_row_beside_switched_adapter_rows_fails_alone(unmixed):
     assert_clean(adapters)
     assert not _adapter_name_hooks(backbone)  # PEFT's per-call hooks did not outlive the failure
     assert [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]] == solo
+
+
+def test_composition_runs_in_float32_over_bfloat16_models(family):
+    """Every model and adapter in bfloat16: the composed log-probs are float32, the formula
+    over each model's own logits upcast (bfloat16 forwards through the paged cache round a
+    little differently from a plain forward, hence the tolerance)."""
+    decoder = EFTDecoder.from_pretrained(
+        base=family["base"],
+        behaviors={
+            "helpful": Behavior(Adapter(family["helpful-lora"], name="helpful"), family["ref"])
+        },
+        dtype=torch.bfloat16,
+    )
+    got = decoder.next_token_logprobs([PROMPTS[0]], weights={"helpful": 2.0})[0]
+    assert got.dtype == torch.float32
+    ensemble, ids = decoder._ensemble, torch.tensor([decoder.encode(PROMPTS[0])])
+    with torch.inference_mode():
+        logits = [model(input_ids=ids).logits[0, -1] for model in decoder._models]
+    assert {x.dtype for x in logits} == {torch.bfloat16}
+
+    def logprobs(x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(x.float(), -1)
+
+    pair = ensemble.pairs[0]
+    delta = logprobs(logits[pair.finetuned]) - logprobs(logits[pair.reference])
+    want = torch.log_softmax(logprobs(logits[ensemble.base]) + 2.0 * delta, -1)
+    top = want.topk(20).indices  # where bfloat16 rounding is smallest relative to the values
+    torch.testing.assert_close(got[top], want[top], atol=0.05, rtol=0)

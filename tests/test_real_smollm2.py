@@ -105,3 +105,48 @@ def test_a_forced_call_with_room_keeps_the_models_own_digits(smollm2_decoder, ma
     )
     assert result.finish_reason == "tool_calls" and not result.invalid_tool_calls, result
     assert [c.arguments for c in result.tool_calls][:1] == [{"a": 12, "b": 7}]
+
+
+def test_a_lora_adapter_on_the_gguf_model_equals_it_merged(smollm2_decoder, tmp_path):
+    """A LoRA behavior on SmolLM2 read from its GGUF file (dequantized): the same greedy tokens
+    and log-probs as the adapter merged into a copy, and one backbone for both roles."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from eft_integrations import Adapter, Behavior
+    from eft_integrations.adapters import AdapterView, merged_copy
+
+    base = smollm2_decoder._models[0]
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    adapted = peft.get_peft_model(copy.deepcopy(base), config)
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            param.data.mul_(0.05)  # a nudge, not noise: the answer stays a sentence
+    adapted.save_pretrained(tmp_path / "chat-lora")
+    merged = merged_copy(adapted, "default")
+    del adapted
+    tokenizer = smollm2_decoder.tokenizer
+    # the reference is wrapped in place: a copy, so the session's decoder keeps its model
+    with_adapter = EFTDecoder(
+        base=base,
+        behaviors={"chat": Behavior(Adapter(tmp_path / "chat-lora"), copy.deepcopy(base))},
+        tokenizer=tokenizer,
+    )
+    with_merged = EFTDecoder(base=base, behaviors={"chat": (merged, base)}, tokenizer=tokenizer)
+    assert sum(isinstance(m, AdapterView) for m in with_adapter._models) == 2
+    prompt = smollm2_decoder.format_chat(QUESTION)
+    kwargs = {"temperature": 0, "max_new_tokens": 16, "logprobs": 0, "weights": {"chat": 1.5}}
+    got, want = with_adapter.generate(prompt, **kwargs), with_merged.generate(prompt, **kwargs)
+    assert got.token_ids == want.token_ids
+    assert [e.logprob for e in got.logprobs] == pytest.approx(
+        [e.logprob for e in want.logprobs], abs=1e-3
+    )
+    # the adapter changes the distribution (a nudge: the greedy answer stays "... Paris.")
+    plain = smollm2_decoder.generate(prompt, temperature=0, max_new_tokens=16, logprobs=0)
+    assert plain.token_ids == got.token_ids
+    pairs = zip(got.logprobs, plain.logprobs, strict=True)
+    moved = [abs(a.logprob - b.logprob) for a, b in pairs]
+    assert max(moved) > 0.05, moved
