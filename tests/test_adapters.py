@@ -445,10 +445,33 @@ def test_a_poison_row_beside_switched_adapter_rows_fails_alone(unmixed):
     assert [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]] == solo
 
 
+def _assert_composes_in_float32(decoder: EFTDecoder, weights: dict[str, float]) -> None:
+    """The decoder's next-token log-probs are float32 and the EFT formula over each model's
+    own logits, upcast (low-precision forwards through the paged cache round a little
+    differently from a plain forward, hence the tolerance, on the likeliest tokens)."""
+    got = decoder.next_token_logprobs([PROMPTS[0]], weights=weights)[0]
+    assert got.dtype == torch.float32
+    ensemble = decoder._ensemble
+    with torch.inference_mode():
+        logits = []
+        for model, device in zip(decoder._models, ensemble.devices, strict=True):
+            ids = torch.tensor([decoder.encode(PROMPTS[0])], device=device)
+            logits.append(model(input_ids=ids).logits[0, -1].to(ensemble.device))
+
+    def logprobs(x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(x.float(), -1)
+
+    composed = logprobs(logits[ensemble.base])
+    for pair, weight in zip(ensemble.pairs, weights.values(), strict=True):
+        composed = composed + weight * (
+            logprobs(logits[pair.finetuned]) - logprobs(logits[pair.reference])
+        )
+    want = torch.log_softmax(composed, -1)
+    top = want.topk(20).indices
+    torch.testing.assert_close(got[top], want[top], atol=0.05, rtol=0)
+
+
 def test_composition_runs_in_float32_over_bfloat16_models(family):
-    """Every model and adapter in bfloat16: the composed log-probs are float32, the formula
-    over each model's own logits upcast (bfloat16 forwards through the paged cache round a
-    little differently from a plain forward, hence the tolerance)."""
     decoder = EFTDecoder.from_pretrained(
         base=family["base"],
         behaviors={
@@ -456,18 +479,40 @@ def test_composition_runs_in_float32_over_bfloat16_models(family):
         },
         dtype=torch.bfloat16,
     )
-    got = decoder.next_token_logprobs([PROMPTS[0]], weights={"helpful": 2.0})[0]
-    assert got.dtype == torch.float32
-    ensemble, ids = decoder._ensemble, torch.tensor([decoder.encode(PROMPTS[0])])
-    with torch.inference_mode():
-        logits = [model(input_ids=ids).logits[0, -1] for model in decoder._models]
-    assert {x.dtype for x in logits} == {torch.bfloat16}
+    dtypes = {
+        ("lora_" in name, p.dtype) for m in decoder._models for name, p in m.named_parameters()
+    }
+    # PEFT keeps adapter weights in float32 (its autocast_adapter_dtype) over a bfloat16 model
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    _assert_composes_in_float32(decoder, {"helpful": 2.0})
 
-    def logprobs(x: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(x.float(), -1)
 
-    pair = ensemble.pairs[0]
-    delta = logprobs(logits[pair.finetuned]) - logprobs(logits[pair.reference])
-    want = torch.log_softmax(logprobs(logits[ensemble.base]) + 2.0 * delta, -1)
-    top = want.topk(20).indices  # where bfloat16 rounding is smallest relative to the values
-    torch.testing.assert_close(got[top], want[top], atol=0.05, rtol=0)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adapters_on_a_bitsandbytes_4bit_reference_under_an_8bit_base(family):
+    """QLoRA-style: both adapters on a 4-bit reference, the base in 8-bit (bitsandbytes,
+    CUDA only); one mixed forward per step, composition in float32."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from eft_integrations import ModelSpec
+
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
+    reference = ModelSpec(family["ref"], device_map="cuda:0", quantization_config=four_bit)
+    decoder = EFTDecoder.from_pretrained(
+        base=ModelSpec(
+            family["base"],
+            device_map="cuda:0",
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        ),
+        behaviors={
+            n: Behavior(Adapter(family[f"{n}-lora"], name=n), reference)
+            for n in ("helpful", "harmless")
+        },
+        dtype=torch.float16,
+    )
+    assert list(decoder.engine.stats.adapter_batching.values()) == ["mixed"]
+    _assert_composes_in_float32(decoder, {"helpful": 1.0, "harmless": 0.5})
+    out = decoder.generate(PROMPTS, weights={"helpful": 1.0, "harmless": 0.5}, max_new_tokens=8)
+    assert all(len(o.token_ids) == 8 for o in out)
+    assert decoder.engine.stats.failed_decode_forwards == 0
