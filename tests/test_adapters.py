@@ -284,7 +284,11 @@ def test_eft_serve_config_and_chat_eft_take_adapter_behaviors(family, two):
     with TestClient(config.build_app()) as client:
         body = {"model": "lora", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
         reply = client.post("/v1/completions", json={**body, "eft_weights": weights})
+        metrics = client.get("/metrics").text
     assert reply.status_code == 200, reply.text
+    assert f'eft_adapter_backbone_info{{backbone="{family["ref"]}",batching="mixed"}} 1.0' in (
+        metrics
+    )
     want = merged.generate(PROMPTS[0], weights=weights, max_new_tokens=8, temperature=0)
     assert reply.json()["choices"][0]["text"] == want.text
 

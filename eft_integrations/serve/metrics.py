@@ -206,6 +206,16 @@ class _LiveState(Collector):
         )  # fmt: skip
         yield from self._kv(engine)
         stats = engine.stats
+        if stats.adapter_batching:
+            backbones = GaugeMetricFamily(
+                "eft_adapter_backbone_info",
+                "1 per adapter backbone; batching: mixed (one forward for every adapter's "
+                "rows) or per_adapter (its PEFT method cannot mix them).",
+                labels=["backbone", "batching"],
+            )
+            for backbone, how in stats.adapter_batching.items():
+                backbones.add_metric([backbone, "mixed" if how == "mixed" else "per_adapter"], 1)
+            yield backbones
         yield _counter("eft_engine_steps", "Decode steps the engine ran.", stats.steps)
         yield _counter(
             "eft_prefix_cache_hit_tokens",
