@@ -164,6 +164,28 @@ def test_an_unknown_key_names_the_key_and_the_file(tmp_path):
     assert "behaviors.chat.reference: Field required" in message and str(tmp_path) in message
 
 
+def test_an_adapter_is_a_mapping_too_and_only_as_a_finetuned_model(tmp_path):
+    """`finetuned: {adapter: PATH, name, revision}` is the mapping form of `adapter:PATH`; its
+    unknown keys are named, and a reference cannot be an adapter."""
+    from eft_integrations import Adapter
+
+    behaviors = {
+        "helpful": {"finetuned": {"adapter": "org/helpful-lora", "name": "h"}, "reference": "r"},
+        "harmless": {"finetuned": "adapter:org/harmless-lora", "reference": "r"},
+    }
+    config = ServeConfig.from_file(_write(tmp_path, {"base": "b", "behaviors": behaviors}))
+    specs = config.behavior_specs()
+    assert specs["helpful"].finetuned == Adapter("org/helpful-lora", name="h")
+    assert specs["harmless"].finetuned == Adapter("org/harmless-lora")
+    assert specs["harmless"].finetuned.adapter_name == "harmless-lora"
+    bad = {"chat": {"finetuned": {"adapter": "a", "nmae": "x"}, "reference": "r"}}
+    with pytest.raises(ConfigError, match="behaviors.chat.finetuned: unknown key 'nmae'"):
+        ServeConfig.from_file(_write(tmp_path, {"base": "b", "behaviors": bad}))
+    backwards = {"chat": {"finetuned": "f", "reference": {"adapter": "a"}}}
+    with pytest.raises(ConfigError, match="behaviors.chat.reference: unknown key 'adapter'"):
+        ServeConfig.from_file(_write(tmp_path, {"base": "b", "behaviors": backwards}))
+
+
 def test_a_model_that_is_neither_path_nor_mapping_says_what_a_model_is(tmp_path):
     with pytest.raises(ConfigError, match="base: a model is a hub id or path, or a mapping"):
         ServeConfig.from_file(_write(tmp_path, {"base": 3}))

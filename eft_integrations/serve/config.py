@@ -11,7 +11,9 @@ read the same names).
 
 A model is a hub id or path, or `ModelOptions` (a mapping in YAML) with its own loading
 options: `gguf_file`, `revision`, `dtype`, `device_map`, `trust_remote_code`, `quantization`.
-A behavior is a (fine-tuned, reference) pair, or a mapping with `finetuned` and `reference`.
+A behavior is a (fine-tuned, reference) pair, or a mapping with `finetuned` and `reference`;
+its fine-tuned model may be a PEFT adapter on the reference, `adapter:PATH` or
+`AdapterOptions` (`{adapter: PATH, name: ..., revision: ...}` in YAML).
 Behaviors and weights also read the command line's forms, `NAME=FT_PATH,REF_PATH` and
 `NAME=W` (a list of them, or one string with `;` between them), as `serve run ... key=value`
 passes strings.
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from ..loading import Behavior, ModelSpec
 
 __all__ = [
+    "AdapterOptions",
     "BehaviorModels",
     "ConfigError",
     "ModelOptions",
@@ -193,14 +196,57 @@ ModelSource = Annotated[
     ),
 ]
 """A model: its hub id or path, or `ModelOptions`."""
-_UNION_TAGS = ("str", "ModelOptions")
+_UNION_TAGS = ("str", "ModelOptions", "AdapterOptions")
+
+
+class AdapterOptions(BaseModel):
+    """A behavior's fine-tuned model as a PEFT adapter on the behavior's reference: the
+    mapping form of `adapter:PATH` (`finetuned: {adapter: PATH, name: helpful}` in YAML)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: str
+    """The adapter's folder or hub id (with `adapter_config.json`)."""
+    name: str | None = None
+    """Its name on the backbone; None takes the folder's last part."""
+    revision: str | None = None
+    """A branch, tag or commit of a hub repository."""
+
+    def spec(self) -> Adapter:
+        """The `Adapter` this mapping names."""
+        from ..adapters import Adapter
+
+        kwargs = {"revision": self.revision} if self.revision is not None else {}
+        return Adapter(self.adapter, name=self.name, **kwargs)
+
+
+def _finetuned_kind(value: Any) -> str | None:
+    """Which form a fine-tuned model is written in: a model's, or an adapter mapping."""
+    if isinstance(value, AdapterOptions) or (isinstance(value, Mapping) and "adapter" in value):
+        return "AdapterOptions"
+    return _model_kind(value)
+
+
+FinetunedSource = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[ModelOptions, Tag("ModelOptions")]
+    | Annotated[AdapterOptions, Tag("AdapterOptions")],
+    Discriminator(
+        _finetuned_kind,
+        custom_error_type="model_source",
+        custom_error_message="a fine-tuned model is a hub id or path (adapter:PATH for a PEFT "
+        "adapter on the reference), a mapping with path and its loading options, or a "
+        "mapping with adapter (and name, revision)",
+    ),
+]
+"""A behavior's fine-tuned model: a model (`ModelSource`) or an adapter on its reference."""
 
 
 class BehaviorModels(NamedTuple):
     """A behavior's two models; validated from a pair or a `{finetuned, reference}` mapping,
     and equal to the plain `(finetuned, reference)` tuple."""
 
-    finetuned: ModelSource
+    finetuned: FinetunedSource
     reference: ModelSource
 
 
@@ -214,8 +260,11 @@ def _spec(model: str | ModelOptions) -> ModelSpec:
     return model.spec() if isinstance(model, ModelOptions) else ModelSpec(model)
 
 
-def _finetuned(model: str | ModelOptions) -> ModelSpec | Adapter:
-    """A behavior's fine-tuned model: `adapter:PATH` is an adapter, anything else a model."""
+def _finetuned(model: str | ModelOptions | AdapterOptions) -> ModelSpec | Adapter:
+    """A behavior's fine-tuned model: `adapter:PATH` or `{adapter: PATH}` is an adapter,
+    anything else a model."""
+    if isinstance(model, AdapterOptions):
+        return model.spec()
     if isinstance(model, str) and model.startswith(ADAPTER_PREFIX):
         from ..adapters import Adapter
 
