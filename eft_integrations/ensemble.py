@@ -187,14 +187,32 @@ class Ensemble:
         """One prefill forward per model with prompt tokens left, over at most `budget` of
         them (None: all). Per model: next-token logits [B, V] and the rows whose prompt
         this forward finished (only their rows of the logits mean anything)."""
-        out = []
-        for i, state in enumerate(states):
-            if not state.pending:
-                out.append((torch.empty(0), []))
-                continue
-            input_ids, positions, finishing = state.next_chunk(budget)
-            out.append((self.forward(i, state, input_ids, positions)[:, -1], finishing))
-        return out
+        chunks = {i: state.next_chunk(budget) for i, state in enumerate(states) if state.pending}
+        logits: dict[int, torch.Tensor] = {}
+        # adapter views of one backbone whose chunks have one width (the fine-tuned views
+        # reading the same prompts, say) prefill in one forward
+        for group in self.view_groups:
+            by_width: dict[int, list[int]] = {}
+            for i in group:
+                if i in chunks:
+                    by_width.setdefault(chunks[i][0].shape[1], []).append(i)
+            for members in by_width.values():
+                if len(members) > 1:
+                    out = self._feed_views(
+                        members,
+                        [states[i] for i in members],
+                        [chunks[i][0] for i in members],
+                        [chunks[i][1] for i in members],
+                        keep=1,
+                    )
+                    logits.update(zip(members, out, strict=True))
+        for i, (input_ids, positions, _) in chunks.items():
+            if i not in logits:
+                logits[i] = self.forward(i, states[i], input_ids, positions)
+        return [
+            (logits[i][:, -1], chunks[i][2]) if i in chunks else (torch.empty(0), [])
+            for i in range(len(states))
+        ]
 
     def prefill(
         self,
@@ -236,7 +254,11 @@ class Ensemble:
             for group in self.view_groups:
                 members = [i for i in group if i in indices]
                 if len(members) > 1:
-                    logits = self._feed_views(members, [states[i] for i in members], tokens, keep)
+                    views = [states[i] for i in members]
+                    positions = [state.append(tokens.shape[1]) for state in views]
+                    logits = self._feed_views(
+                        members, views, [tokens] * len(members), positions, keep
+                    )
                     out.update(zip(members, logits, strict=True))
         for i in indices:
             if i not in out:
@@ -244,11 +266,16 @@ class Ensemble:
         return out
 
     def _feed_views(
-        self, group: list[int], states: list[KVState], tokens: torch.Tensor, keep: int
+        self,
+        group: list[int],
+        states: list[KVState],
+        input_ids: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        keep: int,
     ) -> list[torch.Tensor]:
-        """One forward of the backbone of views `group` over every view's rows (tokens
-        [B, n] each), each row naming its view's adapter; logits [B, keep, V] per view."""
-        positions = [state.append(tokens.shape[1]) for state in states]
+        """One forward of the backbone of views `group` over every view's rows, each row
+        naming its view's adapter: per view its new tokens and their positions [B_v, n] (one
+        width n for all, already planned in its state); logits [B_v, keep, V] per view."""
         cache = GroupedCache([state.cache for state in states])
         width = cache.kv_length
         masks = []
@@ -260,16 +287,20 @@ class Ensemble:
             pad = width - mask.shape[1]
             masks.append(torch.nn.functional.pad(mask, (pad, 0)) if pad else mask)
         padded = any(s.padded for s in states) or len({m.shape[1] for m in masks}) > 1
-        rows = tokens.shape[0]
+        rows = [ids.shape[0] for ids in input_ids]
         views = [self.models[i] for i in group]
         i = group[0]
         kwargs: dict[str, Any] = {
-            "input_ids": tokens.repeat(len(group), 1).to(self.devices[i]),
+            "input_ids": torch.cat(input_ids).to(self.devices[i]),
             "attention_mask": torch.cat(masks) if padded else None,
             "position_ids": torch.cat(positions),
             "use_cache": True,
             self._cache_kwarg[i]: cache,
-            "adapter_names": [v.adapter or BASE_ADAPTER for v in views for _ in range(rows)],
+            "adapter_names": [
+                v.adapter or BASE_ADAPTER
+                for v, n in zip(views, rows, strict=True)
+                for _ in range(n)
+            ],
         }
         if self._keeps_last_logits[i]:
             kwargs["logits_to_keep"] = keep

@@ -133,8 +133,7 @@ def test_speculative_rows_draft_with_the_adapter_views(two):
 
 def test_the_adapter_drafters_draft_in_one_forward(two):
     """Speculative rounds draft with both adapter views in one backbone forward per draft
-    position (the verification forward holds the reference's rows); only the prefills run a
-    view alone."""
+    position (the verification forward holds the reference's rows)."""
     adapters, _ = two
     backbone = next(m for m in adapters._models if isinstance(m, AdapterView)).peft_model
     calls: list[frozenset[str]] = []
@@ -146,15 +145,10 @@ def test_the_adapter_drafters_draft_in_one_forward(two):
     with hooked(backbone, record, pre=True):
         adapters.generate(PROMPTS[0], temperature=0, max_new_tokens=14, speculative_k=3)
     assert adapters.engine.stats.speculative_rounds > rounds
-    both = frozenset({"helpful", "harmless"})
+    both, every = frozenset({"helpful", "harmless"}), frozenset({"helpful", "harmless", "__base__"})
+    assert calls[0] == every  # the three views prefill the same prompt in one forward
     assert calls.count(both) >= 4  # at least one round of k + 1 = 4 draft positions
-    assert calls.count(frozenset({"helpful"})) == calls.count(frozenset({"harmless"})) == 1
-    assert set(calls) == {
-        both,
-        frozenset({"helpful"}),
-        frozenset({"harmless"}),
-        frozenset({"__base__"}),
-    }
+    assert set(calls) == {every, both, frozenset({"__base__"})}  # the reference verifies
 
 
 def test_score_equals_the_merged_models(two):
@@ -317,9 +311,9 @@ def test_eft_serve_config_and_chat_eft_take_adapter_behaviors(family, two):
 
 
 def test_one_backbone_forward_per_decode_step_for_all_its_views(two):
-    """The reference and both adapters run as one mixed-adapter forward per decode step (PEFT's
-    adapter_names per row), the base as another: 2 forwards a step where the merged models
-    take 4."""
+    """The reference and both adapters run as one mixed-adapter forward per prefill and
+    decode step (PEFT's adapter_names per row), the base as another: 2 forwards a step where
+    the merged models take 4."""
     adapters, merged = two
     assert adapters._ensemble.view_groups and len(adapters._ensemble.view_groups[0]) == 3
     steps = 9
@@ -329,9 +323,30 @@ def test_one_backbone_forward_per_decode_step_for_all_its_views(two):
         result = decoder.generate(PROMPTS[0], max_new_tokens=steps + 1, temperature=0)
         assert len(result.token_ids) == steps + 1
         counts.append(decoder.forward_calls - before)
-    prefill_adapters, prefill_merged = 3 + 1, 4  # prefills still run one forward per view
+    prefill_adapters, prefill_merged = 1 + 1, 4  # the views prefill one prompt together
     assert counts[0] - prefill_adapters == 2 * steps
     assert counts[1] - prefill_merged == 4 * steps
+
+
+def test_chunked_prefills_of_the_views_share_forwards_and_equal_the_merged(family):
+    """A prompt prefilled in chunks of 8 tokens: each chunk is one forward for the three
+    views; the outputs equal the merged models prefilled the same way."""
+    adapters, merged = _decoders(family, ["helpful", "harmless"], prefill_chunk=8)
+    prompt = " ".join(PROMPTS * 2)
+    assert len(adapters.encode(prompt)) > 3 * 8
+    kwargs = {"temperature": 0, "max_new_tokens": 6, "logprobs": 0}
+    weights = {"helpful": 1.0, "harmless": -0.5}
+    chunks = adapters.engine.stats.prefill_chunks
+    before = adapters.forward_calls
+    got = adapters.generate(prompt, weights=weights, **kwargs)
+    chunks = adapters.engine.stats.prefill_chunks - chunks
+    assert chunks >= 4
+    assert adapters.forward_calls - before == 2 * chunks + 2 * 5  # + 5 decode steps
+    want = merged.generate(prompt, weights=weights, **kwargs)
+    assert got.token_ids == want.token_ids
+    assert [e.logprob for e in got.logprobs] == pytest.approx(
+        [e.logprob for e in want.logprobs], abs=ATOL
+    )
 
 
 def test_views_reading_different_prompt_views_share_one_forward(two):
