@@ -231,10 +231,12 @@ def llama_from(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def test_a_poison_row_beside_adapter_rows_fails_alone(two):
+@pytest.mark.parametrize("forwards", ["two", "unmixed"])
+def test_a_poison_row_beside_adapter_rows_fails_alone(forwards, request):
     """The backbone raises on one row's token: that row fails alone (the runner retries its
-    batch-mates' forward without it); the adapter rows beside it equal their solo output."""
-    adapters, _ = two
+    batch-mates' forward without it); the adapter rows beside it equal their solo output, in
+    mixed forwards and in forwards that switch the backbone to one adapter (`unmixed`)."""
+    adapters, _ = request.getfixturevalue(forwards)
     kwargs = {"temperature": 0, "max_new_tokens": 8, "weights": {"helpful": 1, "harmless": 1}}
     solo = [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]]
     seen = {t for ids in solo for t in ids} | {t for p in PROMPTS for t in adapters.encode(p)}
@@ -251,6 +253,7 @@ def test_a_poison_row_beside_adapter_rows_fails_alone(two):
         assert [c.result().token_ids for c in calls[:2]] == solo
     assert_clean(adapters)
     assert not _adapter_name_hooks(backbone)  # PEFT's per-call hooks did not outlive the failure
+    assert [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]] == solo
 
 
 def test_eft_serve_config_and_chat_eft_take_adapter_behaviors(family, two):
@@ -439,29 +442,6 @@ def test_adapters_that_cannot_share_a_forward_run_one_forward_each(unmixed, two)
     adapters.generate(PROMPTS[0], max_new_tokens=10, temperature=0)
     assert adapters.forward_calls - before == 4 * 10
     assert adapters.engine.stats.failed_decode_forwards == 0
-
-
-def test_a_poison_row_beside_switched_adapter_rows_fails_alone(unmixed):
-    """A forward that raises while its adapter is switched on leaves the backbone usable:
-    the other rows equal their solo output and the next call is served."""
-    adapters, _ = unmixed
-    kwargs = {"temperature": 0, "max_new_tokens": 8, "weights": {"helpful": 1, "harmless": 1}}
-    solo = [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]]
-    seen = {t for ids in solo for t in ids} | {t for p in PROMPTS for t in adapters.encode(p)}
-    token = next(t for t in range(10, adapters.vocab_size) if t not in seen)
-    poisoned = [*adapters.encode(PROMPTS[2]), token]
-    backbone = next(m for m in adapters._models if isinstance(m, AdapterView)).peft_model
-    with hooked(backbone.get_base_model(), raises_on(token), pre=True):
-        calls = together(
-            adapters,
-            [(adapters.generate, (p,), kwargs) for p in (PROMPTS[0], PROMPTS[1], poisoned)],
-        )
-        with pytest.raises(RuntimeError, match=f"cannot read token {token}"):
-            calls[2].result()
-        assert [c.result().token_ids for c in calls[:2]] == solo
-    assert_clean(adapters)
-    assert not _adapter_name_hooks(backbone)  # PEFT's per-call hooks did not outlive the failure
-    assert [adapters.generate(p, **kwargs).token_ids for p in PROMPTS[:2]] == solo
 
 
 def _assert_composes_in_float32(decoder: EFTDecoder, weights: dict[str, float]) -> None:
