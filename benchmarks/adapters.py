@@ -73,20 +73,15 @@ def save_forms(root: Path, base, reference, tokenizer) -> dict[str, Path]:
 
 def toy_forms(root: Path) -> dict[str, Path]:
     """The toy world's shipped LoRA deltas on its small base, and the same merged."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from eft_integrations.adapters import quiet_tied_head_warning
-    from eft_integrations.toyworld.paths import adapter_dir, model_dir
+    from eft_integrations.toyworld.evaluate import load_adapters
+    from eft_integrations.toyworld.paths import adapter_dir, model_dir, weights_dir
 
     paths = {"base": model_dir("large-base"), "ref": model_dir("small-base")}
+    backbone = load_adapters(weights_dir())  # small-base holding both, named by behavior
     for name in BEHAVIORS:
         paths[f"{name}-lora"] = adapter_dir(f"small-{name}-lora")
-        small = AutoModelForCausalLM.from_pretrained(paths["ref"], dtype=torch.float32)
-        with quiet_tied_head_warning():
-            adapted = PeftModel.from_pretrained(small, paths[f"{name}-lora"])
         paths[f"{name}-merged"] = root / f"{name}-merged"
-        merged_copy(adapted, "default").save_pretrained(paths[f"{name}-merged"])
+        merged_copy(backbone, name).save_pretrained(paths[f"{name}-merged"])
         AutoTokenizer.from_pretrained(paths["ref"]).save_pretrained(paths[f"{name}-merged"])
     return paths
 

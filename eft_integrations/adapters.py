@@ -8,7 +8,9 @@ in a `peft.PeftModel` holding every adapter named on it, and each role reads it 
 `AdapterView`: the reference with every adapter off (PEFT's `"__base__"`), each fine-tuned
 model with its own adapter on. A view is what the engine sees as a model (its own KV rows,
 its own forwards); the views of one backbone share its weights, and each forward names its
-adapter per row (PEFT's `adapter_names`), so no view changes the state another reads.
+adapter per row (PEFT's `adapter_names`), so no view changes the state another reads. A PEFT
+method that cannot name adapters per row (`mixed_batch_blocker`) falls back to switching the
+backbone to the view's adapter for each forward, under the backbone's lock.
 
 The brute-force meaning, which the tests check: a view with adapter A computes what the
 backbone with A merged into its weights computes (`merge_and_unload`).
@@ -123,13 +125,14 @@ class AdapterView:
     def _switched_forward(self, **kwargs: Any) -> Any:
         # The lock spans the switch and the forward: another view of this backbone (another
         # decoder's thread included) waits rather than run under this view's adapter.
-        with _switch_lock(self.peft_model):
-            if self.adapter is None:
-                with self.peft_model.disable_adapter():
-                    return self.peft_model(**kwargs)
-            if self.peft_model.active_adapter != self.adapter:
-                self.peft_model.set_adapter(self.adapter, inference_mode=True)
-            return self.peft_model(**kwargs)
+        switch = _switch_of(self.peft_model)
+        with switch.lock:
+            switch.turn_to(self.peft_model, self.adapter)
+            try:
+                return self.peft_model(**kwargs)
+            except BaseException:
+                switch.on = _UNKNOWN  # a layer may have failed half-way: set it again next time
+                raise
 
     def __call__(self, **kwargs: Any) -> Any:
         return self._forward(**kwargs)
@@ -147,14 +150,40 @@ class AdapterView:
         return f"AdapterView({self.name_or_path!r})"
 
 
-_SWITCH_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_SWITCH_LOCKS_GUARD = threading.Lock()
+_UNKNOWN = object()
+"""What a backbone has switched on when nobody knows (before its first switched forward)."""
 
 
-def _switch_lock(peft_model: Any) -> threading.Lock:
-    """One lock per PeftModel, whoever holds views of it."""
-    with _SWITCH_LOCKS_GUARD:
-        return _SWITCH_LOCKS.setdefault(peft_model, threading.Lock())
+class _Switch:
+    """One per PeftModel, whoever holds views of it: the lock its forwards take, and which
+    adapter its layers have on (None: every adapter off), so a forward switches only when
+    the adapter changes (PEFT's switches cost more than a small model's forward)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.on: object = _UNKNOWN
+
+    def turn_to(self, peft_model: Any, adapter: str | None) -> None:
+        """Switch the backbone's layers to `adapter` (None: off); the caller holds the lock."""
+        if self.on == adapter:
+            return
+        self.on = _UNKNOWN
+        tuner = peft_model.base_model
+        if adapter is None:
+            tuner.disable_adapter_layers()
+        else:
+            tuner.enable_adapter_layers()
+            peft_model.set_adapter(adapter, inference_mode=True)
+        self.on = adapter
+
+
+_SWITCHES: weakref.WeakKeyDictionary[Any, _Switch] = weakref.WeakKeyDictionary()
+_SWITCHES_GUARD = threading.Lock()
+
+
+def _switch_of(peft_model: Any) -> _Switch:
+    with _SWITCHES_GUARD:
+        return _SWITCHES.setdefault(peft_model, _Switch())
 
 
 def call_backbone(peft_model: Any, **kwargs: Any) -> Any:
@@ -164,7 +193,7 @@ def call_backbone(peft_model: Any, **kwargs: Any) -> Any:
     call; two threads' calls would read each other's, so the backbone's lock serialises
     them. And PEFT leaves the hooks behind when the forward raises (a poison row): they
     would feed that call's adapter names to every later forward, so they are removed."""
-    with _switch_lock(peft_model):
+    with _switch_of(peft_model).lock:
         try:
             return peft_model(**kwargs)
         except BaseException:
@@ -184,30 +213,68 @@ def _remove_adapter_name_hooks(peft_model: Any) -> None:
 
 def mixed_batch_blocker(peft_model: Any) -> str | None:
     """Why `peft_model` cannot run a mixed-adapter batch (one forward, an adapter named per
-    row), or None when it can. PEFT mixes adapters per row for LoRA-style layers; other
-    methods (IA3, prompt learning, ...) and `modules_to_save` over other layer types (a
-    norm, say) refuse. Found by trying: a one-token forward naming every adapter and the
-    bare backbone, so a PEFT release that learns a method is used as it is."""
+    row), or None when it can.
+
+    PEFT names adapters per row for LoRA-style tuners only; other methods (IA3, LoHa, VeRA,
+    OFT, ...) drop `adapter_names` without a word, and `modules_to_save` over layers other
+    than Linear, Embedding and Conv (a norm, say) refuse it. So the tuner must take adapter
+    names, and a one-token forward naming every adapter and the bare backbone must give, row
+    for row, what a forward with that adapter switched on gives."""
+    if not hasattr(peft_model.base_model, "_enable_peft_forward_hooks"):
+        method = sorted({str(c.peft_type) for c in peft_model.peft_config.values()})
+        return f"its PEFT method ({', '.join(method)}) takes no adapter names per row"
     names = [*peft_model.peft_config, BASE_ADAPTER]
     device = peft_model.get_input_embeddings().weight.device
     ids = torch.zeros((len(names), 1), dtype=torch.long, device=device)
     peft_model.eval()  # PEFT refuses per-row adapters in training mode
+    switch = _switch_of(peft_model)
     try:
         with torch.inference_mode():
-            call_backbone(peft_model, input_ids=ids, adapter_names=names, use_cache=False)
-    except Exception as error:
+            mixed = call_backbone(peft_model, input_ids=ids, adapter_names=names, use_cache=False)
+            with switch.lock:
+                try:
+                    for row, name in enumerate(names):
+                        switch.turn_to(peft_model, None if name == BASE_ADAPTER else name)
+                        alone = peft_model(input_ids=ids[row : row + 1], use_cache=False)
+                        want = torch.log_softmax(alone.logits[0, -1].float(), -1)
+                        got = torch.log_softmax(mixed.logits[row, -1].float(), -1)
+                        if not torch.allclose(got, want, atol=1e-2, rtol=0):
+                            return f"its row of adapter {name!r} does not compute that adapter"
+                finally:
+                    # mixed forwards need the adapter layers on (PEFT skips named adapters
+                    # while they are off)
+                    switch.turn_to(peft_model, names[0])
+    except Exception as error:  # a refusal (or anything else): one adapter per forward
+        switch.on = _UNKNOWN
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return None
+
+
+def _refuse_prompt_learning(peft_model: Any) -> None:
+    """Prompt-learning adapters (prompt, prefix and P-tuning) add virtual tokens or cache
+    entries to every forward, which the paged KV cache cannot hold: a clear error."""
+    learned = sorted(n for n, c in peft_model.peft_config.items() if c.is_prompt_learning)
+    if learned:
+        method = peft_model.peft_config[learned[0]].peft_type
+        raise ValueError(
+            f"the adapter(s) {learned} are prompt learning ({method}): they add virtual tokens "
+            "to every forward, which EFT's KV cache cannot hold; give a weight adapter (LoRA, "
+            "IA3, LoHa, ...)"
+        )
 
 
 def adapter_batching(models: Any) -> dict[str, str]:
     """Per adapter backbone among `models` (its label), how its views' decode rows run:
     "mixed" or "one forward per adapter: <why>" (see `mixed_batch_blocker`)."""
     out: dict[str, str] = {}
+    labels: dict[int, str] = {}  # id(PeftModel) -> its key (labels may repeat or be empty)
     for model in models:
         if isinstance(model, AdapterView):
-            label = _label(model.peft_model.get_base_model()) or "adapter backbone"
-            out[label] = (
+            key = id(model.peft_model)
+            if key not in labels:
+                label = _label(model.peft_model.get_base_model()) or "adapter backbone"
+                labels[key] = label if label not in out else f"{label} #{len(labels) + 1}"
+            out[labels[key]] = (
                 "mixed"
                 if model.mixes_adapters
                 else f"one forward per adapter: {model.unmixed_reason}"
@@ -351,6 +418,7 @@ def with_adapter_views(base: Any, behaviors: dict[str, Any]) -> tuple[Any, dict[
         if peft is None:
             return model
         if id(peft) not in blockers:
+            _refuse_prompt_learning(peft)
             blocker = blockers[id(peft)] = mixed_batch_blocker(peft)
             if blocker is not None:
                 logger.warning(

@@ -119,7 +119,8 @@ class _PagedLayer(CacheLayerMixin):
 
 class GroupedCache(Cache):
     """Several models' `PagedCache`s as one cache of their stacked rows, for one forward of
-    a backbone over the rows of all its adapter views (`Ensemble.step`): each view's rows
+    a backbone over the rows of all its adapter views (`Ensemble.feed_models` and prefill
+    chunks; every view feeds the same number of tokens per row): each view's rows
     write and read their own pool; their contexts are left-padded to the longest, so every
     row still ends at the last column."""
 

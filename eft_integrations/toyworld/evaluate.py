@@ -390,7 +390,8 @@ def _evaluate_adapters(
     copy of small-base), up-scaling with the helpful adapter, and the sweep."""
     peft = load_adapters(weights_dir)
     lora: dict = {"systems": {}, "sweep": []}
-    for behaviour, name in zip(BEHAVIOURS, ADAPTER_NAMES, strict=True):
+    for behaviour in BEHAVIOURS:
+        name = f"small-{behaviour}-lora"
         gen = decoder_generator(single_model_decoder(merged_copy(peft, behaviour), tok), None)
         scores, answers = timed(name, lambda g=gen: evaluate_chat(g, questions))
         lora["systems"][name] = scores.as_dict()
@@ -425,13 +426,14 @@ def load_adapters(weights_dir: Path):
     from peft import PeftModel
 
     with quiet_tied_head_warning():  # the adapters adapt the tied output head on purpose
+        first, *others = BEHAVIOURS
         peft = PeftModel.from_pretrained(
             load_model(weights_dir / "small-base"),
-            weights_dir / ADAPTER_NAMES[0],
-            adapter_name=BEHAVIOURS[0],
+            weights_dir / f"small-{first}-lora",
+            adapter_name=first,
         )
-        for behaviour, name in zip(BEHAVIOURS[1:], ADAPTER_NAMES[1:], strict=True):
-            peft.load_adapter(weights_dir / name, adapter_name=behaviour)
+        for behaviour in others:
+            peft.load_adapter(weights_dir / f"small-{behaviour}-lora", adapter_name=behaviour)
     return peft.eval()
 
 
