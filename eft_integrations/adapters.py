@@ -354,7 +354,9 @@ def merged_copy(peft_model: Any, adapter: str) -> torch.nn.Module:
     if head is not None and embeddings is not None and head.weight is embeddings.weight:
         # An adapter on a tied output head adapts the head alone: merging it into the shared
         # tensor would change the input embeddings too. Untie the copy first.
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        head.weight = torch.nn.Parameter(
+            head.weight.detach().clone(), requires_grad=head.weight.requires_grad
+        )
         backbone.config.tie_word_embeddings = False
     return clone.merge_and_unload(adapter_names=[adapter]).eval()
 

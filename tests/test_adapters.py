@@ -104,11 +104,11 @@ def test_one_adapter_equals_its_merged_model(family):
     )
 
 
-def test_two_adapters_batched_with_per_row_weights_equal_the_merged_models(two):
-    adapters, merged = two
+def _assert_batch_equals_merged(adapters: EFTDecoder, merged: EFTDecoder, **extra) -> None:
+    """One batch with per-row weights: the merged models' greedy tokens and log-probs."""
     weights = [{"helpful": 1.0, "harmless": 0.0}, {"helpful": -0.5, "harmless": 2.0}, {}]
     kwargs = {"temperature": 0, "max_new_tokens": 10, "logprobs": 0}
-    got = adapters.generate(PROMPTS, weights=weights, **kwargs)
+    got = adapters.generate(PROMPTS, weights=weights, **kwargs, **extra)
     want = merged.generate(PROMPTS, weights=weights, **kwargs)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     for g, w in zip(got, want, strict=True):
@@ -118,6 +118,10 @@ def test_two_adapters_batched_with_per_row_weights_equal_the_merged_models(two):
     # the adapters change the outputs (the test would pass with adapters off otherwise)
     bare = adapters.generate(PROMPTS, weights={"helpful": 0, "harmless": 0}, **kwargs)
     assert [r.token_ids for r in bare] != [r.token_ids for r in got]
+
+
+def test_two_adapters_batched_with_per_row_weights_equal_the_merged_models(two):
+    _assert_batch_equals_merged(*two)
 
 
 def test_speculative_rows_draft_with_the_adapter_views(two):
@@ -458,18 +462,8 @@ def test_adapters_that_cannot_share_a_forward_run_one_forward_each(unmixed, unmi
     assert list(two[0].engine.stats.adapter_batching.values()) == ["mixed"]
     assert merged.engine.stats.adapter_batching == {}
     assert not adapters._ensemble.view_groups
-    weights = [{"helpful": 1.0, "harmless": 0.0}, {"helpful": -0.5, "harmless": 2.0}, {}]
-    kwargs = {"temperature": 0, "max_new_tokens": 10, "logprobs": 0}
-    for extra in ({}, {"speculative_k": 3}):
-        got = adapters.generate(PROMPTS, weights=weights, **kwargs, **extra)
-        want = merged.generate(PROMPTS, weights=weights, **kwargs)
-        assert [r.token_ids for r in got] == [r.token_ids for r in want]
-        for g, w in zip(got, want, strict=True):
-            assert [e.logprob for e in g.logprobs] == pytest.approx(
-                [e.logprob for e in w.logprobs], abs=ATOL
-            )
-    bare = adapters.generate(PROMPTS, weights={"helpful": 0, "harmless": 0}, **kwargs)
-    assert [r.token_ids for r in bare] != [r.token_ids for r in got]
+    _assert_batch_equals_merged(adapters, merged)
+    _assert_batch_equals_merged(adapters, merged, speculative_k=3)
     # one forward per view and step, as the merged models take
     before = adapters.forward_calls
     adapters.generate(PROMPTS[0], max_new_tokens=10, temperature=0)

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..adapters import quiet_tied_head_warning
 from .corpora import ChatExample, chat_examples, pretraining_epochs
 from .paths import FAMILY_NAMES, weights_dir
 from .tokenizer import build_tokenizer, stop_token_ids
@@ -452,7 +453,8 @@ def _with_lora(model: LlamaForCausalLM, spec: LoraSpec, parent: str):
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with quiet_tied_head_warning():  # the head's LoRA is meant: it leaves the embeddings be
+        peft_model = get_peft_model(model, config)
     # the family name, not this machine's path: the adapter loads onto the shipped parent
     peft_model.peft_config["default"].base_model_name_or_path = f"toy-world/{parent}"
     return peft_model
