@@ -360,12 +360,25 @@ class Ensemble:
         positions, after its view of prompt b and the continuation tokens before it. Every
         model reads the whole sequences in one forward (no cache, nothing kept);
         `weights` is [B, n_behaviors]."""
-        per_model = []
+        per_model: dict[int, list[torch.Tensor]] = {}
+        n = len(continuations)
+        # the adapter views of one backbone read their sequences in shared forwards, each
+        # row naming its view's adapter (no cache: rows of different views simply stack)
+        for group in self.view_groups:
+            prompts = [
+                p for i in group for p in (chat_ids if self.reads_chat_view[i] else base_ids)
+            ]
+            adapters = [self.models[i].adapter or BASE_ADAPTER for i in group for _ in range(n)]
+            rows = self._teacher_forced(
+                group[0], prompts, list(continuations) * len(group), adapters
+            )
+            per_model.update({i: rows[k * n : (k + 1) * n] for k, i in enumerate(group)})
         for i, chat_view in enumerate(self.reads_chat_view):
-            prompts = chat_ids if chat_view else base_ids
-            per_model.append(self._teacher_forced(i, prompts, continuations))
+            if i not in per_model:
+                prompts = chat_ids if chat_view else base_ids
+                per_model[i] = self._teacher_forced(i, prompts, continuations)
         lengths = [len(c) for c in continuations]
-        logits = [torch.cat(rows) for rows in per_model]  # each [sum n_b, V]
+        logits = [torch.cat(per_model[i]) for i in range(len(self.models))]  # [sum n_b, V]
         rows_weights = weights.to(self.device).repeat_interleave(
             torch.tensor(lengths, device=self.device), dim=0
         )
@@ -373,13 +386,19 @@ class Ensemble:
         return list(composed.split(lengths))
 
     def _teacher_forced(
-        self, i: int, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+        self,
+        i: int,
+        prompts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        adapters: Sequence[str] | None = None,
     ) -> list[torch.Tensor]:
         """Model i's float logits [n_b, V] predicting each continuation token after its
         prompt, from forwards over right-padded sequences (positions count from 0 in every
         row, as in decoding). Rows are batched so one forward's logits stay within
         `_TEACHER_FORCING_LOGITS` floats; a model whose RoPE depends on the forward's length
-        reads each row alone, so no row changes another's scores."""
+        reads each row alone, so no row changes another's scores. With `adapters` (one name
+        per row), model i is an adapter view and each row runs the adapter it names on the
+        view's backbone."""
         sequences = [[*p, *c] for p, c in zip(prompts, continuations, strict=True)]
         out: list[torch.Tensor] = []
         start = 0
@@ -391,12 +410,19 @@ class Ensemble:
                 if (stop + 1 - start) * wider * self.vocab_size > _TEACHER_FORCING_LOGITS:
                     break
                 width, stop = wider, stop + 1
-            out.extend(self._teacher_forced_batch(i, sequences[start:stop], prompts[start:stop]))
+            names = list(adapters[start:stop]) if adapters is not None else None
+            out.extend(
+                self._teacher_forced_batch(i, sequences[start:stop], prompts[start:stop], names)
+            )
             start = stop
         return out
 
     def _teacher_forced_batch(
-        self, i: int, sequences: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]]
+        self,
+        i: int,
+        sequences: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int]],
+        adapters: list[str] | None = None,
     ) -> list[torch.Tensor]:
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
@@ -406,9 +432,17 @@ class Ensemble:
             mask[b, : len(sequence)] = 1
         device = self.devices[i]
         self.forward_calls += 1
-        logits = self.models[i](
-            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-        ).logits
+        kwargs = {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "use_cache": False,
+        }
+        if adapters is None:
+            logits = self.models[i](**kwargs).logits
+        else:
+            logits = call_backbone(
+                self.models[i].peft_model, **kwargs, adapter_names=adapters
+            ).logits
         return [
             logits[b, len(prompt) - 1 : len(sequence) - 1, : self.vocab_size]
             .float()

@@ -158,9 +158,19 @@ def test_the_adapter_drafters_draft_in_one_forward(two):
 def test_score_equals_the_merged_models(two):
     adapters, merged = two
     weights = {"helpful": 1.0, "harmless": 1.0}
+    counts = [adapters.forward_calls, merged.forward_calls]
     got = adapters.score(PROMPTS[1], [40, 41, 42, 43], weights=weights)
     want = merged.score(PROMPTS[1], [40, 41, 42, 43], weights=weights)
     assert got.logprobs == pytest.approx(want.logprobs, abs=ATOL)
+    # the three views read the sequence in one forward, the base in another
+    assert [adapters.forward_calls - counts[0], merged.forward_calls - counts[1]] == [2, 4]
+    # several prompts and continuations of different lengths in one batch
+    prompts = [PROMPTS[0], [*adapters.encode(PROMPTS[2]), 40]]
+    continuations = [[41, 42], [43, 44, 45]]
+    got = adapters.score(prompts, continuations, weights=weights)
+    want = merged.score(prompts, continuations, weights=weights)
+    for g, w in zip(got, want, strict=True):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=ATOL)
 
 
 def test_the_small_side_is_one_backbone(two):
