@@ -187,10 +187,17 @@ class Ensemble:
         """One prefill forward per model with prompt tokens left, over at most `budget` of
         them (None: all). Per model: next-token logits [B, V] and the rows whose prompt
         this forward finished (only their rows of the logits mean anything)."""
-        chunks = {i: state.next_chunk(budget) for i, state in enumerate(states) if state.pending}
+        widths = {i: state.chunk_width(budget) for i, state in enumerate(states) if state.pending}
+        # adapter views of one backbone prefill in one forward, the narrower chunks widened
+        # with padding columns, unless padding would cost more than the chunks themselves
+        shared: dict[int, int] = {}
+        for group in self.view_groups:
+            members = [i for i in group if i in widths]
+            widest = max((widths[i] for i in members), default=0)
+            if len(members) > 1 and widest * len(members) <= 2 * sum(widths[i] for i in members):
+                shared.update(dict.fromkeys(members, widest))
+        chunks = {i: states[i].next_chunk(budget, shared.get(i)) for i in widths}
         logits: dict[int, torch.Tensor] = {}
-        # adapter views of one backbone whose chunks have one width (the fine-tuned views
-        # reading the same prompts, say) prefill in one forward
         for group in self.view_groups:
             by_width: dict[int, list[int]] = {}
             for i in group:

@@ -108,17 +108,29 @@ class KVState:
 
     # ------------------------------------------------------------------ forwards
 
-    def next_chunk(self, budget: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Plan a prefill forward over the next pending prompt tokens, at most `budget` in
-        all (None: all of them), rows in order. Returns input_ids and positions [B, S]
-        (rows' new tokens end at the last column) and the rows whose prompt this finishes."""
+    def _chunk_sizes(self, budget: int | None) -> list[int]:
+        """The prompt tokens each row would prefill next, at most `budget` in all."""
         left = budget if budget is not None else sum(r.pending for r in self.rows)
         new = []
         for row in self.rows:
             take = min(row.pending, max(left, 0))
             new.append(take)
             left -= take
-        width = max(max(new), 1)
+        return new
+
+    def chunk_width(self, budget: int | None) -> int:
+        """The query width `next_chunk(budget)` would plan (nothing is planned)."""
+        return max(max(self._chunk_sizes(budget)), 1)
+
+    def next_chunk(
+        self, budget: int | None, width: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Plan a prefill forward over the next pending prompt tokens, at most `budget` in
+        all (None: all of them), rows in order. Returns input_ids and positions [B, S]
+        (rows' new tokens end at the last column) and the rows whose prompt this finishes.
+        `width` widens S (left-padded columns), so views of one backbone can stack."""
+        new = self._chunk_sizes(budget)
+        width = max(max(new), 1, width or 0)
         input_ids = torch.full((len(self.rows), width), self.pad_id, dtype=torch.long)
         for b, (row, n) in enumerate(zip(self.rows, new, strict=True)):
             if n:

@@ -374,14 +374,24 @@ def test_chunked_prefills_of_the_views_share_forwards_and_equal_the_merged(famil
 
 def test_views_reading_different_prompt_views_share_one_forward(two):
     """The reference reads the base view of a prompt, the adapters the chat view: rows of
-    different lengths in one forward (contexts left-padded) still equal the merged models."""
+    different lengths in one forward (contexts left-padded, prefill chunks widened) still
+    equal the merged models."""
     adapters, merged = two
     base_prompts = ["Plain: " + p + " and more words here" for p in PROMPTS]
     kwargs = {"temperature": 0, "max_new_tokens": 10, "logprobs": 0}
     weights = {"helpful": 1.0, "harmless": -0.5}
-    failures = adapters.engine.stats.failed_decode_forwards
+    stats = adapters.engine.stats
+    failures, chunks, before = (
+        stats.failed_decode_forwards,
+        stats.prefill_chunks,
+        adapters.forward_calls,
+    )
     got = adapters.generate(PROMPTS, weights=weights, base_prompt=base_prompts, **kwargs)
-    assert adapters.engine.stats.failed_decode_forwards == failures  # no forward recovered
+    assert stats.failed_decode_forwards == failures  # no forward recovered
+    # the three views prefill together too (the narrower chat-view chunks padded to the
+    # base view's width): 2 forwards per prefill chunk and per decode step
+    chunks = stats.prefill_chunks - chunks
+    assert adapters.forward_calls - before == 2 * (chunks + 9)
     want = merged.generate(PROMPTS, weights=weights, base_prompt=base_prompts, **kwargs)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     for g, w in zip(got, want, strict=True):
