@@ -103,7 +103,6 @@ class AdapterView:
         self.adapter = adapter
         self.unmixed_reason = unmixed_reason
         """Why this backbone's adapters cannot share a forward; None when they can."""
-        self.mixes_adapters = unmixed_reason is None
         backbone = peft_model.get_base_model()
 
         # the backbone's signature: the ensemble reads which cache and logits keywords exist
@@ -112,14 +111,24 @@ class AdapterView:
 
         forward.__signature__ = inspect.signature(backbone.forward)  # type: ignore[attr-defined]
         self.forward = forward
-        self.name_or_path = f"{_label(backbone)}+{adapter or BASE_ADAPTER}"
+        self.name_or_path = f"{_label(backbone)}+{self.row_adapter}"
+
+    @property
+    def mixes_adapters(self) -> bool:
+        """Whether this view's rows may share a forward with the backbone's other views."""
+        return self.unmixed_reason is None
+
+    @property
+    def row_adapter(self) -> str:
+        """The name its rows give in a mixed-adapter batch (`BASE_ADAPTER` for none)."""
+        return self.adapter or BASE_ADAPTER
 
     def _forward(self, **kwargs: Any) -> Any:
         if not self.mixes_adapters:
             return self._switched_forward(**kwargs)
         ids = kwargs.get("input_ids")
         rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
-        names = [self.adapter or BASE_ADAPTER] * rows
+        names = [self.row_adapter] * rows
         return call_backbone(self.peft_model, **kwargs, adapter_names=names)
 
     def _switched_forward(self, **kwargs: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
-from .adapters import BASE_ADAPTER, AdapterView, call_backbone
+from .adapters import AdapterView, call_backbone
 from .composition import compose_logprobs
 from .kv_state import KVState
 from .loading import model_device
@@ -184,9 +184,10 @@ class Ensemble:
     def prefill_chunk(
         self, states: Sequence[KVState], budget: int | None
     ) -> list[tuple[torch.Tensor, list[int]]]:
-        """One prefill forward per model with prompt tokens left, over at most `budget` of
-        them (None: all). Per model: next-token logits [B, V] and the rows whose prompt
-        this forward finished (only their rows of the logits mean anything)."""
+        """One prefill forward per model with prompt tokens left (the adapter views of one
+        backbone in one), over at most `budget` of them (None: all). Per model: next-token
+        logits [B, V] and the rows whose prompt this forward finished (only their rows of
+        the logits mean anything)."""
         widths = {i: state.chunk_width(budget) for i, state in enumerate(states) if state.pending}
         # adapter views of one backbone prefill in one forward, the narrower chunks widened
         # with padding columns, unless padding would cost more than the chunks themselves
@@ -304,9 +305,7 @@ class Ensemble:
             "use_cache": True,
             self._cache_kwarg[i]: cache,
             "adapter_names": [
-                v.adapter or BASE_ADAPTER
-                for v, n in zip(views, rows, strict=True)
-                for _ in range(n)
+                v.row_adapter for v, n in zip(views, rows, strict=True) for _ in range(n)
             ],
         }
         if self._keeps_last_logits[i]:
@@ -375,7 +374,7 @@ class Ensemble:
             prompts = [
                 p for i in group for p in (chat_ids if self.reads_chat_view[i] else base_ids)
             ]
-            adapters = [self.models[i].adapter or BASE_ADAPTER for i in group for _ in range(n)]
+            adapters = [self.models[i].row_adapter for i in group for _ in range(n)]
             rows = self._teacher_forced(
                 group[0], prompts, list(continuations) * len(group), adapters
             )
